@@ -1,0 +1,20 @@
+# The two set-up commands (see README): `make demo` and `make test`. Each creates .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch/torchvision pinned: served from local disk here; an unpinned torch may pull a multi-GB build.
+	$(VENV)/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+.PHONY: demo test bench
+demo: $(VENV)/.installed
+	$(VENV)/bin/dynconvert demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.convert_resnet50

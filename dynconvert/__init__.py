@@ -1,0 +1,7 @@
+"""dynconvert: rewrite pretrained vision models in the dynamics-based form of Pei & Wang (ICML 2023)."""
+
+__version__ = "0.1.0"
+
+from .api import convert, load, save  # noqa: E402
+
+__all__ = ["convert", "load", "save", "__version__"]

@@ -1,0 +1,282 @@
+"""Reading what users have: state dicts in .pth/.pt/.safetensors, wrappers, arch inference, trust.
+
+Trust rule: a checkpoint is read weights-only (no code runs) unless the user passes
+``trust_pickle=True`` (``--trust-pickle``). Only then are whole pickled modules and TorchScript
+files loaded, because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import DynError
+from .safetensors_io import read_safetensors
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+TRUST_HINT = "loading it would run code from the file; pass --trust-pickle only if you trust its source"
+
+
+@dataclass
+class Source:
+    """Where a model came from, recorded in the .dyn so it can be rebuilt."""
+
+    kind: str  # "torchvision" | "factory" | "module"
+    arch: str | None = None
+    num_classes: int | None = None
+    factory: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Source":
+        return cls(d["kind"], d.get("arch"), d.get("num_classes"), d.get("factory"))
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    source: Source
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DynError(f"{path}: no such file")
+    if path.is_dir():
+        raise DynError(f"{path} is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise DynError(f"{path} is empty; it is not a checkpoint")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
+    """A state dict (weights-only) or, with ``trust_pickle``, possibly a whole module."""
+    path = Path(path)
+    _check_file(path)
+    if path.suffix == ".safetensors":
+        tensors, _ = read_safetensors(path)
+        return unwrap_state_dict(tensors)
+    if _is_torchscript(path):
+        if not trust_pickle:
+            raise DynError(f"{path} is a TorchScript file; {TRUST_HINT}")
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # torch raises many types for corrupt archives
+            raise DynError(f"{path}: cannot load TorchScript ({_first_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle and "weights_only" in str(e):
+            raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
+        raise DynError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+    except Exception as e:
+        raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({_first_line(e)})") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    return unwrap_state_dict(obj, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def unwrap_state_dict(obj, path: Path | str = "checkpoint") -> dict[str, torch.Tensor] | nn.Module:
+    """Strip common wrappers: {"state_dict": ...}, {"model": ...}, a ``module.`` (DDP) prefix."""
+    for _ in range(3):
+        if isinstance(obj, dict) and not _all_tensors(obj):
+            inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], (dict, nn.Module))), None)
+            if inner is None:
+                break
+            obj = inner
+        if isinstance(obj, nn.Module):
+            return obj
+    if not isinstance(obj, dict) or not obj:
+        raise DynError(f"{path} does not contain a state dict (a mapping of names to tensors)")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(obj):
+        bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise DynError(f"{path}: entry {bad!r} is not a tensor; expected a state dict of tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _all_tensors(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path | str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise DynError(f"{path}: tensor {k!r} contains NaN or Inf; fix or re-export the checkpoint")
+
+
+# ---------------------------------------------------------------- torchvision architectures
+
+
+def torchvision_archs() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def build_torchvision(arch: str, num_classes: int | None = None, device: str | torch.device | None = None) -> nn.Module:
+    import torchvision.models as tvm
+
+    if arch not in torchvision_archs():
+        raise DynError(f"unknown architecture {arch!r}; see `dynconvert archs` for the torchvision ones, or use --model pkg.module:factory")
+    kwargs = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if arch in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False
+    with torch.device(device or "cpu"):
+        return tvm.get_model(arch, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(arch: str) -> dict[str, tuple[int, ...]] | None:
+    try:
+        model = build_torchvision(arch, device="meta")
+    except Exception:
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(arch, num_classes) of the torchvision classifier whose keys and shapes match ``state``.
+
+    Only the classifier's output size may differ from the builder's default, which gives the class count.
+    """
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for arch in torchvision_archs():
+        sig = _signature(arch)
+        if sig is None or sig.keys() != shapes.keys():
+            continue
+        diff = [k for k in sig if sig[k] != shapes[k]]
+        if not diff:
+            return arch, _num_classes(build_torchvision(arch, device="meta"))
+        # a different class count changes only the last layer's weight and bias
+        if len(diff) <= 2 and all(len(shapes[k]) >= 1 and sig[k][1:] == shapes[k][1:] for k in diff):
+            num_classes = shapes[diff[0]][0]
+            cand = {k: tuple(v.shape) for k, v in build_torchvision(arch, num_classes, device="meta").state_dict().items()}
+            if cand == shapes:
+                return arch, num_classes
+    raise DynError(
+        "could not infer the architecture: the keys and shapes match no torchvision classifier; "
+        "pass --arch NAME, or --model pkg.module:factory for your own model"
+    )
+
+
+def _num_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0
+
+
+def import_factory(spec: str) -> nn.Module:
+    """Call ``package.module:factory`` and check it returns an nn.Module."""
+    if ":" not in spec:
+        raise DynError(f"--model {spec!r} must look like package.module:factory")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:
+        raise DynError(f"--model {spec}: cannot import {mod_name} ({_first_line(e)})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise DynError(f"--model {spec}: {mod_name} has no callable {attr!r}")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise DynError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    wrong = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)})")
+        raise DynError(f"the checkpoint's keys do not match {what}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    path: str | Path, *, arch: str | None = None, model: str | None = None, trust_pickle: bool = False
+) -> Loaded:
+    """Load a checkpoint into a ready nn.Module (eval mode), recording how to rebuild it."""
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        check_finite(obj.state_dict(), path)
+        return Loaded(obj.eval(), Source("module"))
+    check_finite(obj, path)
+    if model is not None:
+        net = import_factory(model)
+        load_weights(net, obj, f"--model {model}")
+        return Loaded(net.eval(), Source("factory", factory=model))
+    if arch is not None:
+        if arch not in torchvision_archs():
+            build_torchvision(arch)  # raises the unknown-architecture error
+        default = build_torchvision(arch, device="meta").state_dict()
+        num_classes = _classes_from(default, obj, arch)
+        net = build_torchvision(arch, num_classes)
+        load_weights(net, obj, f"--arch {arch}")
+        return Loaded(net.eval(), Source("torchvision", arch=arch, num_classes=num_classes))
+    arch, num_classes = infer_arch(obj)
+    net = build_torchvision(arch, num_classes)
+    load_weights(net, obj, arch)
+    return Loaded(net.eval(), Source("torchvision", arch=arch, num_classes=num_classes), [f"architecture inferred: {arch}, {num_classes} classes"])
+
+
+def _classes_from(default: dict, state: dict, arch: str) -> int | None:
+    """The class count a state dict implies for ``arch`` (its last weight's rows), if it differs."""
+    last = [k for k in default if k.endswith("weight") and default[k].ndim == 2]
+    if last and last[-1] in state and state[last[-1]].ndim == 2:
+        return int(state[last[-1]].shape[0])
+    return None
+
+
+def rebuild(source: Source, model: nn.Module | None = None, factory: str | None = None) -> nn.Module:
+    """An empty model of the recorded architecture, to be filled from a .dyn.
+
+    A factory recorded in a file is never imported on the file's word: the caller must name the
+    same factory (``--model``) or pass the model, since importing runs code.
+    """
+    if model is not None:
+        return model
+    if source.kind == "torchvision":
+        return build_torchvision(source.arch, source.num_classes)
+    if source.kind == "factory":
+        if factory is None:
+            raise DynError(f"this file was converted from --model {source.factory}; pass --model {source.factory} to load it (importing runs that code)")
+        if factory != source.factory:
+            raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
+        return import_factory(factory)
+    raise DynError("this file was converted from a pickled module; load it in Python with dynconvert.load(path, model=your_module)")

@@ -1,0 +1,164 @@
+"""The command line: parses flags, calls the API, renders with rich. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import DynError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert pretrained vision models into dynamics-based states (Pei & Wang, ICML 2023), "
+    "fine-tune them, report the savings honestly and export for deployment.",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def command(fn):
+    """Register a CLI command whose user errors and interrupts end in one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DynError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: no partial output was written (an existing output is untouched)")
+            raise typer.Exit(130) from None
+
+    return app.command()(wrapper)
+
+
+
+class RichConvertProgress:
+    """Renders conversion progress: one bar over layers, one over the current layer's fit steps."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.layers = progress.add_task("layers", total=None, err="")
+        self.fit = progress.add_task("fit", total=None, err="")
+
+    def layer_start(self, index, total, item):
+        self.progress.update(self.layers, total=total, description=f"[bold]{item.name}", err="")
+        self.progress.reset(self.fit, total=None, description=f"  H={item.spec.groups} d={item.spec.dim} {item.spec.metric}")
+
+    def step(self, step, steps, rel_error):
+        self.progress.update(self.fit, total=steps, completed=step, err=f"err {rel_error:.4f}")
+
+    def layer_done(self, index, total, stats, fit):
+        self.progress.update(self.layers, completed=index + 1)
+        self.progress.console.print(
+            f"  {stats.name:<40} {str(tuple(stats.matrix_shape)):>14}  ratio {stats.ratio:.3f}  "
+            f"err {stats.rel_error:.4f}  svd {stats.svd_rel_error:.4f}"
+        )
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    )
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    return [p for v in values or [] for p in v.split(",") if p]
+
+
+@command
+def convert(
+    checkpoint: Path = typer.Argument(..., help="State dict (.pth/.pt/.safetensors), or with --trust-pickle a pickled module / TorchScript file."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Output .dyn file."),
+    arch: Optional[str] = typer.Option(None, help="torchvision architecture (inferred from the keys when omitted)."),
+    model: Optional[str] = typer.Option(None, help="Your own architecture: an importable package.module:factory returning the nn.Module."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (see recipes/) or .toml path; flags override its values."),
+    ratio: Optional[float] = typer.Option(None, help="State parameters at most RATIO x each converted layer's dense parameters. [default: 0.25]"),
+    min_params: Optional[int] = typer.Option(None, help="Skip layers with fewer weights. [default: 10000]"),
+    include: Optional[List[str]] = typer.Option(None, help="Only convert layers whose name matches these glob patterns."),
+    exclude: Optional[List[str]] = typer.Option(None, help="Never convert layers whose name matches these glob patterns."),
+    metric: Optional[str] = typer.Option(None, help="Distance between states: l1, l2 or sql2. [default: sql2]"),
+    kernel: Optional[str] = typer.Option(None, help="Relation kernel phi: linear (t) or inverse (1/t)."),
+    max_dim: Optional[int] = typer.Option(None, help="Largest state dimension d to consider when --ratio picks H and d."),
+    groups: Optional[int] = typer.Option(None, help="Fix the number of sub-model groups H (with --dim) instead of --ratio."),
+    dim: Optional[int] = typer.Option(None, help="Fix the state dimension d (with --groups)."),
+    steps: Optional[int] = typer.Option(None, help="Fitting steps per layer."),
+    lr: Optional[float] = typer.Option(None, help="Fitting step size."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives a byte-identical .dyn."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+):
+    """Convert a pretrained checkpoint into dynamics-based states (a .dyn file)."""
+    from .api import convert_checkpoint
+
+    rec = None
+    if recipe:
+        from .recipes import load_recipe
+
+        rec = load_recipe(recipe)
+    from .recipes import options_from
+
+    opts = options_from(rec, dict(
+        ratio=ratio, min_params=min_params, include=_split(include), exclude=_split(exclude), metric=metric,
+        kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
+    ))
+    size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
+    with progress_bar() as progress:
+        conv = convert_checkpoint(
+            checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
+            trust_pickle=trust_pickle, force=force, input_size=size, callbacks=RichConvertProgress(progress),
+            on_note=progress.console.print,
+        )
+    n_dense = sum(s.dense_params for s in conv.layers)
+    n_state = sum(s.state_params for s in conv.layers)
+    mean_err = sum(s.rel_error for s in conv.layers) / max(len(conv.layers), 1)
+    mean_svd = sum(s.svd_rel_error for s in conv.layers) / max(len(conv.layers), 1)
+    out.print(
+        f"wrote {out_path}: {len(conv.layers)} layers converted ({len(conv.skipped)} skipped), "
+        f"{n_dense:,} -> {n_state:,} parameters in converted layers ({n_dense / max(n_state, 1):.2f}x), "
+        f"mean weight error {mean_err:.4f} vs truncated SVD {mean_svd:.4f} at the same budget"
+    )
+
+
+def _parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise DynError(f"--input-size {text!r} must look like 3,224,224") from None
+    return c, h, w
+
+
+@command
+def archs():
+    """List the torchvision architectures that can be inferred or named with --arch."""
+    from .checkpoint import torchvision_archs
+
+    out.print(" ".join(torchvision_archs()))
+
+
+@command
+def version():
+    """Print the dynconvert version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    app()

@@ -1,0 +1,172 @@
+"""Model surgery: choose layers and budgets, fit their states, swap in dynamics-based layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .dynamics import DynConv2d, DynamicsLayer, DynSpec, choose_spec, dense_matrix, make_dynamic
+from .errors import DynError
+from .fit import FitResult, fit_weight, svd_rel_error
+
+
+@dataclass
+class ConvertOptions:
+    """Everything that decides a conversion; recipes and CLI flags fill it."""
+
+    ratio: float = 0.25
+    min_params: int = 10_000
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    metric: str = "l2"
+    kernel: str = "linear"
+    max_dim: int = 4
+    groups: int | None = None
+    dim: int | None = None
+    steps: int = 300
+    lr: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise DynError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.steps < 0 or self.max_dim < 1 or self.min_params < 0 or self.lr <= 0:
+            raise DynError("steps and min_params must be >= 0, max_dim >= 1 and lr > 0")
+        if (self.groups is None) != (self.dim is None):
+            raise DynError("give both --groups and --dim, or neither (then --ratio decides)")
+        try:
+            DynSpec(self.groups or 1, self.dim or 1, self.metric, self.kernel)
+        except ValueError as e:
+            raise DynError(str(e)) from None
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise DynError(f"device {self.device!r} was requested but no CUDA device is available; use --device cpu")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Planned:
+    name: str
+    layer: nn.Module
+    spec: DynSpec
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+def plan(model: nn.Module, opts: ConvertOptions) -> tuple[list[Planned], list[Skipped]]:
+    """Which Linear/Conv2d layers get converted, with which spec, and why the others do not."""
+    chosen, skipped = [], []
+    for name, layer in model.named_modules():
+        if isinstance(layer, DynamicsLayer) or not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        if opts.include and not any(fnmatch.fnmatchcase(name, p) for p in opts.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
+            skipped.append(Skipped(name, "excluded by pattern"))
+            continue
+        if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):
+            skipped.append(Skipped(name, why))
+            continue
+        m, n = dense_matrix(layer).shape
+        if m * n < opts.min_params:
+            skipped.append(Skipped(name, f"{m * n} weights < min_params {opts.min_params}"))
+            continue
+        if opts.groups is not None:
+            spec = DynSpec(opts.groups, opts.dim, opts.metric, opts.kernel)
+            if spec.state_params(m, n) >= m * n:
+                skipped.append(Skipped(name, f"H={opts.groups}, d={opts.dim} would not save parameters"))
+                continue
+        else:
+            spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
+            if spec is None:
+                skipped.append(Skipped(name, f"no state budget fits ratio {opts.ratio}"))
+                continue
+        chosen.append(Planned(name, layer, spec))
+    return chosen, skipped
+
+
+@dataclass
+class LayerStats:
+    """Per-layer figures recorded in the .dyn and shown by report."""
+
+    name: str
+    kind: str
+    weight_shape: list[int]
+    matrix_shape: list[int]
+    spec: dict
+    dense_params: int
+    state_params: int
+    rel_error: float
+    svd_rel_error: float
+    svd_rank: int
+    steps: int
+    fit_mode: str = "weights"
+
+    @property
+    def ratio(self) -> float:
+        return self.state_params / self.dense_params
+
+
+class ConvertCallbacks:
+    """Progress hooks; the CLI renders them with rich. All do nothing by default."""
+
+    def layer_start(self, index: int, total: int, item: Planned) -> None: ...
+    def step(self, step: int, steps: int, rel_error: float) -> None: ...
+    def layer_done(self, index: int, total: int, stats: LayerStats, fit: FitResult) -> None: ...
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Per-layer seed that depends only on the run's seed and the layer's name (stable under resume)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_model(
+    model: nn.Module,
+    opts: ConvertOptions,
+    callbacks: ConvertCallbacks | None = None,
+    done: dict[str, FitResult] | None = None,
+) -> tuple[nn.Module, list[LayerStats], list[Skipped]]:
+    """Convert ``model`` in place. ``done`` holds fits from an interrupted run, reused as they are."""
+    opts.validate()
+    cb = callbacks or ConvertCallbacks()
+    chosen, skipped = plan(model, opts)
+    stats = []
+    for i, item in enumerate(chosen):
+        cb.layer_start(i, len(chosen), item)
+        matrix = dense_matrix(item.layer)
+        fit = (done or {}).get(item.name)
+        if fit is None:
+            fit = fit_weight(
+                matrix, item.spec, steps=opts.steps, lr=opts.lr, seed=layer_seed(opts.seed, item.name),
+                device=opts.device, name=item.name, on_step=cb.step,
+            )
+        new = make_dynamic(item.layer, item.spec)
+        new.set_states(fit.states_out, fit.states_in, fit.coupling, fit.offset)
+        set_submodule(model, item.name, new)
+        m, n = matrix.shape
+        s = LayerStats(
+            name=item.name, kind="linear" if isinstance(item.layer, nn.Linear) else "conv2d",
+            weight_shape=list(item.layer.weight.shape), matrix_shape=[m, n], spec=item.spec.to_dict(),
+            dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
+            svd_rel_error=svd_rel_error(matrix, item.spec.rank_budget), svd_rank=item.spec.rank_budget, steps=fit.steps,
+        )
+        stats.append(s)
+        cb.layer_done(i, len(chosen), s, fit)
+    return model, stats, skipped

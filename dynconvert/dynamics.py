@@ -1,0 +1,302 @@
+"""The dynamics-based layer: sub-model states and the relations between them.
+
+This module is the only place that knows the method's math (Pei & Wang, ICML 2023). A weight
+matrix ``W`` of shape ``m x n`` becomes ``H`` groups of sub-model states, output states ``X_k``
+(``m x d``) and input states ``Y_k`` (``n x d``), one coupling coefficient ``lambda_k`` per group
+and one scalar offset::
+
+    W_hat[i, j] = offset + sum_k lambda_k * phi(dist(X_k[i], Y_k[j]))
+
+A convolution's weight ``(out, in/groups, kh, kw)`` is treated as the matrix
+``out x (in/groups * kh * kw)``: each output channel is a sub-model, each (input channel, kernel
+position) an input sub-model. (The paper's LeNet toy shares states across kernel positions; we
+do not, so any conv can be converted with one rule.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METRICS = ("l1", "l2", "sql2")
+"""``l1``: sum |x - y| (the paper's metric). ``l2``: Euclidean distance. ``sql2``: squared
+Euclidean distance, whose relation matrix has rank <= H*d + 2 (see docs/method.md)."""
+
+KERNELS = ("linear", "inverse")
+"""``linear``: phi(t) = t (the authors' general fit). ``inverse``: phi(t) = 1 / (t + INVERSE_EPS)
+(the authors' LeNet toy)."""
+
+INVERSE_EPS = 1e-2
+
+
+@dataclass(frozen=True)
+class DynSpec:
+    """How one layer is represented: H groups of d-dimensional states, a metric and a kernel."""
+
+    groups: int
+    dim: int
+    metric: str = "l2"
+    kernel: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.dim < 1:
+            raise ValueError(f"groups and dim must be >= 1, got groups={self.groups} dim={self.dim}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+
+    @property
+    def rank_budget(self) -> int:
+        """H*d: the rank of the truncated SVD that costs the same (``(m+n)`` per rank)."""
+        return self.groups * self.dim
+
+    def state_params(self, m: int, n: int) -> int:
+        """Parameters of a layer in this form: states, couplings and the offset."""
+        return self.groups * self.dim * (m + n) + self.groups + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DynSpec":
+        return cls(int(d["groups"]), int(d["dim"]), str(d["metric"]), str(d["kernel"]))
+
+
+def choose_spec(m: int, n: int, ratio: float, max_dim: int, metric: str, kernel: str) -> DynSpec | None:
+    """The spec with the largest H*d whose parameters fit in ``ratio * m * n``.
+
+    Ties go to the larger state dimension. ``None`` when not even one group of one dimension
+    fits, i.e. the layer cannot be compressed at this ratio.
+    """
+    budget = math.floor(ratio * m * n)
+    best: DynSpec | None = None
+    for dim in range(1, max_dim + 1):
+        groups = (budget - 1) // (dim * (m + n) + 1)
+        if groups < 1:
+            continue
+        cand = DynSpec(groups, dim, metric, kernel)
+        if best is None or cand.rank_budget >= best.rank_budget:
+            best = cand
+    return best
+
+
+def distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """Pairwise distances per group: ``x`` (H, m, d), ``y`` (H, n, d) -> (H, m, n)."""
+    if metric == "l1":
+        return torch.cdist(x, y, p=1)
+    if metric == "l2":
+        return torch.cdist(x, y, p=2)
+    if metric == "sql2":
+        return (
+            x.pow(2).sum(-1, keepdim=True)
+            + y.pow(2).sum(-1).unsqueeze(-2)
+            - 2 * torch.matmul(x, y.transpose(-1, -2))
+        )
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def relations(x: torch.Tensor, y: torch.Tensor, metric: str, kernel: str) -> torch.Tensor:
+    """phi(dist): the relation of every output state to every input state, (H, m, n)."""
+    dist = distances(x, y, metric)
+    if kernel == "linear":
+        return dist
+    if kernel == "inverse":
+        return 1.0 / (dist.clamp_min(0) + INVERSE_EPS)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def materialize(
+    x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor, metric: str, kernel: str
+) -> torch.Tensor:
+    """The (m, n) weight matrix the states stand for."""
+    rel = relations(x, y, metric, kernel)
+    return torch.einsum("h,hmn->mn", coupling, rel) + offset
+
+
+class DynamicsLayer(nn.Module):
+    """Shared part of the converted layers: the states and the weight they materialize to."""
+
+    matrix_shape: tuple[int, int]
+    weight_shape: tuple[int, ...]
+
+    def _init_states(self, spec: DynSpec, m: int, n: int) -> None:
+        self.spec = spec
+        self.matrix_shape = (m, n)
+        self.states_out = nn.Parameter(torch.zeros(spec.groups, m, spec.dim))
+        self.states_in = nn.Parameter(torch.zeros(spec.groups, n, spec.dim))
+        self.coupling = nn.Parameter(torch.zeros(spec.groups))
+        self.offset = nn.Parameter(torch.zeros(()))
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def set_states(self, states_out, states_in, coupling, offset) -> None:
+        with torch.no_grad():
+            self.states_out.copy_(states_out)
+            self.states_in.copy_(states_in)
+            self.coupling.copy_(torch.as_tensor(coupling).reshape(self.coupling.shape))
+            self.offset.copy_(torch.as_tensor(offset).reshape(()))
+
+    def state_parameters(self) -> list[nn.Parameter]:
+        return [self.states_out, self.states_in, self.coupling, self.offset]
+
+    def num_state_params(self) -> int:
+        return sum(p.numel() for p in self.state_parameters())
+
+    def weight_matrix(self) -> torch.Tensor:
+        return materialize(
+            self.states_out, self.states_in, self.coupling, self.offset, self.spec.metric, self.spec.kernel
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The materialized weight, in the dense layer's shape.
+
+        Recomputed whenever gradients flow (training); otherwise cached until a state changes.
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.state_parameters()):
+            return self.weight_matrix().reshape(self.weight_shape)
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in self.state_parameters())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.weight_matrix().reshape(self.weight_shape))
+        return self._cache[1]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{super().extra_repr()}, groups_H={s.groups}, dim={s.dim}, metric={s.metric}, kernel={s.kernel}"
+
+
+class DynLinear(DynamicsLayer):
+    """``nn.Linear`` whose weight is the relations among sub-model states."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: DynSpec):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_states(spec, out_features, in_features)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, spec: DynSpec) -> "DynLinear":
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, spec)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + (
+            super().extra_repr()
+        )
+
+
+class DynConv2d(DynamicsLayer):
+    """``nn.Conv2d`` (any stride, padding, dilation, groups) whose kernel comes from states."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, conv_groups, bias, spec):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        if isinstance(self.padding, list):
+            self.padding = tuple(self.padding)
+        self.conv_groups = conv_groups
+        kh, kw = self.kernel_size
+        self.weight_shape = (out_channels, in_channels // conv_groups, kh, kw)
+        self._init_states(spec, out_channels, in_channels // conv_groups * kh * kw)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @staticmethod
+    def convertible(layer: nn.Conv2d) -> str | None:
+        """Why a conv cannot be converted, or None when it can."""
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r} is not supported"
+        if layer.groups == layer.in_channels and layer.in_channels > 1:
+            return "depthwise convolution (too few weights per channel to compress)"
+        return None
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, spec: DynSpec) -> "DynConv2d":
+        new = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, spec,
+        )
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new
+
+    def conv_kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.conv_groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None, **self.conv_kwargs()
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, **self.conv_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.conv_groups}" + super().extra_repr()
+        )
+
+
+def dense_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight of a dense Linear/Conv2d as the (m, n) matrix the states reproduce."""
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def make_dynamic(layer: nn.Module, spec: DynSpec) -> DynamicsLayer:
+    """An (unfitted) dynamics-based replacement for a dense layer."""
+    if isinstance(layer, nn.Linear):
+        return DynLinear.from_dense(layer, spec)
+    if isinstance(layer, nn.Conv2d):
+        return DynConv2d.from_dense(layer, spec)
+    raise TypeError(f"cannot convert {type(layer).__name__}")
+
+
+def dynamic_from_meta(kind: str, config: dict, spec: DynSpec) -> DynamicsLayer:
+    """Rebuild an empty converted layer from the description stored in a .dyn file."""
+    if kind == "linear":
+        return DynLinear(config["in_features"], config["out_features"], config["bias"], spec)
+    if kind == "conv2d":
+        return DynConv2d(
+            config["in_channels"], config["out_channels"], config["kernel_size"], config["stride"],
+            config["padding"], config["dilation"], config["groups"], config["bias"], spec,
+        )
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def layer_config(layer: DynamicsLayer) -> tuple[str, dict]:
+    """(kind, constructor arguments) of a converted layer, for the .dyn metadata."""
+    if isinstance(layer, DynLinear):
+        return "linear", dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
+    if isinstance(layer, DynConv2d):
+        return "conv2d", dict(
+            in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
+            stride=list(layer.stride), padding=list(layer.padding) if isinstance(layer.padding, tuple) else layer.padding,
+            dilation=list(layer.dilation), groups=layer.conv_groups, bias=layer.bias is not None,
+        )
+    raise TypeError(type(layer).__name__)
