@@ -99,7 +99,7 @@ def convert(
     dim: Optional[int] = typer.Option(None, help="Fix the state dimension d (with --groups)."),
     steps: Optional[int] = typer.Option(None, help="Fitting steps per layer."),
     lr: Optional[float] = typer.Option(None, help="Fitting step size."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives a byte-identical .dyn."),
+    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn. [default: 0]"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),

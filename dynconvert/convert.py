@@ -23,7 +23,7 @@ class ConvertOptions:
     min_params: int = 10_000
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    metric: str = "l2"
+    metric: str = "sql2"
     kernel: str = "linear"
     max_dim: int = 4
     groups: int | None = None

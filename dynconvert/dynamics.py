@@ -39,7 +39,7 @@ class DynSpec:
 
     groups: int
     dim: int
-    metric: str = "l2"
+    metric: str = "sql2"
     kernel: str = "linear"
 
     def __post_init__(self) -> None:
@@ -68,21 +68,22 @@ class DynSpec:
 
 
 def choose_spec(m: int, n: int, ratio: float, max_dim: int, metric: str, kernel: str) -> DynSpec | None:
-    """The spec with the largest H*d whose parameters fit in ``ratio * m * n``.
+    """A spec whose parameters fit in ``ratio * m * n``, with H*d near the largest that fits.
 
-    Ties go to the larger state dimension. ``None`` when not even one group of one dimension
+    ``None`` when not even one group of one dimension
     fits, i.e. the layer cannot be compressed at this ratio.
     """
     budget = math.floor(ratio * m * n)
-    best: DynSpec | None = None
+    cands = []
     for dim in range(1, max_dim + 1):
         groups = (budget - 1) // (dim * (m + n) + 1)
-        if groups < 1:
-            continue
-        cand = DynSpec(groups, dim, metric, kernel)
-        if best is None or cand.rank_budget >= best.rank_budget:
-            best = cand
-    return best
+        if groups >= 1:
+            cands.append(DynSpec(groups, dim, metric, kernel))
+    if not cands:
+        return None
+    # Richer states (larger d) fit better at equal H*d; give up at most 10% of the budget for them.
+    most = max(c.rank_budget for c in cands)
+    return max((c for c in cands if c.rank_budget >= 0.9 * most), key=lambda c: (c.dim, c.rank_budget))
 
 
 def distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -114,8 +115,22 @@ def materialize(
     x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor, metric: str, kernel: str
 ) -> torch.Tensor:
     """The (m, n) weight matrix the states stand for."""
+    if metric == "sql2" and kernel == "linear":
+        return sql2_lowrank(x, y, coupling, offset)
     rel = relations(x, y, metric, kernel)
     return torch.einsum("h,hmn->mn", coupling, rel) + offset
+
+
+def sql2_lowrank(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Squared-L2 relations without the (H, m, n) tensor, using
+    ``sum_k c_k |x_ki - y_kj|^2 = a_i + b_j - 2 sum_k c_k <x_ki, y_kj>``: one (m, H*d) x (H*d, n)
+    product plus row and column terms (the same expansion the weight-free path uses)."""
+    h, m, d = x.shape
+    a = torch.einsum("h,hmd->m", coupling, x * x)
+    b = torch.einsum("h,hnd->n", coupling, y * y)
+    left = (x * (-2 * coupling)[:, None, None]).permute(1, 0, 2).reshape(m, h * d)
+    right = y.permute(1, 0, 2).reshape(y.shape[1], h * d)
+    return torch.addmm(a[:, None] + b[None, :] + offset, left, right.T)
 
 
 class DynamicsLayer(nn.Module):

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .dynamics import DynSpec, relations
+from .dynamics import DynSpec, relations, sql2_lowrank
 from .errors import DynError
 
 ProgressFn = Callable[[int, int, float], None]
@@ -30,6 +30,18 @@ class FitResult:
     offset: torch.Tensor
     rel_error: float
     steps: int
+
+
+def _project(x, y, target, spec: DynSpec):
+    """Closed-form couplings/offset for the current positions, and the matrix they give."""
+    if spec.metric == "sql2" and spec.kernel == "linear":
+        with torch.no_grad():
+            coupling, offset = solve_coupling_sql2(x, y, target)
+        return coupling, offset, sql2_lowrank(x, y, coupling, offset)
+    rel = relations(x, y, spec.metric, spec.kernel)
+    with torch.no_grad():
+        coupling, offset = solve_coupling(rel, target)
+    return coupling, offset, torch.einsum("h,hmn->mn", coupling, rel) + offset
 
 
 def rel_error(target: torch.Tensor, approx: torch.Tensor) -> float:
@@ -69,6 +81,39 @@ def solve_coupling(rel: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return sol[:h].to(rel.dtype), sol[h].to(rel.dtype)
 
 
+def solve_coupling_sql2(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``solve_coupling`` for squared-L2 relations without building them.
+
+    R_k = a_k 1' + 1 b_k' - 2 X_k Y_k' (a_k, b_k: squared norms of the states), so every inner
+    product <R_k, R_l>, <R_k, 1 1'> and <R_k, W> expands into (H, d)-sized terms and one W @ Y.
+    """
+    x, y, w = x.double(), y.double(), target.double()
+    m, n = w.shape
+    a, b = x.pow(2).sum(-1), y.pow(2).sum(-1)  # (H, m), (H, n)
+    sa, sb = a.sum(1), b.sum(1)
+    x1, y1 = x.sum(1), y.sum(1)  # X_k' 1, Y_k' 1: (H, d)
+    xa = torch.einsum("kmd,lm->lkd", x, a)  # [l, k] = X_k' a_l
+    yb = torch.einsum("knd,ln->lkd", y, b)  # [l, k] = Y_k' b_l
+    cross = torch.einsum("lkd,kd->lk", xa, y1)  # <a_l 1', X_k Y_k'>
+    cross_b = torch.einsum("kd,lkd->lk", x1, yb)  # <1 b_l', X_k Y_k'>
+    xx = torch.einsum("kmd,lme->klde", x, x)
+    yy = torch.einsum("knd,lne->klde", y, y)
+    h = x.shape[0]
+    gram = torch.empty(h + 1, h + 1, dtype=torch.float64, device=x.device)
+    gram[:h, :h] = (
+        n * a @ a.T + m * b @ b.T + sa[:, None] * sb[None, :] + sb[:, None] * sa[None, :]
+        - 2 * (cross + cross.T) - 2 * (cross_b + cross_b.T) + 4 * (xx * yy).sum((2, 3))
+    )
+    to_ones = n * sa + m * sb - 2 * (x1 * y1).sum(1)
+    gram[:h, h] = gram[h, :h] = to_ones
+    gram[h, h] = m * n
+    wy = torch.einsum("mn,knd->kmd", w, y)
+    rhs = torch.cat([a @ w.sum(1) + b @ w.sum(0) - 2 * (x * wy).sum((1, 2)), w.sum().reshape(1)])
+    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
+    sol = torch.linalg.solve(gram + ridge * torch.eye(h + 1, dtype=gram.dtype, device=gram.device), rhs)
+    return sol[:h].to(target.dtype), sol[h].to(target.dtype)
+
+
 def fit_weight(
     matrix: torch.Tensor,
     spec: DynSpec,
@@ -100,10 +145,7 @@ def fit_weight(
 
     best = (math.inf, x.detach().clone(), y.detach().clone())
     for step in range(steps + 1):
-        rel = relations(x, y, spec.metric, spec.kernel)
-        with torch.no_grad():
-            coupling, offset = solve_coupling(rel, target)
-        approx = torch.einsum("h,hmn->mn", coupling, rel) + offset
+        coupling, offset, approx = _project(x, y, target, spec)
         loss = (approx - target).pow(2).sum() / target_sq
         err = float(loss.detach().sqrt())
         if not math.isfinite(err):
@@ -121,7 +163,6 @@ def fit_weight(
 
     _, bx, by = best
     with torch.no_grad():
-        rel = relations(bx, by, spec.metric, spec.kernel)
-        coupling, offset = solve_coupling(rel, target)
-        final = rel_error(target, torch.einsum("h,hmn->mn", coupling, rel) + offset)
+        coupling, offset, approx = _project(bx, by, target, spec)
+        final = rel_error(target, approx)
     return FitResult(bx.cpu(), by.cpu(), coupling.cpu(), offset.cpu(), final, steps)
