@@ -44,15 +44,20 @@ def convert(
     done: dict[str, FitResult] | None = None,
     source: Source | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
+    calib=None,
     **overrides,
 ) -> Conversion:
-    """Convert ``model``'s Linear/Conv2d layers in place; keyword overrides set ConvertOptions fields."""
+    """Convert ``model``'s Linear/Conv2d layers in place; keyword overrides set ConvertOptions fields.
+
+    ``calib``: optional iterable of input batches; each layer is then fitted to its outputs on
+    them after its weights (calibrated conversion).
+    """
     opts = options or ConvertOptions()
     for key, value in overrides.items():
         if not hasattr(opts, key):
             raise TypeError(f"convert() got an unknown option {key!r}")
         setattr(opts, key, value)
-    model, layers, skipped = convert_model(model, opts, callbacks, done)
+    model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
     return Conversion(model.eval(), layers, skipped, opts, source or Source("module"), input_size=tuple(input_size))
 
 

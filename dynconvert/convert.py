@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .dynamics import DynConv2d, DynamicsLayer, DynSpec, choose_spec, dense_matrix, make_dynamic
 from .errors import DynError
-from .fit import FitResult, fit_weight, svd_rel_error
+from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ConvertOptions:
     dim: int | None = None
     steps: int = 300
     lr: float = 0.05
+    calib_steps: int = 300
     seed: int = 0
     device: str = "cpu"
 
@@ -112,6 +113,8 @@ class LayerStats:
     svd_rank: int
     steps: int
     fit_mode: str = "weights"
+    output_rel_error: float | None = None
+    svd_output_rel_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -137,16 +140,64 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The vectors the layer's weight matrix multiplies: (samples, n).
+
+    For a conv, the unfolded patches; with groups, each group's patch is one sample (the rows of
+    every group see the same input states, see dynamics.py).
+    """
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    n = cols.shape[1] // layer.groups
+    return cols.reshape(x.shape[0], layer.groups, n, -1).permute(0, 1, 3, 2).reshape(-1, n)
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
+    """Second moment E[v v'] of each layer's input vectors over the calibration batches,
+    taken on the original model in one pass."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, args):
+            v = layer_inputs(module, args[0]).double()
+            sums[name] = sums.get(name, 0) + v.T @ v
+            counts[name] = counts.get(name, 0) + v.shape[0]
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        was_training = model.training
+        model.eval()
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    if not counts:
+        raise DynError("the calibration data gave no batches; pass a dataset with at least one image")
+    return {name: (sums[name] / counts[name]).float() for name in sums}
+
+
 def convert_model(
     model: nn.Module,
     opts: ConvertOptions,
     callbacks: ConvertCallbacks | None = None,
     done: dict[str, FitResult] | None = None,
+    calib=None,
 ) -> tuple[nn.Module, list[LayerStats], list[Skipped]]:
-    """Convert ``model`` in place. ``done`` holds fits from an interrupted run, reused as they are."""
+    """Convert ``model`` in place. ``done`` holds fits from an interrupted run, reused as they are.
+
+    ``calib``: an iterable of input batches (or (input, label) pairs). With it, each layer is
+    fitted to its weights first and then to its outputs on these inputs (``refine_on_outputs``).
+    """
     opts.validate()
     cb = callbacks or ConvertCallbacks()
     chosen, skipped = plan(model, opts)
+    moments = input_moments(model, {c.name: c.layer for c in chosen}, calib) if calib is not None else {}
     stats = []
     for i, item in enumerate(chosen):
         cb.layer_start(i, len(chosen), item)
@@ -157,6 +208,11 @@ def convert_model(
                 matrix, item.spec, steps=opts.steps, lr=opts.lr, seed=layer_seed(opts.seed, item.name),
                 device=opts.device, name=item.name, on_step=cb.step,
             )
+            if item.name in moments:
+                fit = refine_on_outputs(
+                    fit, matrix, item.spec, moments[item.name], steps=opts.calib_steps, device=opts.device,
+                    name=item.name, on_step=cb.step,
+                )
         new = make_dynamic(item.layer, item.spec)
         new.set_states(fit.states_out, fit.states_in, fit.coupling, fit.offset)
         set_submodule(model, item.name, new)
@@ -167,6 +223,12 @@ def convert_model(
             dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
             svd_rel_error=svd_rel_error(matrix, item.spec.rank_budget), svd_rank=item.spec.rank_budget, steps=fit.steps,
         )
+        if item.name in moments:
+            whitener = input_whitener(moments[item.name])
+            left, right = svd_truncate(matrix, item.spec.rank_budget)
+            s.fit_mode = "calibrated"
+            s.output_rel_error = output_rel_error(matrix, new.weight_matrix().detach(), whitener)
+            s.svd_output_rel_error = output_rel_error(matrix, left @ right, whitener)
         stats.append(s)
         cb.layer_done(i, len(chosen), s, fit)
     return model, stats, skipped

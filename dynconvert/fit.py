@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .dynamics import DynSpec, relations, sql2_lowrank
+from .dynamics import DynSpec, materialize, relations, sql2_lowrank
 from .errors import DynError
 
 ProgressFn = Callable[[int, int, float], None]
@@ -30,6 +30,8 @@ class FitResult:
     offset: torch.Tensor
     rel_error: float
     steps: int
+    output_rel_error: float | None = None
+    """Relative error of the layer's outputs on the calibration inputs (calibrated fits only)."""
 
 
 def _project(x, y, target, spec: DynSpec):
@@ -166,3 +168,74 @@ def fit_weight(
         coupling, offset, approx = _project(bx, by, target, spec)
         final = rel_error(target, approx)
     return FitResult(bx.cpu(), by.cpu(), coupling.cpu(), offset.cpu(), final, steps)
+
+
+def input_whitener(moment: torch.Tensor, keep: float = 1 - 1e-6) -> torch.Tensor:
+    """L with L L' ~= C for the layer's input second moment C (n x n), truncated to the
+    eigen-directions that hold ``keep`` of its trace: ||E L|| is then the output error of E."""
+    evals, evecs = torch.linalg.eigh(moment.double())
+    evals = evals.clamp_min(0).flip(0)
+    evecs = evecs.flip(1)
+    cum = evals.cumsum(0) / evals.sum().clamp_min(1e-30)
+    k = int((cum < keep).sum()) + 1
+    return (evecs[:, :k] * evals[:k].sqrt()).float()
+
+
+def output_rel_error(target: torch.Tensor, approx: torch.Tensor, whitener: torch.Tensor) -> float:
+    """Relative error of the outputs ``x @ W'`` over the calibration inputs."""
+    return rel_error(target @ whitener, approx @ whitener)
+
+
+def refine_on_outputs(
+    start: FitResult,
+    matrix: torch.Tensor,
+    spec: DynSpec,
+    moment: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 0.01,
+    device: torch.device | str = "cpu",
+    name: str = "layer",
+    on_step: ProgressFn | None = None,
+) -> FitResult:
+    """Calibrated fit: move all states to reproduce the layer's *outputs* on calibration inputs.
+
+    The weight error is what SVD minimizes; the output error is what accuracy depends on. With
+    C the inputs' second moment, the output error of a weight error E is tr(E C E') = ||E L||^2.
+    Starts from the weight fit; Adam moves positions, couplings and offset together (step sizes
+    relative to each tensor's scale).
+    """
+    device = torch.device(device)
+    target = matrix.detach().to(device=device, dtype=torch.float32)
+    whitener = input_whitener(moment.to(device))
+    goal = target @ whitener
+    goal_sq = goal.pow(2).sum().clamp_min(1e-30)
+    params = [t.detach().to(device).clone().requires_grad_() for t in (start.states_out, start.states_in, start.coupling, start.offset)]
+    scales = [float(p.detach().abs().mean().clamp_min(1e-8)) for p in params]
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * sc} for p, sc in zip(params, scales)])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+
+    def loss_of(ps):
+        approx = materialize(*ps, spec.metric, spec.kernel)
+        return (approx @ whitener - goal).pow(2).sum() / goal_sq
+
+    best = (math.inf, [p.detach().clone() for p in params])
+    for step in range(steps + 1):
+        loss = loss_of(params)
+        err = float(loss.detach().sqrt())
+        if not math.isfinite(err):
+            raise DynError(f"layer {name}: the calibrated fit diverged (NaN/Inf at step {step}); try fewer --calib-steps")
+        if err < best[0]:
+            best = (err, [p.detach().clone() for p in params])
+        if on_step is not None:
+            on_step(step, steps, err)
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    err, ps = best
+    with torch.no_grad():
+        approx = materialize(*ps, spec.metric, spec.kernel)
+    return FitResult(*(p.cpu() for p in ps), rel_error(target, approx), start.steps + steps, output_rel_error=err)
