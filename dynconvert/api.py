@@ -154,11 +154,11 @@ def convert_checkpoint(
 # API names users call.
 
 
-def report(source, **kwargs) -> dict:
+def build_report(source, **kwargs) -> dict:
     """The report dictionary of a .dyn path (see docs/report.md); kwargs as report.build_report."""
-    from .report import build_report
+    from .report import build_report as run
 
-    return build_report(source, **kwargs)
+    return run(source, **kwargs)
 
 
 def export_onnx(source, out, **kwargs):
