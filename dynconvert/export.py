@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,19 @@ def materialized(model: nn.Module) -> nn.Module:
     return dense.eval()
 
 
+def open_dyn(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """read_dyn, with a pointed message for the common mistake of passing the original checkpoint."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        raise DynError(f"{path} is a PyTorch checkpoint, not a .dyn; convert it first (dynconvert convert {path} --out model.dyn)")
+    return read_dyn(path)
+
+
 def _open(source, model, factory) -> tuple[nn.Module, dict]:
     """(converted module, metadata) from a .dyn path or an already converted module."""
     if isinstance(source, nn.Module):
         return source.eval(), {}
-    tensors, meta = read_dyn(source)
+    tensors, meta = open_dyn(source)
     return build_from(tensors, meta, model=model, factory=factory, path=source), meta
 
 
@@ -181,7 +190,7 @@ def export_safetensors(
     if dtype not in DTYPES:
         raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = check_output_path(out, force)
-    tensors, meta = read_dyn(source)
+    tensors, meta = open_dyn(source)
     meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dynconvert_version", "tensors_sha256")}
     layers, skipped = dict(meta["layers"]), list(meta.get("skipped", []))
     unmatched = [p for p in materialize_layers if not any(fnmatch.fnmatchcase(n, p) for n in layers)]

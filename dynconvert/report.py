@@ -28,9 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .api import build_from
 from .dynamics import DynamicsLayer
-from .dynfile import STATE_SUFFIXES, read_dyn
+from .dynfile import STATE_SUFFIXES
 from .errors import DynError
-from .export import materialized
+from .export import materialized, open_dyn
 from .weightfree import weightfree_flops
 
 REPORT_FORMAT = "dynconvert-report"
@@ -101,7 +101,7 @@ def build_report(
         net = source.eval()
     else:
         path = Path(source)
-        tensors, meta = read_dyn(path)
+        tensors, meta = open_dyn(path)
         net = build_from(tensors, meta, model=model, factory=factory, path=path)
         dyn_bytes = path.stat().st_size
     size = tuple(input_size or meta.get("input_size") or (3, 224, 224))

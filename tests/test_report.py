@@ -147,6 +147,7 @@ def test_bad_input_is_one_line_error(r18, cli, tmp_path):
         tmp_path / "newer.dyn": "newer",
         tmp_path / "missing.dyn": "no such file",
     }
+    cases[pth] = "not a .dyn"
     for path, words in cases.items():
         line = one_line_error(*cli("report", path, "--json"))
         assert words in line, line
