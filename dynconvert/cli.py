@@ -189,14 +189,13 @@ def export(
     targets = [p for p in (onnx_path, pth_path, st_path) if p is not None]
     if not targets:
         raise DynError("nothing to export: give --onnx, --pth and/or --safetensors")
-    for p in targets:  # refuse bad outputs before any work
+    for p in targets:  # refuse bad outputs and options before any work
         check_output_path(p, force)
-    if st_path is not None:
-        ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
-        out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")
-    if pth_path is not None:
-        ex.export_pth(dyn, pth_path, factory=model, force=force)
-        out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
+    if st_path is not None and dtype not in ex.DTYPES:
+        raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ex.DTYPES)}")
+    if not tolerance >= 0:
+        raise DynError(f"--tolerance must be >= 0, got {tolerance}")
+    # ONNX first: it is the export that can fail its own check
     if onnx_path is not None:
         res = ex.export_onnx(
             dyn, onnx_path, factory=model, input_size=_parse_size(input_size) if input_size else None, opset=opset,
@@ -209,6 +208,12 @@ def export(
             f"allowed {tolerance:g} x)",
             soft_wrap=True,
         )
+    if st_path is not None:
+        ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
+        out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")
+    if pth_path is not None:
+        ex.export_pth(dyn, pth_path, factory=model, force=force)
+        out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
 
 
 @command
