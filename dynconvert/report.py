@@ -73,7 +73,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int], watch: list[
     return FlopCount(counter.get_total_flops(), per_module, shapes)
 
 
-def _vectors(out_shape: tuple[int, ...], layer: DynamicsLayer) -> int:
+def _vectors(out_shape: tuple[int, ...]) -> int:
     """Input vectors a layer's matrix multiplies in one forward: batch x output positions."""
     if len(out_shape) == 4:  # conv: N x C x H x W
         return out_shape[0] * out_shape[2] * out_shape[3]
@@ -118,7 +118,7 @@ def build_report(
         m, n = layer.matrix_shape
         state_params = sum(getattr(layer, s).numel() for s in STATE_SUFFIXES)
         dense_flops = flops.per_module.get(name, 0)
-        wf = weightfree_flops(layer, _vectors(flops.out_shapes[name], layer)) if name in flops.out_shapes else None
+        wf = weightfree_flops(layer, _vectors(flops.out_shapes[name])) if name in flops.out_shapes else None
         layers.append({
             "name": name,
             "kind": info.get("kind", type(layer).__name__),
