@@ -215,7 +215,7 @@ def summary_lines(rep: dict) -> list[tuple[str, str]]:
     return [
         ("parameters", f"{t['original_params']:,} -> {t['dyn_params']:,} ({_ratio(t['original_params'], t['dyn_params'])})"),
         ("file bytes", f"{human(t['original_bytes'], 'B')} -> {human(t['dyn_bytes'], 'B')} ({_ratio(t['original_bytes'], t['dyn_bytes'])})"),
-        ("FLOPs per image", f"dense {human(t['dense_flops'])} vs weight-free path {human(t['weightfree_flops'])} "
+        ("FLOPs per image", f"dense {human(t['dense_flops'])} ({human(t['dense_macs'])} MACs) vs weight-free path {human(t['weightfree_flops'])} "
                             f"({t['weightfree_layers']}/{t['converted_layers']} converted layers have one; '-' runs materialized) "
                             f"at input {'x'.join(map(str, rep['input_size']))}"),
         ("mean weight error", f"states {_err(t['mean_weight_rel_error'])} vs truncated SVD {_err(t['mean_svd_rel_error'])} at the same parameter budget"),
