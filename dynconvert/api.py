@@ -153,3 +153,35 @@ def convert_checkpoint(
     conv.source_bytes = Path(checkpoint).stat().st_size
     save(conv, out)
     return conv
+
+
+# Exports and the report live in export.py / report.py (they build on this module); these are the
+# API names users call.
+
+
+def build_report(source, **kwargs) -> dict:
+    """The report dictionary of a .dyn path (see docs/report.md); kwargs as report.build_report."""
+    from .report import build_report as run
+
+    return run(source, **kwargs)
+
+
+def export_onnx(source, out, **kwargs):
+    """Materialized ONNX graph, verified in ONNX Runtime; kwargs as export.export_onnx."""
+    from .export import export_onnx as run
+
+    return run(source, out, **kwargs)
+
+
+def export_pth(source, out, **kwargs):
+    """Plain state dict the original architecture loads; kwargs as export.export_pth."""
+    from .export import export_pth as run
+
+    return run(source, out, **kwargs)
+
+
+def export_safetensors(source, out, **kwargs):
+    """Compact .dyn with states at another precision; kwargs as export.export_safetensors."""
+    from .export import export_safetensors as run
+
+    return run(source, out, **kwargs)

@@ -146,6 +146,77 @@ def _parse_size(text: str) -> tuple[int, int, int]:
 
 
 @command
+def report(
+    dyn: Path = typer.Argument(..., help="A .dyn file."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table instead of the rich table."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (keys documented in docs/report.md)."),
+    model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W for the FLOP counts. [default: the file's]"),
+):
+    """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
+    from .report import build_report, render_json, render_markdown, render_rich
+
+    if markdown and json_out:
+        raise DynError("choose one of --markdown and --json")
+    rep = build_report(dyn, factory=model, input_size=_parse_size(input_size) if input_size else None)
+    if json_out:
+        typer.echo(render_json(rep), nl=False)
+    elif markdown:
+        typer.echo(render_markdown(rep), nl=False)
+    else:
+        render_rich(rep, out)
+
+
+@command
+def export(
+    dyn: Path = typer.Argument(..., help="A .dyn file."),
+    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="Write a materialized ONNX graph, verified in ONNX Runtime."),
+    pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
+    st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),
+    dtype: str = typer.Option("fp16", help="State precision for --safetensors: fp16, bf16 or fp32."),
+    materialize: Optional[List[str]] = typer.Option(None, help="For --safetensors: glob patterns of converted layers to store as dense weights."),
+    opset: int = typer.Option(17, help="ONNX opset version."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the ONNX batch axis to 1 (default: dynamic)."),
+    tolerance: float = typer.Option(1e-4, help="Allowed ONNX Runtime max abs diff, relative to the output's max magnitude."),
+    model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W of the ONNX input. [default: the file's]"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+):
+    """Export for deployment: ONNX (checked against PyTorch), .pth, or a compact fp16 .dyn."""
+    from . import export as ex
+    from .fileio import check_output_path
+
+    targets = [p for p in (onnx_path, pth_path, st_path) if p is not None]
+    if not targets:
+        raise DynError("nothing to export: give --onnx, --pth and/or --safetensors")
+    for p in targets:  # refuse bad outputs and options before any work
+        check_output_path(p, force)
+    if st_path is not None and dtype not in ex.DTYPES:
+        raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ex.DTYPES)}")
+    if not tolerance >= 0:
+        raise DynError(f"--tolerance must be >= 0, got {tolerance}")
+    # ONNX first: it is the export that can fail its own check
+    if onnx_path is not None:
+        res = ex.export_onnx(
+            dyn, onnx_path, factory=model, input_size=_parse_size(input_size) if input_size else None, opset=opset,
+            dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force,
+        )
+        out.print(
+            f"wrote {onnx_path} (opset {res.opset}, {onnx_path.stat().st_size:,} bytes) in {res.seconds:.1f} s: "
+            f"ONNX Runtime vs PyTorch max abs diff {res.max_abs_diff:.3g} "
+            f"({res.max_abs_diff / res.output_scale if res.output_scale else 0:.2g} x max |output| {res.output_scale:.3g}; "
+            f"allowed {tolerance:g} x)",
+            soft_wrap=True,
+        )
+    if st_path is not None:
+        ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
+        out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")
+    if pth_path is not None:
+        ex.export_pth(dyn, pth_path, factory=model, force=force)
+        out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
+
+
+@command
 def archs():
     """List the torchvision architectures that can be inferred or named with --arch."""
     from .checkpoint import torchvision_archs

@@ -1,0 +1,210 @@
+"""Exports for deployment: a materialized ONNX graph (verified in ONNX Runtime), a plain ``.pth``
+state dict for the original architecture, and a compact ``.dyn`` at another precision.
+
+Every output is written through ``fileio.atomic_path``: a failed check (for example ONNX Runtime
+disagreeing with PyTorch) leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .api import build_from
+from .dynamics import DynamicsLayer, DynSpec, materialize
+from .dynfile import STATE_SUFFIXES, read_dyn, write_dyn
+from .errors import DynError
+from .fileio import atomic_path, check_output_path
+
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def materialized(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every converted layer replaced by its dense twin: the original architecture."""
+    from .convert import set_submodule
+
+    dense = copy.deepcopy(model)
+    for name in [n for n, m in dense.named_modules() if isinstance(m, DynamicsLayer)]:
+        set_submodule(dense, name, dense.get_submodule(name).to_dense())
+    return dense.eval()
+
+
+def open_dyn(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """read_dyn, with a pointed message for the common mistake of passing the original checkpoint."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        raise DynError(f"{path} is a PyTorch checkpoint, not a .dyn; convert it first (dynconvert convert {path} --out model.dyn)")
+    return read_dyn(path)
+
+
+def _open(source, model, factory) -> tuple[nn.Module, dict]:
+    """(converted module, metadata) from a .dyn path or an already converted module."""
+    if isinstance(source, nn.Module):
+        return source.eval(), {}
+    tensors, meta = open_dyn(source)
+    return build_from(tensors, meta, model=model, factory=factory, path=source), meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+@dataclass
+class OnnxResult:
+    path: Path
+    max_abs_diff: float
+    output_scale: float  # max |output| of the PyTorch model on the check inputs
+    tolerance: float  # the allowed max abs diff: rel_tolerance x output_scale
+    seconds: float
+    opset: int
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat(o)]
+    raise DynError(f"the model returns {type(out).__name__}; ONNX export needs tensors")
+
+
+def export_onnx(
+    source: str | Path | nn.Module,
+    out: str | Path,
+    *,
+    model: nn.Module | None = None,
+    factory: str | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    rel_tolerance: float = DEFAULT_TOLERANCE,
+    check_batch: int = 2,
+    seed: int = 0,
+    force: bool = False,
+) -> OnnxResult:
+    """Materialize the weights into a standard ONNX graph, check it with ``onnx.checker`` and
+    compare ONNX Runtime with the PyTorch model on random inputs.
+
+    Fails (DynError, no file) when max |ort - torch| > ``rel_tolerance`` x max |torch output|.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    out = check_output_path(out, force)
+    start = time.perf_counter()
+    net, meta = _open(source, model, factory)
+    size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
+    dense = materialized(net)
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.randn(1, *size, generator=gen)
+    batch = check_batch if dynamic_batch else 1
+    x = torch.randn(batch, *size, generator=gen)
+    with torch.no_grad():
+        want = [t.float().numpy() for t in _flat(net(x))]  # the converted model itself, not the copy
+    n_out = len(want)
+    outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
+    with atomic_path(out) as tmp:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
+                    output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
+                )
+        except Exception as e:  # the exporter raises many types for unsupported models/opsets
+            raise DynError(f"ONNX export failed at opset {opset} ({_first_line(e)})") from None
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:
+            raise DynError(f"the exported ONNX graph fails onnx.checker ({_first_line(e)})") from None
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": x.numpy()})
+        diff, scale = _compare(got, want)
+        tol = rel_tolerance * scale
+        if not diff <= tol:  # also catches NaN
+            raise DynError(
+                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max |output| "
+                f"{scale:.3g} = {tol:.3g}; no file written"
+            )
+    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset)
+
+
+def _compare(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
+    """(max abs difference, max |reference|) over all outputs."""
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        raise DynError(
+            f"ONNX Runtime returned shapes {[g.shape for g in got]} but PyTorch {[w.shape for w in want]}; no file written"
+        )
+    diff = max(float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0 for g, w in zip(got, want))
+    scale = max(float(np.max(np.abs(w))) if w.size else 0.0 for w in want)
+    return diff, scale
+
+
+def export_pth(
+    source: str | Path | nn.Module,
+    out: str | Path,
+    *,
+    model: nn.Module | None = None,
+    factory: str | None = None,
+    force: bool = False,
+) -> Path:
+    """A plain state dict with the weights materialized: ``original_arch.load_state_dict(torch.load(out))`` works."""
+    out = check_output_path(out, force)
+    net, _ = _open(source, model, factory)
+    state = {k: v.detach().cpu().contiguous() for k, v in materialized(net).state_dict().items()}
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    return out
+
+
+def export_safetensors(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp16",
+    materialize_layers: list[str] = (),
+    force: bool = False,
+) -> Path:
+    """A compact .dyn (same format and metadata) with the states stored as ``dtype``.
+
+    ``materialize_layers``: glob patterns of converted layers to store as dense weights instead
+    (they leave ``layers`` and join ``skipped``). ``dynconvert.load`` reads the result and casts
+    the states back to float32.
+    """
+    if dtype not in DTYPES:
+        raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = check_output_path(out, force)
+    tensors, meta = open_dyn(source)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dynconvert_version", "tensors_sha256")}
+    layers, skipped = dict(meta["layers"]), list(meta.get("skipped", []))
+    unmatched = [p for p in materialize_layers if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+    if unmatched:
+        raise DynError(f"--materialize {unmatched[0]!r} matches no converted layer of {source}")
+    for name in [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in materialize_layers)]:
+        info = layers.pop(name)
+        spec = DynSpec.from_dict(info["spec"])
+        x, y, c, o = (tensors.pop(f"{name}.{s}").float() for s in STATE_SUFFIXES)
+        tensors[f"{name}.weight"] = materialize(x, y, c, o, spec.metric, spec.kernel).reshape(info["weight_shape"])
+        skipped.append({"name": name, "reason": "materialized at export"})
+    for name in layers:
+        for s in STATE_SUFFIXES:
+            tensors[f"{name}.{s}"] = tensors[f"{name}.{s}"].to(DTYPES[dtype])
+    meta.update(layers=layers, skipped=skipped, state_dtype=dtype)
+    write_dyn(out, tensors, meta)
+    return out

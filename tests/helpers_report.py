@@ -1,0 +1,92 @@
+"""Shared builders for the report/export tests: small real models converted through the CLI."""
+
+import json
+import struct
+import sys
+
+import torch
+import torchvision
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+TINY_NET = '''
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    """Not a torchvision model: conv + BN + strided conv + linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build():
+    return TinyNet()
+'''
+
+
+def header(path):
+    """The safetensors header of ``path``, read by hand (independent of dynconvert)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def count_params(shapes: dict) -> int:
+    """Parameters (not BatchNorm buffers) among name -> shape."""
+    total = 0
+    for name, shape in shapes.items():
+        if name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+            continue
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def convert_torchvision(cli, tmp, arch, include, size=32, metric="l1", **kw):
+    """Random-init torchvision ``arch`` (10 classes) -> .pth -> .dyn with only ``include`` converted."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    pth, dyn = tmp / f"{arch}.pth", tmp / f"{arch}.dyn"
+    torch.save(model.state_dict(), pth)
+    args = ["convert", pth, "--out", dyn, "--steps", "2", "--min-params", "0", "--metric", metric,
+            "--input-size", f"3,{size},{size}"]
+    for pattern in include:
+        args += ["--include", pattern]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    return model, pth, dyn
+
+
+def convert_tiny(cli, tmp, module_name):
+    """The TinyNet factory written into ``tmp`` (on sys.path) -> .pth -> .dyn via --model."""
+    (tmp / f"{module_name}.py").write_text(TINY_NET)
+    sys.path.insert(0, str(tmp))
+    torch.manual_seed(0)
+    factory = f"{module_name}:build"
+    model = __import__(module_name).build().eval()
+    pth, dyn = tmp / "tiny.pth", tmp / "tiny.dyn"
+    torch.save(model.state_dict(), pth)
+    code, _, err = cli("convert", pth, "--out", dyn, "--model", factory, "--steps", "2", "--min-params", "0",
+                       "--include", "features.3", "--include", "head", "--metric", "l1", "--input-size", "3,16,16")
+    assert code == 0, err
+    return model, pth, dyn, factory
+
+
+def one_line_error(code, out, err):
+    """The CLI failed the user-facing way: non-zero exit, one 'error:' line, no traceback."""
+    assert code != 0
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
