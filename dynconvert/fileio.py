@@ -42,6 +42,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise DynError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates the file 0600; outputs get the usual permissions (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
