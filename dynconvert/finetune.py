@@ -518,4 +518,9 @@ def finetune_file(
         write_dyn(out, model.cpu().state_dict(), new_meta)
         if not keep_checkpoint:
             ckpt.unlink(missing_ok=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the output exists before any process exits
+        dist.destroy_process_group()
     return result
