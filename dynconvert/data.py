@@ -96,8 +96,8 @@ class Data:
 
     def unlabeled(self) -> "Data":
         """The same images with their labels hidden (labels read as -1): distillation only."""
-        hide = (lambda d: Unlabeled(d)) if self.train is not None else None
-        return Data(self.name, hide(self.train) if hide else None, self.val, self.num_classes, labeled=False)
+        train = Unlabeled(self.train) if self.train is not None else None
+        return Data(self.name, train, self.val, self.num_classes, labeled=False)
 
 
 class Unlabeled(Dataset):

@@ -515,6 +515,14 @@ def finetune_file(
             "resumed_from": result.resumed_from, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "final": {k: v for k, v in last.items() if k not in ("event",)},
         }
+        if teacher_model is not None:  # how far fine-tuning moved each layer from the original weights
+            from .dynamics import dense_matrix
+            from .fit import rel_error
+
+            new_meta["finetune"]["rel_error_vs_original"] = {
+                name: rel_error(dense_matrix(teacher_model.get_submodule(name)), layer.weight_matrix().detach().cpu())
+                for name, layer in dyn_layers(model).items()
+            }
         write_dyn(out, model.cpu().state_dict(), new_meta)
         if not keep_checkpoint:
             ckpt.unlink(missing_ok=True)

@@ -78,6 +78,7 @@ def test_finetune_recovers_accuracy_and_writes_dyn(files, data, tmp_path):
     assert all(0 < v <= 1 for v in epochs[-1]["structural_entropy"].values())
     _, meta = read_dyn(out)
     assert meta["finetune"]["steps"] == res.steps and meta["finetune"]["teacher"] == str(pth)
+    assert set(meta["finetune"]["rel_error_vs_original"]) == {"conv2", "fc1", "fc2"}
     assert meta["layers"].keys() == read_dyn(dyn)[1]["layers"].keys()
     assert not Path(f"{out}.ckpt").exists()  # removed once the output is written
 
