@@ -113,13 +113,15 @@ class Unlabeled(Dataset):
 
 def load_image(path: str):
     """PIL loader that names the file it cannot decode."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()
             return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
+    except UnidentifiedImageError:
+        raise DynError(f"cannot decode image {path} (not an image format PIL reads); remove or replace it") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DynError(f"cannot decode image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); remove or replace it") from None
 

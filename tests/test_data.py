@@ -94,3 +94,31 @@ def test_cli_bad_data_errors(cli, tmp_path):
             assert code == 2, (args, stdout, stderr)
             assert want in stderr and stderr.strip().count("\n") == 0 and "Traceback" not in stderr
             assert not (tmp_path / "o.dyn").exists()
+
+
+def test_finetune_and_eval_on_an_imagefolder_tree(cli, tmp_path):
+    _, dyn = lenet_files(tmp_path, train_epochs=0)
+    for split in ("train", "val"):
+        for c in range(10):
+            write_images(tmp_path / "tree" / split / f"class{c}", 2, size=36, seed=c)
+    out = tmp_path / "ft.dyn"
+    code, stdout, stderr = cli("finetune", dyn, "--data", tmp_path / "tree", "--out", out, "--model", FACTORY,
+                               "--batch-size", "8", "--max-steps", "2", "--stop-tol", "0")
+    assert code == 0, stderr
+    assert "step 2/2" in stdout and "val top-1" in stdout and out.exists()
+    code, stdout, stderr = cli("eval", out, "--data", tmp_path / "tree", "--model", FACTORY)
+    assert code == 0 and "(20 images)" in stdout, stderr
+
+
+def test_decode_error_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
+    import dynconvert.data as data_mod
+    from dynconvert.finetune import evaluate
+
+    write_images(tmp_path / "a", 2)
+    (tmp_path / "a" / "zz_broken.png").write_bytes(b"not a png")
+    monkeypatch.setattr(data_mod, "CHECK_ALL_UP_TO", 0)  # as for a big folder: not checked up front
+    monkeypatch.setattr(data_mod, "CHECK_SAMPLE", 0)
+    d = open_data(str(tmp_path), PRE)
+    with pytest.raises(DynError) as e:
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(1)), d.val, batch_size=1, workers=1)
+    assert "zz_broken.png" in str(e.value) and "\n" not in str(e.value) and "Traceback" not in str(e.value)
