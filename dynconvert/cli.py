@@ -167,7 +167,7 @@ def finetune(
     epochs: int = typer.Option(1, help="Passes over the training images."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     batch_size: int = typer.Option(64, help="Images per step (per process under torchrun)."),
-    lr: float = typer.Option(0.01, help="Step size for the state positions; couplings get a scaled one (see docs/finetune.md)."),
+    lr: float = typer.Option(0.1, help="Step size for the state positions; couplings get a scaled one (see docs/finetune.md)."),
     optimizer: str = typer.Option("sgd", help="sgd (damped dynamics: momentum) or adam."),
     momentum: float = typer.Option(0.9, help="SGD momentum (1 - damping)."),
     weight_decay: float = typer.Option(0.0, help="Weight decay."),

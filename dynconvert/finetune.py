@@ -41,7 +41,7 @@ class FinetuneOptions:
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -382,7 +382,8 @@ def finetune(
                     f.write(f"{step} {state_digest(trained)}\n")
             if step % opts.checkpoint_every == 0:
                 write_checkpoint()
-            if len(moves) == opts.stop_window and sum(moves) / len(moves) < opts.stop_tol:
+            # near the schedule's end the step size, not the forces, stills the states: not a stop
+            if len(moves) == opts.stop_window and sum(moves) / len(moves) < opts.stop_tol and lr_factor(step, total, opts.schedule) > 0.05:
                 stopped = True  # all ranks hold identical states, so they stop together
             if step >= total or stopped:
                 break
