@@ -312,11 +312,15 @@ def finetune(
         ck = load_checkpoint(ckpt_path)
         if ck.get("fingerprint") != fingerprint:
             raise DynError(f"--resume: {ckpt_path} belongs to another run (different input model); delete it or use the original input")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, epoch, epoch_step = int(ck["step"]), int(ck["epoch"]), int(ck["epoch_step"])
-        history, moves = list(ck["history"]), list(ck["moves"])
-        torch.set_rng_state(ck["rng"])
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            step, epoch, epoch_step = int(ck["step"]), int(ck["epoch"]), int(ck["epoch_step"])
+            history, moves = list(ck["history"]), list(ck["moves"])
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise DynError(f"--resume: {ckpt_path} does not fit this run ({str(e).splitlines()[0][:160]}); "
+                           "resume with the same --optimizer and --train, or delete it to start over") from None
         resumed_from = step
         if log and d.main:
             log({"event": "resumed", "step": step, "epoch": epoch + 1, "checkpoint": str(ckpt_path)})

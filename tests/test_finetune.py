@@ -155,6 +155,15 @@ def test_resume_after_kill_continues_from_checkpoint(files, tmp_path):
                       checkpoint=tmp_path / "c.ckpt")
 
 
+def test_resume_with_other_settings_is_a_one_line_error(files, tmp_path):
+    _, dyn = files
+    out = tmp_path / "ft.dyn"
+    finetune_file(dyn, out, "digits", FinetuneOptions(max_steps=2), factory=FACTORY, keep_checkpoint=True)
+    with pytest.raises(DynError, match="does not fit this run"):
+        finetune_file(dyn, out, "digits", FinetuneOptions(max_steps=4, optimizer="adam", train="all"), factory=FACTORY,
+                      resume=True)
+
+
 def test_torchrun_two_processes_keep_identical_states(files, tmp_path):
     _, dyn = files
     trace = tmp_path / "trace"
