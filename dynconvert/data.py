@@ -11,7 +11,8 @@
 - ``fake``: random images and labels for smoke tests.
 
 Images get the architecture's standard preprocessing: a torchvision model's own transform
-(resize, center crop, mean/std) or, for other models, the input size recorded in the .dyn with
+(resize, center crop, mean/std) when the .dyn's recorded input size is its crop size; otherwise the
+recorded input size with
 ImageNet statistics (3 channels) or mean 0.5 / std 0.5 (1 channel).
 """
 
@@ -76,7 +77,8 @@ def preprocess_for(source: dict | None, input_size) -> Preprocess:
 
         try:  # the weights' metadata holds the transform; nothing is downloaded
             t = tvm.get_model_weights(source["arch"]).DEFAULT.transforms()
-            return Preprocess(3, int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
+            if int(t.crop_size[0]) == h:  # another recorded input size (e.g. 32 for CIFAR) wins below
+                return Preprocess(3, h, int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
         except (ValueError, AttributeError, KeyError):
             pass
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)

@@ -35,6 +35,7 @@ def test_digits_split_is_fixed_and_held_out():
 def test_torchvision_preprocessing_comes_from_the_arch():
     p = preprocess_for({"kind": "torchvision", "arch": "resnet50"}, (3, 224, 224))
     assert (p.size, p.resize, p.mean) == (224, 232, (0.485, 0.456, 0.406))
+    assert preprocess_for({"kind": "torchvision", "arch": "resnet50"}, (3, 32, 32)).size == 32
 
 
 def test_imagefolder_train_val_and_single_and_flat(tmp_path):
