@@ -11,9 +11,8 @@
 - ``fake``: random images and labels for smoke tests.
 
 Images get the architecture's standard preprocessing: a torchvision model's own transform
-(resize, center crop, mean/std) when the .dyn's recorded input size is its crop size; otherwise the
-recorded input size with
-ImageNet statistics (3 channels) or mean 0.5 / std 0.5 (1 channel).
+(resize, center crop, mean/std) when the .dyn's recorded input size is its crop size; otherwise
+the recorded input size with ImageNet statistics (3 channels) or mean 0.5 / std 0.5 (1 channel).
 """
 
 from __future__ import annotations
