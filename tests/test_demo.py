@@ -1,0 +1,20 @@
+import json
+
+from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+
+def test_demo_json_reports_every_figure(cli, tmp_path):
+    """A fast variant (few epochs); the full, measured run is `dynconvert demo --json`."""
+    code, stdout, stderr = cli("demo", "--json", "--train-epochs", "3", "--finetune-epochs", "1", "--fit-steps", "20",
+                               "--out-dir", tmp_path)
+    assert code == 0, stderr
+    r = json.loads(stdout.strip().splitlines()[-1])
+    for key in ("original_accuracy", "converted_accuracy", "finetuned_accuracy", "svd_finetuned_accuracy",
+                "converted_layer_compression", "total_compression", "onnx_max_abs_diff", "seconds"):
+        assert key in r
+    assert r["converted_layers"] == ["conv2", "fc1", "fc2", "fc3"]
+    assert r["converted_layer_compression"] >= 8 and r["total_compression"] > 7
+    assert r["svd_params"] <= r["converted_layer_state_params"]  # the baseline never gets a bigger budget
+    assert r["original_accuracy"] > 0.8 and 0 <= r["finetuned_accuracy"] <= 1  # recovery: test_finetune.py
+    assert r["onnx_max_abs_diff"] < 1e-3
+    assert {p.name for p in tmp_path.iterdir()} >= {"lenet5.pth", "lenet5.dyn", "lenet5-ft.dyn", "lenet5-ft.onnx"}
