@@ -16,12 +16,22 @@ import json
 import torch
 
 import dynconvert
+from dynconvert.convert import input_moments
+from dynconvert.fit import input_whitener, output_rel_error
 from benchmarks.fit_quality import digits_tensors, train_cnn
 
 
 def accuracy(model, x, y) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def output_error(original, converted, name, calib) -> float:
+    """Output error of a weight-only fitted layer on the calibration inputs (as calibrated fits report it)."""
+    layer = original.get_submodule(name)
+    moment = input_moments(original, {name: layer}, calib)[name]
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    return output_rel_error(w, converted.get_submodule(name).weight_matrix().detach(), input_whitener(moment))
 
 
 def main() -> None:
@@ -34,6 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, acc = train_cnn(args.epochs)
+    original = copy.deepcopy(model)
     (xtr, _), (xte, yte) = digits_tensors()
     calib = [xtr[i : i + 128] for i in range(0, 512, 128)]
     common = dict(ratio=args.ratio, steps=args.steps, min_params=args.min_params)
@@ -44,6 +55,7 @@ def main() -> None:
         weight_only_accuracy=accuracy(plain.model, xte, yte),
         calibrated_accuracy=accuracy(calibrated.model, xte, yte),
         layers=[dict(name=c.name, weight_err_plain=round(p.rel_error, 4), weight_err_calib=round(c.rel_error, 4),
+                     output_err_plain=round(output_error(original, plain.model, c.name, calib), 4),
                      output_err_calib=round(c.output_rel_error, 4), output_err_svd=round(c.svd_output_rel_error, 4))
                 for p, c in zip(plain.layers, calibrated.layers)],
     )

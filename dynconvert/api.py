@@ -139,8 +139,13 @@ def convert_checkpoint(
     input_size: tuple[int, int, int] = (3, 224, 224),
     callbacks: ConvertCallbacks | None = None,
     on_note=print,
+    calib: str | None = None,
+    calib_images: int = 512,
 ) -> Conversion:
-    """Checkpoint file -> .dyn file: what ``dynconvert convert`` does."""
+    """Checkpoint file -> .dyn file: what ``dynconvert convert`` does.
+
+    ``calib``: a ``--data`` source ('digits', an image folder, ...) for calibrated conversion.
+    """
     from .checkpoint import load_model
     from .fileio import check_output_path, sha256_file
 
@@ -148,7 +153,13 @@ def convert_checkpoint(
     loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
     for note in loaded.notes:
         on_note(note)
-    conv = convert(loaded.model, options=options, callbacks=callbacks, source=loaded.source, input_size=input_size)
+    batches = None
+    if calib is not None:
+        from .data import calibration_batches
+
+        batches = calibration_batches(calib, loaded.source.to_dict(), input_size, calib_images)
+        on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
+    conv = convert(loaded.model, options=options, callbacks=callbacks, source=loaded.source, input_size=input_size, calib=batches)
     conv.source_sha256 = sha256_file(checkpoint)
     conv.source_bytes = Path(checkpoint).stat().st_size
     save(conv, out)

@@ -102,6 +102,9 @@ def convert(
     seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn. [default: 0]"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
+    calib: Optional[str] = typer.Option(None, help="Calibrated conversion: also fit each layer's outputs on images from this source (an image folder, 'digits', 'fake')."),
+    calib_images: int = typer.Option(512, help="How many calibration images to use."),
+    calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib. [default: 300]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
@@ -118,13 +121,14 @@ def convert(
     opts = options_from(rec, dict(
         ratio=ratio, min_params=min_params, include=_split(include), exclude=_split(exclude), metric=metric,
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
+        calib_steps=calib_steps,
     ))
     size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
     with progress_bar() as progress:
         conv = convert_checkpoint(
             checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
             trust_pickle=trust_pickle, force=force, input_size=size, callbacks=RichConvertProgress(progress),
-            on_note=progress.console.print,
+            on_note=progress.console.print, calib=calib, calib_images=calib_images,
         )
     n_dense = sum(s.dense_params for s in conv.layers)
     n_state = sum(s.state_params for s in conv.layers)

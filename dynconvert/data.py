@@ -240,3 +240,24 @@ def check_classes(data: Data, model_classes: int) -> None:
             f"--data {data.name} has {data.num_classes} classes but the model predicts {model_classes}; "
             "use data with the model's classes (one subfolder per class)"
         )
+
+
+def calibration_batches(spec: str, source: dict | None, input_size, images: int = 512, batch_size: int = 64) -> list[torch.Tensor]:
+    """Up to ``images`` preprocessed images (eval transform, fixed random choice) from ``--calib``,
+    in batches: the inputs a calibrated conversion fits layer outputs on. Labels are not used."""
+    data = open_data(spec, preprocess_for(source, input_size), augment=False)
+    dataset = data.train if data.train is not None else data.val
+    if dataset is None or len(dataset) == 0:
+        raise DynError(f"--calib {spec}: no images to calibrate on")
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(dataset), generator=g)[:images].tolist()
+    batches, current = [], []
+    for i in order:
+        item = dataset[i]
+        current.append(item[0] if isinstance(item, (tuple, list)) else item)
+        if len(current) == batch_size:
+            batches.append(torch.stack(current))
+            current = []
+    if current:
+        batches.append(torch.stack(current))
+    return batches

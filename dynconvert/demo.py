@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import digits, preprocess_for
-from .dynamics import DynamicsLayer, dense_matrix
+from .dynamics import dense_matrix
 from .errors import DynError
 from .finetune import FinetuneOptions, evaluate, finetune, finetune_file
 from .fit import svd_truncate
@@ -111,37 +111,6 @@ def train_original(model: nn.Module, train_set, epochs: int, seed: int) -> None:
     model.eval()
 
 
-def materialized(model: nn.Module) -> nn.Module:
-    """A copy with every dynamics-based layer replaced by the dense layer it stands for."""
-    from .convert import set_submodule
-
-    dense = copy.deepcopy(model)
-    for name, layer in list(dense.named_modules()):
-        if isinstance(layer, DynamicsLayer):
-            set_submodule(dense, name, layer.to_dense())
-    return dense.eval()
-
-
-def onnx_check(model: nn.Module, x: torch.Tensor, path: Path) -> float:
-    """Export the materialized model to ONNX, run it in ONNX Runtime, return max |ORT - torch|.
-
-    TODO(merge): unify with dynconvert/export.py (built in parallel), which owns ONNX export.
-    """
-    import onnxruntime as ort
-
-    from .fileio import atomic_path
-
-    dense = materialized(model)
-    with atomic_path(path) as tmp, warnings_quiet():
-        torch.onnx.export(dense, (x[:1],), str(tmp), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input": x.numpy()})[0]
-    with torch.no_grad():
-        want = model(x).numpy()
-    return float(abs(got - want).max())
-
-
 @contextlib.contextmanager
 def warnings_quiet():
     import warnings
@@ -222,8 +191,11 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
         acc_svd = evaluate(svd, data.val)["top1"]
         log(f"truncated SVD at the same budget ({svd_p:,} parameters): {acc_svd0:.4f} before, {acc_svd:.4f} after the same fine-tuning")
 
-        diff = onnx_check(tuned, x_test, out / "lenet5-ft.onnx")
-        log(f"ONNX Runtime vs PyTorch on the {len(x_test)} test images: max |diff| {diff:.2e}")
+        from .export import export_onnx
+
+        onnx = export_onnx(tuned, out / "lenet5-ft.onnx", input_size=tuple(x_test.shape[1:]), force=True)
+        diff = onnx.max_abs_diff
+        log(f"ONNX Runtime vs PyTorch: max |diff| {diff:.2e} ({onnx.path})")
 
         total_orig = sum(p.numel() for p in original.parameters())
         total_conv = sum(p.numel() for p in tuned.parameters())

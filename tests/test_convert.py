@@ -76,3 +76,33 @@ def test_same_seed_byte_identical(tmp_path, cli):
     finally:
         sys.path.remove(str(tmp_path))
     assert (tmp_path / "a.dyn").read_bytes() == (tmp_path / "b.dyn").read_bytes()
+
+
+def test_calibrated_conversion_lowers_output_error(tmp_path, cli):
+    from dynconvert.demo import lenet5
+    from dynconvert.dynfile import read_dyn
+    from dynconvert.fit import input_whitener, output_rel_error
+    from dynconvert.convert import input_moments
+
+    torch.manual_seed(0)
+    torch.save(lenet5().state_dict(), tmp_path / "lenet.pth")
+    args = ["--model", "dynconvert.demo:lenet5", "--input-size", "1,32,32", "--steps", "10", "--min-params", "2000"]
+    code, _, err = cli("convert", tmp_path / "lenet.pth", "--out", tmp_path / "w.dyn", *args)
+    assert code == 0, err
+    code, _, err = cli("convert", tmp_path / "lenet.pth", "--out", tmp_path / "c.dyn", *args,
+                       "--calib", "digits", "--calib-images", "128", "--calib-steps", "30")
+    assert code == 0, err
+    _, meta = read_dyn(tmp_path / "c.dyn")
+    assert all(v["fit_mode"] == "calibrated" for v in meta["layers"].values())
+    # the same layers fitted to weights only have a larger output error on the same inputs
+    plain = dynconvert.load(tmp_path / "w.dyn", factory="dynconvert.demo:lenet5")
+    original = lenet5()
+    original.load_state_dict(torch.load(tmp_path / "lenet.pth"))
+    from dynconvert.data import calibration_batches
+
+    batches = calibration_batches("digits", {"kind": "factory"}, (1, 32, 32), 128)
+    moments = input_moments(original, {n: original.get_submodule(n) for n in meta["layers"]}, batches)
+    for name, info in meta["layers"].items():
+        w = original.get_submodule(name).weight.detach().reshape(info["matrix_shape"])
+        plain_err = output_rel_error(w, plain.get_submodule(name).weight_matrix().detach(), input_whitener(moments[name]))
+        assert info["output_rel_error"] < plain_err
