@@ -4,7 +4,7 @@ Trains the small digits CNN of benchmarks/fit_quality.py, converts two copies at
 one fitted to weights only and one also to its layers' outputs on 512 training images
 (`convert --calib`), and prints held-out accuracies and the per-layer output errors.
 
-    python -m benchmarks.calibration [--ratio 0.25] [--steps 300] [--calib-steps 300]
+    python -m benchmarks.calibration [--ratio 0.1] [--steps 300] [--calib-steps 300]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def output_error(original, converted, name, calib) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--calib-steps", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=20)

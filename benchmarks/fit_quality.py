@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--max-dim", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--init", default="svd", choices=["svd", "random"])
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -80,7 +82,7 @@ def main() -> None:
     t_train = time.time() - t0
     t0 = time.time()
     conv = dynconvert.convert(model, ratio=args.ratio, metric=args.metric, kernel=args.kernel, steps=args.steps,
-                              max_dim=args.max_dim, min_params=1000)
+                              max_dim=args.max_dim, min_params=1000, init=args.init, lr=args.lr)
     t_fit = time.time() - t0
     rows = [dict(name=s.name, shape=s.matrix_shape, H=s.spec["groups"], d=s.spec["dim"], ratio=round(s.ratio, 4),
                  dyn_error=round(s.rel_error, 4), svd_error=round(s.svd_rel_error, 4)) for s in conv.layers]
@@ -90,7 +92,7 @@ def main() -> None:
     print(f"{'layer':<6} {'matrix':>12} {'H':>3} {'d':>2} {'ratio':>6} {'dyn err':>8} {'svd err':>8}")
     for r in rows:
         print(f"{r['name']:<6} {str(tuple(r['shape'])):>12} {r['H']:>3} {r['d']:>2} {r['ratio']:>6.3f} {r['dyn_error']:>8.4f} {r['svd_error']:>8.4f}")
-    print(f"mean   dyn {mean_dyn:.4f}  svd {mean_svd:.4f}  ({args.metric}/{args.kernel}, {args.steps} steps, fit {t_fit:.0f} s)")
+    print(f"mean   dyn {mean_dyn:.4f}  svd {mean_svd:.4f}  ({args.metric}/{args.kernel}, init {args.init}, {args.steps} steps, fit {t_fit:.0f} s)")
     if args.json:
         print(json.dumps(dict(accuracy=acc, metric=args.metric, kernel=args.kernel, steps=args.steps, layers=rows,
                               mean_dyn_error=mean_dyn, mean_svd_error=mean_svd)))

@@ -156,13 +156,25 @@ def report(
     json_out: bool = typer.Option(False, "--json", help="Print JSON (keys documented in docs/report.md)."),
     model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for the FLOP counts. [default: the file's]"),
+    data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
+    original: Optional[Path] = typer.Option(None, help="With --data: the original checkpoint, evaluated side by side."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
     from .report import build_report, render_json, render_markdown, render_rich
 
     if markdown and json_out:
         raise DynError("choose one of --markdown and --json")
-    rep = build_report(dyn, factory=model, input_size=_parse_size(input_size) if input_size else None)
+    if original is not None and data is None:
+        raise DynError("--original needs --data to evaluate on")
+    size = _parse_size(input_size) if input_size else None
+    rep = build_report(dyn, factory=model, input_size=size)
+    if data is not None:
+        from .finetune import evaluate_file
+
+        kw = dict(factory=model, input_size=tuple(rep["input_size"]))
+        rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
+        if original is not None:
+            rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
     if json_out:
         typer.echo(render_json(rep), nl=False)
     elif markdown:

@@ -31,6 +31,7 @@ class ConvertOptions:
     steps: int = 300
     lr: float = 0.05
     calib_steps: int = 300
+    init: str = "svd"
     seed: int = 0
     device: str = "cpu"
 
@@ -45,6 +46,8 @@ class ConvertOptions:
             DynSpec(self.groups or 1, self.dim or 1, self.metric, self.kernel)
         except ValueError as e:
             raise DynError(str(e)) from None
+        if self.init not in ("svd", "random"):
+            raise DynError(f"init must be 'svd' or 'random', got {self.init!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise DynError(f"device {self.device!r} was requested but no CUDA device is available; use --device cpu")
 
@@ -206,7 +209,7 @@ def convert_model(
         if fit is None:
             fit = fit_weight(
                 matrix, item.spec, steps=opts.steps, lr=opts.lr, seed=layer_seed(opts.seed, item.name),
-                device=opts.device, name=item.name, on_step=cb.step,
+                device=opts.device, name=item.name, on_step=cb.step, init=opts.init,
             )
             if item.name in moments:
                 fit = refine_on_outputs(

@@ -116,6 +116,41 @@ def solve_coupling_sql2(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) 
     return sol[:h].to(target.dtype), sol[h].to(target.dtype)
 
 
+def sql2_svd_init(target: torch.Tensor, spec: DynSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """sql2 states that reproduce mean(W) + the rank-(H*d - 2) truncated SVD of W - mean(W) exactly.
+
+    With every coupling at -1/2, ``sum_k c_k |x_ki - y_kj|^2`` is ``<x_i, y_j>`` (all H*d
+    coordinates) minus row terms |x_i|^2/2 and column terms |y_j|^2/2. The SVD factors fill all
+    coordinates but two; those two cancel the row and the column terms: a coordinate with
+    y_j = c (constant) and x_i = p_i adds -(p_i - c)^2 / 2, a pure row term that p_i = c - sqrt(c^2 - r_i)
+    sets to r_i / 2 (plus a constant the offset absorbs), and symmetrically for the columns.
+    So the fit starts no worse than SVD two ranks down, and the stress forces take it from there.
+    ``None`` when H*d < 3 (nothing left after the two cancelling coordinates).
+    """
+    h, d = spec.groups, spec.dim
+    rank = h * d - 2
+    if rank < 1:
+        return None
+    m, n = target.shape
+    w = target.double()
+    u, sv, vh = torch.linalg.svd(w - w.mean(), full_matrices=False)
+    root = sv[:rank].sqrt()
+    left, right = u[:, :rank] * root, vh[:rank].T * root  # (m, rank), (n, rank)
+    x = torch.zeros(m, h * d, dtype=torch.float64)
+    y = torch.zeros(n, h * d, dtype=torch.float64)
+    x[:, :rank], y[:, :rank] = left, right
+    # coordinate rank: rows carry p_i, columns the constant c; coordinate rank+1: the reverse
+    r_row, r_col = left.pow(2).sum(1), right.pow(2).sum(1)
+    c_row = 1.1 * r_row.max().sqrt() + 1e-6
+    c_col = 1.1 * r_col.max().sqrt() + 1e-6
+    x[:, rank] = c_row - (c_row**2 - r_row).sqrt()
+    y[:, rank] = c_row
+    x[:, rank + 1] = c_col
+    y[:, rank + 1] = c_col - (c_col**2 - r_col).sqrt()
+    # coordinate index g*d + t -> group g, state coordinate t
+    return (x.reshape(m, h, d).permute(1, 0, 2).float().contiguous(), y.reshape(n, h, d).permute(1, 0, 2).float().contiguous())
+
+
 def fit_weight(
     matrix: torch.Tensor,
     spec: DynSpec,
@@ -126,8 +161,12 @@ def fit_weight(
     device: torch.device | str = "cpu",
     name: str = "layer",
     on_step: ProgressFn | None = None,
+    init: str = "svd",
 ) -> FitResult:
     """Fit ``spec``'s states so that they materialize to ``matrix`` (m x n).
+
+    ``init``: "svd" starts sql2 states at the truncated SVD (``sql2_svd_init``); "random" (and
+    every other metric) starts uniform in [0, 1) as the authors do.
 
     Deterministic for a given seed and device. Raises DynError naming the layer if the fit
     diverges to NaN/Inf.
@@ -137,11 +176,14 @@ def fit_weight(
     if not torch.isfinite(target).all():
         raise DynError(f"layer {name}: weights contain NaN or Inf; fix the checkpoint before converting")
     m, n = target.shape
-    gen = torch.Generator().manual_seed(seed)
-    # The authors start states uniform in [0, 1); the couplings set the scale afterwards.
-    x = torch.rand(spec.groups, m, spec.dim, generator=gen).to(device).requires_grad_()
-    y = torch.rand(spec.groups, n, spec.dim, generator=gen).to(device).requires_grad_()
-    opt = torch.optim.Adam([x, y], lr=lr)
+    start = sql2_svd_init(target.cpu(), spec) if init == "svd" and spec.metric == "sql2" and spec.kernel == "linear" else None
+    if start is None:
+        # The authors start states uniform in [0, 1); the couplings set the scale afterwards.
+        gen = torch.Generator().manual_seed(seed)
+        start = torch.rand(spec.groups, m, spec.dim, generator=gen), torch.rand(spec.groups, n, spec.dim, generator=gen)
+    x, y = (t.to(device).requires_grad_() for t in start)
+    # step sizes relative to each tensor's spread: states from the SVD start are not in [0, 1)
+    opt = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().std().clamp_min(1e-6))} for t in (x, y)])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     target_sq = target.pow(2).sum().clamp_min(1e-30)
 

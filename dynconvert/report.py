@@ -220,7 +220,19 @@ def summary_lines(rep: dict) -> list[tuple[str, str]]:
                             f"at input {'x'.join(map(str, rep['input_size']))}"),
         ("mean weight error", f"states {_err(t['mean_weight_rel_error'])} vs truncated SVD {_err(t['mean_svd_rel_error'])} at the same parameter budget"),
         ("layers", f"{t['converted_layers']} converted, {t['skipped_layers']} skipped"),
-    ]
+    ] + _accuracy_lines(rep)
+
+
+def _accuracy_lines(rep: dict) -> list[tuple[str, str]]:
+    acc = rep.get("accuracy")
+    if not acc:
+        return []
+    conv = acc["converted"]
+    text = f"converted top-1 {conv['top1']:.4f} top-5 {conv['top5']:.4f}"
+    if acc.get("original"):
+        orig = acc["original"]
+        text = f"original top-1 {orig['top1']:.4f} top-5 {orig['top5']:.4f} vs " + text
+    return [("accuracy", f"{text} on {acc['data']} ({conv['n']} images)")]
 
 
 def render_rich(rep: dict, console) -> None:
