@@ -146,6 +146,110 @@ def _parse_size(text: str) -> tuple[int, int, int]:
 
 
 @command
+def bench(
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as one JSON object instead of a table."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run: sizes 1024 and 4096, 5 repeats."),
+    sizes: Optional[str] = typer.Option(None, help="Square layer sizes, comma separated. [default: 1024,2048,4096,8192,16384]"),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per method (after 3 warm-up calls). [default: 15]"),
+    groups: int = typer.Option(4, help="Sub-model groups H of the weight-free layers (SVD rank is H*d)."),
+    dim: int = typer.Option(4, help="State dimension d."),
+    batches: str = typer.Option("1,32", help="Batch sizes, comma separated."),
+    threads: str = typer.Option("1,2", help="CPU thread counts to try; each method keeps its best median."),
+    no_resnet50: bool = typer.Option(False, "--no-resnet50", help="Leave out ResNet-50's largest layers (fc, layer4 3x3 conv)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cpu, and cuda when present]"),
+):
+    """Time weight-free inference against the dense layer and truncated SVD at the same budget."""
+    import json
+
+    import torch
+
+    from .bench import SQUARE_SIZES, run_bench
+
+    def ints(text, flag):
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            vals = []
+        if not vals or min(vals) < 1:
+            raise DynError(f"{flag} {text!r} must be positive integers separated by commas, e.g. 1,32")
+        return vals
+
+    if groups < 1 or dim < 1:
+        raise DynError("--groups and --dim must be >= 1")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise DynError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
+    size_list = ints(sizes, "--sizes") if sizes else ([1024, 4096] if quick else list(SQUARE_SIZES))
+    reps = repeats if repeats is not None else (5 if quick else 15)
+    if reps < 1:
+        raise DynError("--repeats must be >= 1")
+    on_row = None if json_out else (lambda r: console.print(f"  {r['layer']} batch {r['batch']} {r['device']}: done"))
+    res = run_bench(
+        sizes=size_list, batches=ints(batches, "--batches"), devices=[device] if device else None, groups=groups,
+        dim=dim, repeats=reps, resnet50=not no_resnet50, threads=ints(threads, "--threads"), on_row=on_row,
+    )
+    if json_out:
+        out.print_json(json.dumps(res))
+        return
+    from rich.table import Table
+
+    def ms(r, k):
+        lo, hi = r[f"{k}_spread_ms"]
+        return f"{r[f'{k}_ms']:.3g} \\[{lo:.3g}-{hi:.3g}]"
+
+    table = Table(title=f"H={groups}, d={dim} (H*d={groups * dim}); ms: median \\[min-max] of {reps}; threads {threads}")
+    for col in ("m x n", "batch", "dev", "dense ms", "SVD ms", "L1 wf ms", "sql2 wf ms", "dense/L1", "dense/sql2",
+                "sql2/SVD", "L1 peak MiB", "dense W MiB"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        table.add_row(
+            f"{r['m']}x{r['n']}", str(r["batch"]), r["device"], ms(r, "dense"), ms(r, "svd"), ms(r, "weightfree"),
+            ms(r, "sql2"), f"{r['dense_ms'] / r['weightfree_ms']:.1f}x", f"{r['dense_ms'] / r['sql2_ms']:.1f}x",
+            f"{r['sql2_ms'] / r['svd_ms']:.2f}", f"{r['weightfree_peak_bytes'] / 2**20:.1f}", f"{r['dense_matrix_bytes'] / 2**20:.0f}",
+        )
+    from rich.console import Console
+
+    Console(width=max(out.width, 200)).print(table)
+    cpu = [r for r in res["rows"] if r["weightfree_largest_bytes"] >= 0]
+    if cpu:
+        under = all(r["weightfree_largest_bytes"] < r["dense_matrix_bytes"] for r in cpu)
+        out.print(
+            "L1 peak: live bytes of the tensors one weight-free forward allocates (inputs and tables excluded). "
+            f"Largest single allocation below the layer's m x n matrix on every CPU row: {'yes' if under else 'NO'}."
+        )
+
+
+@command
+def export_wf(
+    dyn: Path = typer.Argument(..., help="A .dyn file."),
+    onnx_path: Path = typer.Option(..., "--onnx", help="Output ONNX graph (states + sort orders, no weight matrices)."),
+    opset: int = typer.Option(17, help="ONNX opset version."),
+    tolerance: float = typer.Option(1e-4, help="Allowed ONNX Runtime max abs diff, relative to the output's max magnitude."),
+    model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W of the ONNX input. [default: the file's]"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+):
+    """Export a weight-free ONNX graph (Gather, CumSum, MatMul over the states), checked in ONNX Runtime."""
+    from .api import build_from
+    from .dynfile import read_dyn
+    from .fileio import check_output_path
+    from .weightfree import export_weight_free_onnx
+
+    check_output_path(onnx_path, force)
+    tensors, meta = read_dyn(dyn)
+    net = build_from(tensors, meta, factory=model, path=dyn)
+    size = _parse_size(input_size) if input_size else tuple(meta.get("input_size") or (3, 224, 224))
+    res = export_weight_free_onnx(net, onnx_path, size, opset=opset, rel_tolerance=tolerance, force=force)
+    for name, reason in res.kept:
+        console.print(f"  {name}: materialized in the graph ({reason})")
+    out.print(
+        f"wrote {onnx_path} (weight-free, opset {opset}, {onnx_path.stat().st_size:,} bytes) in {res.seconds:.1f} s: "
+        f"ONNX Runtime vs PyTorch max abs diff {res.max_abs_diff:.3g} "
+        f"({res.max_abs_diff / res.output_scale if res.output_scale else 0:.2g} x max |output| {res.output_scale:.3g}; "
+        f"allowed {tolerance:g} x)"
+    )
+
+
+@command
 def archs():
     """List the torchvision architectures that can be inferred or named with --arch."""
     from .checkpoint import torchvision_archs

@@ -1,28 +1,441 @@
 """Weight-free inference: converted layers computed from their states without the m x n matrix.
 
-FLOP counts here are what ``report`` prints for the weight-free path.
+Two paths, both for the ``linear`` kernel (``W = offset + sum_k lambda_k * dist_k``):
+
+* ``l1`` (design notes, "weight-free inference"). ``|x - y|_1`` is a sum of 1-D distances, so every
+  (group k, coordinate t) is one *channel* c of ``G = H*d``. Per channel the input states are
+  sorted once (at load); for an input vector ``v`` the prefix sums ``C`` (of ``v``) and ``B`` (of
+  ``y*v``) in sorted order give ``sum_j |x_i - y_j| v_j = x_i (2 C(p_i) - C(n)) + B(n) - 2 B(p_i)``
+  with ``p_i = #{y_j < x_i}``, also fixed at load. A tie ``y_j == x_i`` contributes 0 on either side.
+* ``sql2``. ``W = Xa @ Ya^T`` exactly, with ``Xa = [-2 lambda_k x_k | a | 1]`` (m x (G+2)) and
+  ``Ya = [y_k | 1 | b]`` (n x (G+2)), ``a_i = offset + sum_k lambda_k |x_ki|^2``,
+  ``b_j = sum_k lambda_k |y_kj|^2``: two thin matrix products.
+
+Other metrics and kernels keep the materialized weight. The FLOP counts here (``l1_flops``,
+``sql2_flops``) are the element operations the two path functions execute, one per output
+element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``OpCounter``);
+``report`` prints them.
 """
 
 from __future__ import annotations
 
-from .dynamics import DynamicsLayer
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .dynamics import DynConv2d, DynLinear, DynamicsLayer
+
+PATHS = ("l1", "sql2")
+
+
+def weight_free_path(layer: DynamicsLayer) -> str | None:
+    """The weight-free path of a converted layer, or None when it must run materialized."""
+    spec = layer.spec
+    return spec.metric if spec.kernel == "linear" and spec.metric in PATHS else None
+
+
+def why_materialized(layer: DynamicsLayer) -> str:
+    spec = layer.spec
+    return f"metric={spec.metric} kernel={spec.kernel} has no weight-free path (only l1 or sql2 with the linear kernel)"
+
+
+# ---------------------------------------------------------------- operation counts
+
+
+def l1_flops(vectors: int, m: int, n: int, channels: int, conv_groups: int = 1) -> int:
+    """Element ops of ``l1_matvec`` on ``vectors`` inputs: one per output element of each op.
+
+    Per (vector, conv group): y*v over G(n+1), two cumsums over G(n+1) (n adds each); per vector:
+    the weighted gather sum over 2G x m (2G mults + 2G-1 adds per output), S*(offset-a), +, +beta
+    (3m), and beta = B(n) @ lambda (2G per conv group).
+    """
+    g, c = conv_groups, channels
+    per_vector = g * c * (n + 1) + 2 * g * c * n + 2 * c * m + (2 * c - 1) * m + 3 * m + 2 * g * c
+    return vectors * per_vector
+
+
+def sql2_flops(vectors: int, m: int, n: int, channels: int, conv_groups: int = 1) -> int:
+    """Multiply-adds (2 FLOPs each) of ``sql2_matvec``'s two thin products of width G+2."""
+    r = channels + 2
+    return vectors * 2 * r * (conv_groups * n + m)
 
 
 def weightfree_flops(layer: DynamicsLayer, vectors: int) -> int | None:
-    """FLOPs of the weight-free forward of ``layer`` over ``vectors`` input vectors.
+    """FLOPs of the weight-free forward of ``layer`` over ``vectors`` input vectors (bias excluded).
 
     ``vectors`` is batch x output positions (1 per sample for Linear). ``None`` where the layer's
     metric/kernel has no weight-free path (it runs materialized).
-    L1/linear (sorted prefix sums, design notes): H*d*(2n + 4m) per vector.
-    sql2/linear (thin products): 2*H*d*(n + m) for the two products plus 2n + 3m for the
-    row/column terms and the offset.
     """
-    spec = layer.spec
-    m, n = layer.matrix_shape
-    if spec.kernel != "linear":
+    path = weight_free_path(layer)
+    if path is None:
         return None
-    if spec.metric == "l1":
-        return vectors * spec.groups * spec.dim * (2 * n + 4 * m)
-    if spec.metric == "sql2":
-        return vectors * (2 * spec.groups * spec.dim * (n + m) + 2 * n + 3 * m)
-    return None
+    m, n = layer.matrix_shape
+    g = getattr(layer, "conv_groups", 1)
+    fn = l1_flops if path == "l1" else sql2_flops
+    return fn(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
+
+
+# ---------------------------------------------------------------- the two paths
+
+
+def _l1_tables(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor) -> dict:
+    """Compact load-time tables of the L1 path from states x (H,m,d), y (H,n,d).
+
+    Per channel c = (k, t): the input states sorted (``ys``) and their order, the output states
+    (``xs``) and their positions ``pos`` among the sorted inputs. Both are centred on the channel's
+    mean input state (distances do not change; prefix sums of y*v lose less to rounding).
+    """
+    h, m, d = x.shape
+    n = y.shape[1]
+    xc = x.permute(0, 2, 1).reshape(h * d, m).double()
+    yc = y.permute(0, 2, 1).reshape(h * d, n).double()
+    centre = yc.mean(1, keepdim=True)
+    xc, yc = xc - centre, yc - centre
+    ys, order = torch.sort(yc, dim=1, stable=True)
+    pos = torch.searchsorted(ys, xc.contiguous())  # #{y_j < x_i}: ties sit right of the prefix
+    return dict(
+        order=order.to(torch.int32), ys=ys.float(), xs=xc.float(), pos=pos.to(torch.int32),
+        lam=coupling.detach().repeat_interleave(d).float(), offset=offset.detach().reshape(()).float(),
+    )
+
+
+def _l1_expand(t: dict, m: int, n: int, g: int) -> dict:
+    """The forward's index and weight tensors, derived from the compact tables.
+
+    ``order``: gather index into the zero-padded input (slot n holds 0, so prefix 0 is exact).
+    ``gidx``: for channel c and output i (conv group gi), where C(p_i) and B(p_i) sit in the
+    flattened (g, 2G, n+1) prefix-sum tensor. ``w2``: 2 lambda x and -2 lambda, the weights of
+    those gathered values. ``ca``: offset - sum_c lambda_c x_ci, the weight of sum(v).
+    """
+    order, ys, xs, pos, lam = t["order"], t["ys"], t["xs"], t["pos"], t["lam"]
+    c = ys.shape[0]
+    first = torch.full((c, 1), n, dtype=order.dtype, device=order.device)
+    order_p = torch.cat([first, order], 1).reshape(-1)
+    ys_p = torch.cat([torch.zeros_like(ys[:, :1]), ys], 1)
+    step = torch.full((), n + 1, dtype=torch.int32, device=pos.device)
+    chan = torch.arange(2 * c, dtype=torch.int32, device=pos.device).unsqueeze(1) * step
+    group = torch.arange(m, dtype=torch.int32, device=pos.device) // (m // g) * (2 * c) * step
+    gidx = (torch.cat([pos, pos]) + chan + group).reshape(-1)
+    w2 = torch.cat([2 * lam.unsqueeze(1) * xs, (-2 * lam).unsqueeze(1).expand(c, m)])
+    ca = t["offset"] - (lam.unsqueeze(1) * xs).sum(0)
+    return dict(order_p=order_p, ys_p=ys_p, gidx=gidx, w2=w2, ca=ca)
+
+
+def l1_matvec(v: torch.Tensor, e: dict, lam: torch.Tensor, m: int, n: int, g: int) -> torch.Tensor:
+    """``v`` (N, g*n) -> (N, m): every output of the L1 layer from sorted prefix sums, no m x n tensor."""
+    c = lam.shape[0]
+    vp = F.pad(v.reshape(-1, n), (0, 1))  # (N*g, n+1): slot n is the zero prefix
+    vs = vp.index_select(1, e["order_p"]).reshape(-1, c, n + 1)  # inputs in each channel's sorted order
+    prefix = torch.cat([vs, vs * e["ys_p"]], 1).cumsum(-1)  # C and B: (N*g, 2G, n+1)
+    picked = prefix.reshape(-1, g * 2 * c * (n + 1)).index_select(1, e["gidx"]).reshape(-1, 2 * c, m)
+    out = (picked * e["w2"]).sum(1)  # sum_c lambda_c (2 x C(p) - 2 B(p))
+    total = prefix[:, 0, n].reshape(-1, g, 1)  # C(n) = sum(v), per conv group
+    beta = torch.matmul(prefix[:, c:, n], lam).reshape(-1, g, 1)  # sum_c lambda_c B(n)
+    return (out.reshape(-1, g, m // g) + total * e["ca"].reshape(g, m // g) + beta).reshape(-1, m)
+
+
+def _sql2_tables(x, y, coupling, offset, g: int) -> dict:
+    """Xa (g, G+2, m/g) and Ya (n, G+2) with W = Xa^T Ya^T, exactly (module docstring)."""
+    h, m, d = x.shape
+    x, y, lam = x.detach().double(), y.detach().double(), coupling.detach().double()
+    a = offset.detach().double() + (lam[:, None] * x.pow(2).sum(-1)).sum(0)  # (m,)
+    b = (lam[:, None] * y.pow(2).sum(-1)).sum(0)  # (n,)
+    xa = torch.cat([(-2 * lam[:, None, None] * x).permute(1, 0, 2).reshape(m, h * d), a[:, None], torch.ones_like(a)[:, None]], 1)
+    ya = torch.cat([y.permute(1, 0, 2).reshape(-1, h * d), torch.ones_like(b)[:, None], b[:, None]], 1)
+    return dict(xa=xa.reshape(g, m // g, -1).transpose(1, 2).contiguous().float(), ya=ya.float())
+
+
+def sql2_matvec(v: torch.Tensor, xa: torch.Tensor, ya: torch.Tensor, m: int, n: int, g: int) -> torch.Tensor:
+    """``v`` (N, g*n) -> (N, m) through two thin products."""
+    if g == 1:
+        return torch.matmul(torch.matmul(v, ya), xa[0])
+    z = torch.matmul(v.reshape(-1, g, n).transpose(0, 1), ya)  # (g, N, G+2)
+    return torch.matmul(z, xa).transpose(0, 1).reshape(-1, m)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class WeightFreeCore(nn.Module):
+    """The matrix-vector product of one converted layer from its states (inference only).
+
+    Buffers in the state dict are the compact tables (states, sort orders, positions); the
+    expanded index/weight tensors are derived once here, or inside the graph during ONNX export
+    so that the file carries only the compact tables.
+    """
+
+    def __init__(self, layer: DynamicsLayer):
+        super().__init__()
+        self.path = weight_free_path(layer)
+        if self.path is None:
+            raise ValueError(why_materialized(layer))
+        self.m, self.n = layer.matrix_shape
+        self.g = getattr(layer, "conv_groups", 1)
+        self.channels = layer.spec.groups * layer.spec.dim
+        args = (layer.states_out.detach(), layer.states_in.detach(), layer.coupling.detach(), layer.offset.detach())
+        with torch.no_grad():
+            tables = _l1_tables(*args) if self.path == "l1" else _sql2_tables(*args, self.g)
+            for k, t in tables.items():
+                self.register_buffer(k, t)
+            if self.path == "l1":
+                for k, t in _l1_expand(tables, self.m, self.n, self.g).items():
+                    self.register_buffer("_e_" + k, t, persistent=False)
+
+    def _expanded(self) -> dict:
+        if torch.onnx.is_in_onnx_export():
+            tables = {k: getattr(self, k) for k in ("order", "ys", "xs", "pos", "lam", "offset")}
+            return _l1_expand(tables, self.m, self.n, self.g)
+        return {k: getattr(self, "_e_" + k) for k in ("order_p", "ys_p", "gidx", "w2", "ca")}
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.path == "l1":
+            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g)
+        return sql2_matvec(v, self.xa, self.ya, self.m, self.n, self.g)
+
+    def flops(self, vectors: int) -> int:
+        fn = l1_flops if self.path == "l1" else sql2_flops
+        return fn(vectors, self.m, self.n, self.channels, self.g)
+
+    def extra_repr(self) -> str:
+        return f"{self.path}, m={self.m}, n={self.n}, channels={self.channels}, conv_groups={self.g}"
+
+
+class WeightFreeLinear(nn.Module):
+    """A converted ``Linear`` computed from its states."""
+
+    def __init__(self, layer: DynLinear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.core = WeightFreeCore(layer)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.core(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class WeightFreeConv2d(nn.Module):
+    """A converted ``Conv2d``: patches by unfold (or strided slicing for an unpadded 1x1), then the core."""
+
+    def __init__(self, layer: DynConv2d):
+        super().__init__()
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
+        self.pad = self._padding(layer.padding, layer.kernel_size, layer.dilation)  # (left, right, top, bottom)
+        self.core = WeightFreeCore(layer)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def _padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":  # PyTorch puts the odd pixel on the right/bottom
+            (kh, kw), (dh, dw) = kernel_size, dilation
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        return (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if any(self.pad):
+            x = F.pad(x, self.pad)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ho = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        if (kh, kw) == (1, 1):
+            v = x[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        else:
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (b, C*kh*kw, L)
+            v = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        out = self.core(v)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+
+def weight_free_module(layer: DynamicsLayer) -> nn.Module:
+    return WeightFreeConv2d(layer) if isinstance(layer, DynConv2d) else WeightFreeLinear(layer)
+
+
+def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """Swap every converted layer that has a weight-free path for its weight-free module, in place.
+
+    Returns the model (eval mode) and ``(name, reason)`` for the layers that stay materialized.
+    """
+    from .convert import set_submodule
+
+    kept = []
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
+        if weight_free_path(layer) is None:
+            kept.append((name, why_materialized(layer)))
+            continue
+        set_submodule(model, name, weight_free_module(layer))
+    return model.eval(), kept
+
+
+# ---------------------------------------------------------------- measuring what runs
+
+_FREE = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze",
+         "squeeze", "index_select", "cat", "constant_pad_nd", "clone", "contiguous", "copy_", "empty", "zeros",
+         "detach", "alias", "as_strided", "im2col", "_to_copy", "lift_fresh", "fill_", "new_zeros", "zero_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts what a forward executes: FLOPs by the rule of ``l1_flops``/``sql2_flops`` (one per
+    output element of each elementwise op, n-1 adds per row of a cumsum, in - out adds for a sum,
+    2*M*K*N for a matrix product), the peak bytes of live tensors it allocates and the largest one.
+
+    Unknown arithmetic ops raise, so a count never silently misses work.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+        self.peak_bytes = 0
+        self.largest_bytes = 0
+        self._live: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.flops += self._flops(name, args, out)
+        self._track(args, out)
+        return out
+
+    @staticmethod
+    def _flops(name, args, out) -> int:
+        if name in _FREE:
+            return 0
+        if name in ("mul", "add", "sub", "div", "neg"):
+            return out.numel()
+        if name == "cumsum":
+            x, dim = args[0], args[1]
+            return x.numel() - (x.numel() // x.shape[dim] if x.numel() else 0)
+        if name == "sum":
+            return args[0].numel() - out.numel()
+        if name in ("mm", "bmm", "addmm", "mv", "dot"):
+            a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
+            k = a.shape[-1]
+            return 2 * k * out.numel() + (out.numel() if name == "addmm" else 0)
+        raise NotImplementedError(f"OpCounter has no FLOP rule for aten.{name}")
+
+    def _track(self, args, out) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in inputs:
+                continue  # a view or in-place result allocates nothing
+            size = t.untyped_storage().nbytes()
+            self.largest_bytes = max(self.largest_bytes, size)
+            self._live.append((StorageWeakRef(t.untyped_storage()), size))
+        self._live = [(r, s) for r, s in self._live if not r.expired()]
+        self.peak_bytes = max(self.peak_bytes, sum(s for _, s in self._live))
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+@dataclass
+class WeightFreeOnnx:
+    path: Path
+    max_abs_diff: float
+    output_scale: float
+    tolerance: float
+    kept: list[tuple[str, str]]
+    seconds: float
+
+
+def export_weight_free_onnx(
+    model: nn.Module,
+    out: str | Path,
+    input_size: tuple[int, int, int],
+    *,
+    opset: int = 17,
+    rel_tolerance: float = 1e-4,
+    check_batch: int = 2,
+    seed: int = 0,
+    force: bool = False,
+) -> WeightFreeOnnx:
+    """An ONNX graph that carries states, sort orders and positions instead of weight matrices.
+
+    Converted layers are computed with Gather, CumSum, Mul, ReduceSum and MatMul; the graph is
+    checked with ``onnx.checker`` and ONNX Runtime must agree with the PyTorch model within
+    ``rel_tolerance`` x max |output| on random inputs, or no file is written (DynError).
+    """
+    import warnings
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from .errors import DynError
+    from .fileio import atomic_path, check_output_path
+
+    out = check_output_path(out, force)
+    start = time.perf_counter()
+    net = model.eval()
+    wf, kept = to_weight_free(copy.deepcopy(net))
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.randn(1, *input_size, generator=gen)
+    x = torch.randn(check_batch, *input_size, generator=gen)
+    with torch.no_grad():
+        want = net(x)
+    if not isinstance(want, torch.Tensor):
+        raise DynError("weight-free ONNX export needs a model that returns one tensor")
+    with atomic_path(out) as tmp:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                # No constant folding: it would fold the in-graph index arithmetic back into big initializers.
+                torch.onnx.export(
+                    wf, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
+                    output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                    do_constant_folding=False,
+                )
+        except Exception as e:  # the exporter raises many types for unsupported models/opsets
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DynError(f"weight-free ONNX export failed at opset {opset} ({first})") from None
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:
+            raise DynError(f"the weight-free ONNX graph fails onnx.checker ({str(e).splitlines()[0][:200]})") from None
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": x.numpy()})[0]
+        ref = want.numpy()
+        if got.shape != ref.shape:
+            raise DynError(f"ONNX Runtime returned shape {got.shape} but PyTorch {ref.shape}; no file written")
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+        scale = float(np.max(np.abs(ref)))
+        tol = rel_tolerance * scale
+        if not diff <= tol:
+            raise DynError(
+                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max |output| "
+                f"{scale:.3g} = {tol:.3g}; no file written"
+            )
+    return WeightFreeOnnx(out, diff, scale, tol, kept, time.perf_counter() - start)
+
+
+def count(fn, *args) -> OpCounter:
+    """Run ``fn(*args)`` without gradients under an OpCounter and return the counter."""
+    with torch.no_grad(), OpCounter() as c:
+        fn(*args)
+    return c
+
+
+__all__ = [
+    "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear", "OpCounter", "count", "export_weight_free_onnx",
+    "l1_flops", "l1_matvec", "sql2_flops", "sql2_matvec", "to_weight_free", "weight_free_path", "weightfree_flops",
+]
