@@ -98,7 +98,7 @@ def _l1_tables(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset:
     centre = yc.mean(1, keepdim=True)
     xc, yc = xc - centre, yc - centre
     ys, order = torch.sort(yc, dim=1, stable=True)
-    pos = torch.searchsorted(ys, xc.contiguous())  # #{y_j < x_i}: ties sit right of the prefix
+    pos = torch.searchsorted(ys.contiguous(), xc.contiguous())  # #{y_j < x_i}: ties sit right of the prefix
     return dict(
         order=order.to(torch.int32), ys=ys.float(), xs=xc.float(), pos=pos.to(torch.int32),
         lam=coupling.detach().repeat_interleave(d).float(), offset=offset.detach().reshape(()).float(),
