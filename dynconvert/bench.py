@@ -9,6 +9,7 @@ States are random: time does not depend on their values.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,14 @@ class Row:
     weightfree_peak_bytes: int | None
     sql2_peak_bytes: int | None
     weightfree_largest_bytes: int | None
+
+
+def _loadavg() -> list[float] | None:
+    """The machine's 1/5/15-minute load: other processes make CPU timings noisy."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _sync(device: str) -> None:
@@ -139,7 +148,7 @@ def run_bench(
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     shapes = [(s, s, f"square {s}") for s in sizes] + (list(RESNET50_LAYERS) if resnet50 else [])
-    rows, before = [], torch.get_num_threads()
+    rows, before, load = [], torch.get_num_threads(), _loadavg()
     try:
         for device in devices:
             for m, n, name in shapes:
@@ -152,5 +161,5 @@ def run_bench(
         torch.set_num_threads(before)
     return {
         "groups_H": groups, "dim_d": dim, "threads": list(threads), "repeats": repeats, "torch": torch.__version__,
-        "rows": rows,
+        "cpu_count": os.cpu_count(), "loadavg_before": load, "loadavg_after": _loadavg(), "rows": rows,
     }

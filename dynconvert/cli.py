@@ -209,6 +209,7 @@ def bench(
     from rich.console import Console
 
     Console(width=max(out.width, 200)).print(table)
+    out.print(f"load average before/after: {res['loadavg_before']} / {res['loadavg_after']} on {res['cpu_count']} CPUs")
     cpu = [r for r in res["rows"] if r["weightfree_largest_bytes"] >= 0]
     if cpu:
         under = all(r["weightfree_largest_bytes"] < r["dense_matrix_bytes"] for r in cpu)
