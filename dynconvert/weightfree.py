@@ -20,6 +20,7 @@ element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``O
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,10 @@ def _l1_expand(t: dict, m: int, n: int, g: int) -> dict:
     """The forward's index and weight tensors, derived from the compact tables.
 
     ``order``: gather index into the zero-padded input (slot n holds 0, so prefix 0 is exact).
-    ``gidx``: for channel c and output i (conv group gi), where C(p_i) and B(p_i) sit in the
-    flattened (g, 2G, n+1) prefix-sum tensor. ``w2``: 2 lambda x and -2 lambda, the weights of
-    those gathered values. ``ca``: offset - sum_c lambda_c x_ci, the weight of sum(v).
+    ``gidx``: for channel c and output i (conv group gi), where C(p_i) (and B(p_i), in the other
+    half) sits among one vector's (g, G, n+1) prefix sums. ``w2`` (2, 1, G*m): 2 lambda x and
+    -2 lambda, the weights of those gathered values. ``ca``: offset - sum_c lambda_c x_ci, the
+    weight of sum(v).
     """
     order, ys, xs, pos, lam = t["order"], t["ys"], t["xs"], t["pos"], t["lam"]
     c = ys.shape[0]
@@ -119,24 +121,70 @@ def _l1_expand(t: dict, m: int, n: int, g: int) -> dict:
     order_p = torch.cat([first, order], 1).reshape(-1)
     ys_p = torch.cat([torch.zeros_like(ys[:, :1]), ys], 1)
     step = torch.full((), n + 1, dtype=torch.int32, device=pos.device)
-    chan = torch.arange(2 * c, dtype=torch.int32, device=pos.device).unsqueeze(1) * step
-    group = torch.arange(m, dtype=torch.int32, device=pos.device) // (m // g) * (2 * c) * step
-    gidx = (torch.cat([pos, pos]) + chan + group).reshape(-1)
-    w2 = torch.cat([2 * lam.unsqueeze(1) * xs, (-2 * lam).unsqueeze(1).expand(c, m)])
+    chan = torch.arange(c, dtype=torch.int32, device=pos.device).unsqueeze(1) * step
+    group = torch.arange(m, dtype=torch.int32, device=pos.device) // (m // g) * c * step
+    gidx = (pos + chan + group).reshape(-1)
+    w2 = torch.stack([2 * lam.unsqueeze(1) * xs, (-2 * lam).unsqueeze(1).expand(c, m)]).reshape(2, 1, c * m)
     ca = t["offset"] - (lam.unsqueeze(1) * xs).sum(0)
     return dict(order_p=order_p, ys_p=ys_p, gidx=gidx, w2=w2, ca=ca)
 
 
-def l1_matvec(v: torch.Tensor, e: dict, lam: torch.Tensor, m: int, n: int, g: int) -> torch.Tensor:
-    """``v`` (N, g*n) -> (N, m): every output of the L1 layer from sorted prefix sums, no m x n tensor."""
+WORKSPACE_MAX_BYTES = 256 << 20
+"""Largest scratch buffer the eager L1 path keeps between calls (per thread, device and dtype)."""
+
+_workspace_store = threading.local()
+
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A reused scratch buffer of ``numel`` elements, or None when it would exceed the cap.
+
+    Fresh multi-MB tensors on every call cost page faults that, on a busy CPU, take longer than
+    the arithmetic; layers run one after another, so one buffer serves them all.
+    """
+    if numel * like.element_size() > WORKSPACE_MAX_BYTES:
+        return None
+    store = _workspace_store.__dict__.setdefault("bufs", {})
+    key = (like.device, like.dtype)
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers the eager L1 path keeps (this thread)."""
+    _workspace_store.__dict__.pop("bufs", None)
+
+
+def l1_matvec(v: torch.Tensor, e: dict, lam: torch.Tensor, m: int, n: int, g: int, reuse: bool = False) -> torch.Tensor:
+    """``v`` (N, g*n) -> (N, m): every output of the L1 layer from sorted prefix sums, no m x n tensor.
+
+    ``reuse``: compute in place in a kept scratch buffer (eager inference); otherwise out of place
+    (ONNX export, autograd). Both run the same arithmetic.
+    """
     c = lam.shape[0]
     vp = F.pad(v.reshape(-1, n), (0, 1))  # (N*g, n+1): slot n is the zero prefix
-    vs = vp.index_select(1, e["order_p"]).reshape(-1, c, n + 1)  # inputs in each channel's sorted order
-    prefix = torch.cat([vs, vs * e["ys_p"]], 1).cumsum(-1)  # C and B: (N*g, 2G, n+1)
-    picked = prefix.reshape(-1, g * 2 * c * (n + 1)).index_select(1, e["gidx"]).reshape(-1, 2 * c, m)
-    out = (picked * e["w2"]).sum(1)  # sum_c lambda_c (2 x C(p) - 2 B(p))
-    total = prefix[:, 0, n].reshape(-1, g, 1)  # C(n) = sum(v), per conv group
-    beta = torch.matmul(prefix[:, c:, n], lam).reshape(-1, g, 1)  # sum_c lambda_c B(n)
+    rows = vp.shape[0]
+    width = c * (n + 1)
+    size_q, size_p = 2 * rows * width, 2 * (rows // g) * c * m
+    buf = _workspace(size_q + size_p, v) if reuse else None
+    if buf is None:
+        vs = vp.index_select(1, e["order_p"])  # inputs in each channel's sorted order: (N*g, G*(n+1))
+        q = torch.stack([vs, vs * e["ys_p"].reshape(-1)])  # v and y*v: (2, N*g, G*(n+1))
+        prefix = q.reshape(2, rows, c, n + 1).cumsum(-1)  # C and B
+        picked = prefix.reshape(2 * rows // g, g * width).index_select(1, e["gidx"]).reshape(2, -1, c * m) * e["w2"]
+        both = picked[0] + picked[1]
+    else:
+        q, pk = buf[:size_q].view(2, rows, width), buf[size_q:].view(2, rows // g, c * m)
+        torch.index_select(vp, 1, e["order_p"], out=q[0])
+        torch.mul(q[0], e["ys_p"].reshape(-1), out=q[1])
+        prefix = q.view(2, rows, c, n + 1).cumsum_(-1)
+        torch.index_select(q.view(2 * rows // g, g * width), 1, e["gidx"], out=pk.view(2 * rows // g, c * m))
+        picked = pk.mul_(e["w2"])
+        both = picked[0].add_(picked[1])
+    out = both.reshape(-1, c, m).sum(1)  # sum_c lambda_c (2 x C(p) - 2 B(p))
+    total = prefix[0, :, 0, n].reshape(-1, g, 1)  # C(n) = sum(v), per conv group
+    beta = torch.matmul(prefix[1, :, :, n], lam).reshape(-1, g, 1)  # sum_c lambda_c B(n)
     return (out.reshape(-1, g, m // g) + total * e["ca"].reshape(g, m // g) + beta).reshape(-1, m)
 
 
@@ -195,7 +243,8 @@ class WeightFreeCore(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.path == "l1":
-            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g)
+            reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
+            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g, reuse)
         return sql2_matvec(v, self.xa, self.ya, self.m, self.n, self.g)
 
     def flops(self, vectors: int) -> int:
@@ -285,7 +334,7 @@ def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
 # ---------------------------------------------------------------- measuring what runs
 
 _FREE = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze",
-         "squeeze", "index_select", "cat", "constant_pad_nd", "clone", "contiguous", "copy_", "empty", "zeros",
+         "squeeze", "index_select", "cat", "stack", "constant_pad_nd", "clone", "contiguous", "copy_", "empty", "zeros",
          "detach", "alias", "as_strided", "im2col", "_to_copy", "lift_fresh", "fill_", "new_zeros", "zero_"}
 
 
@@ -309,16 +358,16 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         self.flops += self._flops(name, args, out)
-        self._track(args, out)
+        self._track([*args, *kwargs.values()], out)
         return out
 
     @staticmethod
     def _flops(name, args, out) -> int:
         if name in _FREE:
             return 0
-        if name in ("mul", "add", "sub", "div", "neg"):
+        if name in ("mul", "add", "sub", "div", "neg", "mul_", "add_"):
             return out.numel()
-        if name == "cumsum":
+        if name in ("cumsum", "cumsum_"):
             x, dim = args[0], args[1]
             return x.numel() - (x.numel() // x.shape[dim] if x.numel() else 0)
         if name == "sum":
@@ -429,7 +478,11 @@ def export_weight_free_onnx(
 
 
 def count(fn, *args) -> OpCounter:
-    """Run ``fn(*args)`` without gradients under an OpCounter and return the counter."""
+    """Run ``fn(*args)`` without gradients under an OpCounter and return the counter.
+
+    The L1 scratch buffer is dropped first, so the peak includes it.
+    """
+    clear_workspace()
     with torch.no_grad(), OpCounter() as c:
         fn(*args)
     return c

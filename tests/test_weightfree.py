@@ -45,6 +45,25 @@ def test_linear_exact(metric, m, n, h, d, batch):
         _close(wf(x.reshape(batch, 1, n)), layer(x.reshape(batch, 1, n)))  # leading dims kept
 
 
+def test_l1_in_place_and_out_of_place_agree():
+    """Eager inference computes in a reused scratch buffer; export/autograd out of place: same numbers."""
+    from dynconvert.weightfree import clear_workspace, l1_matvec
+
+    gen = torch.Generator().manual_seed(5)
+    conv = _fill(DynConv2d.from_dense(nn.Conv2d(6, 9, 2, groups=3), DynSpec(2, 2, "l1")), gen)
+    core = WeightFreeConv2d(conv).core
+    v = torch.randn(7, 3 * core.n, generator=gen)
+    e = core._expanded()
+    a = l1_matvec(v, e, core.lam, core.m, core.n, core.g, reuse=False)
+    b = l1_matvec(v, e, core.lam, core.m, core.n, core.g, reuse=True)
+    c = l1_matvec(v[:2], e, core.lam, core.m, core.n, core.g, reuse=True)  # a smaller call reuses the buffer
+    assert torch.equal(a, b) and torch.equal(a[:2], c)
+    clear_workspace()
+    x = torch.randn(2, 6, 5, 5, generator=gen, requires_grad=True)  # autograd takes the out-of-place path
+    WeightFreeConv2d(conv)(x).sum().backward()
+    assert x.grad is not None
+
+
 @pytest.mark.parametrize("grid", [1, 4])
 def test_l1_ties_exact(grid):
     """States on a grid: equal input states, and output states equal to input states."""
