@@ -100,8 +100,9 @@ def _l1_tables(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset:
     xc, yc = xc - centre, yc - centre
     ys, order = torch.sort(yc, dim=1, stable=True)
     pos = torch.searchsorted(ys.contiguous(), xc.contiguous())  # #{y_j < x_i}: ties sit right of the prefix
+    index = torch.int16 if n + 1 < 2**15 else torch.int32  # halves what an ONNX file carries for them
     return dict(
-        order=order.to(torch.int32), ys=ys.float(), xs=xc.float(), pos=pos.to(torch.int32),
+        order=order.to(index), ys=ys.float(), xs=xc.float(), pos=pos.to(index),
         lam=coupling.detach().repeat_interleave(d).float(), offset=offset.detach().reshape(()).float(),
     )
 
@@ -115,7 +116,8 @@ def _l1_expand(t: dict, m: int, n: int, g: int) -> dict:
     -2 lambda, the weights of those gathered values. ``ca``: offset - sum_c lambda_c x_ci, the
     weight of sum(v).
     """
-    order, ys, xs, pos, lam = t["order"], t["ys"], t["xs"], t["pos"], t["lam"]
+    order, pos = t["order"].to(torch.int32), t["pos"].to(torch.int32)
+    ys, xs, lam = t["ys"], t["xs"], t["lam"]
     c = ys.shape[0]
     first = torch.full((c, 1), n, dtype=order.dtype, device=order.device)
     order_p = torch.cat([first, order], 1).reshape(-1)
