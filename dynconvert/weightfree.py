@@ -53,11 +53,11 @@ def l1_flops(vectors: int, m: int, n: int, channels: int, conv_groups: int = 1) 
     """Element ops of ``l1_matvec`` on ``vectors`` inputs: one per output element of each op.
 
     Per (vector, conv group): y*v over G(n+1), two cumsums over G(n+1) (n adds each); per vector:
-    the weighted gather sum over 2G x m (2G mults + 2G-1 adds per output), S*(offset-a), +, +beta
-    (3m), and beta = B(n) @ lambda (2G per conv group).
+    B'(p) + 2 lambda x C(p) over G x m (addcmul, 2 each), the sum over channels ((G-1) m),
+    S*(offset-a), +, +beta (3m), and beta from B'(n) (a dot product of G, per conv group).
     """
     g, c = conv_groups, channels
-    per_vector = g * c * (n + 1) + 2 * g * c * n + 2 * c * m + (2 * c - 1) * m + 3 * m + 2 * g * c
+    per_vector = g * c * (n + 1) + 2 * g * c * n + 2 * c * m + (c - 1) * m + 3 * m + 2 * g * c
     return vectors * per_vector
 
 
@@ -111,24 +111,24 @@ def _l1_expand(t: dict, m: int, n: int, g: int) -> dict:
     """The forward's index and weight tensors, derived from the compact tables.
 
     ``order``: gather index into the zero-padded input (slot n holds 0, so prefix 0 is exact).
-    ``gidx``: for channel c and output i (conv group gi), where C(p_i) (and B(p_i), in the other
-    half) sits among one vector's (g, G, n+1) prefix sums. ``w2`` (2, 1, G*m): 2 lambda x and
-    -2 lambda, the weights of those gathered values. ``ca``: offset - sum_c lambda_c x_ci, the
-    weight of sum(v).
+    ``ysl``: the sorted states times -2 lambda, so the second prefix sum is B' = -2 lambda B.
+    ``gidx``: for channel c and output i (conv group gi), where C(p_i) (and B'(p_i), in the other
+    half) sits among one vector's (g, G, n+1) prefix sums. ``w`` (1, G*m): 2 lambda x, the weight
+    of C(p_i). ``ca``: offset - sum_c lambda_c x_ci, the weight of sum(v).
     """
     order, pos = t["order"].to(torch.int32), t["pos"].to(torch.int32)
     ys, xs, lam = t["ys"], t["xs"], t["lam"]
     c = ys.shape[0]
     first = torch.full((c, 1), n, dtype=order.dtype, device=order.device)
     order_p = torch.cat([first, order], 1).reshape(-1)
-    ys_p = torch.cat([torch.zeros_like(ys[:, :1]), ys], 1)
+    ysl = torch.cat([torch.zeros_like(ys[:, :1]), ys], 1) * (-2 * lam).unsqueeze(1)
     step = torch.full((), n + 1, dtype=torch.int32, device=pos.device)
     chan = torch.arange(c, dtype=torch.int32, device=pos.device).unsqueeze(1) * step
     group = torch.arange(m, dtype=torch.int32, device=pos.device) // (m // g) * c * step
     gidx = (pos + chan + group).reshape(-1)
-    w2 = torch.stack([2 * lam.unsqueeze(1) * xs, (-2 * lam).unsqueeze(1).expand(c, m)]).reshape(2, 1, c * m)
+    w = (2 * lam.unsqueeze(1) * xs).reshape(1, c * m)
     ca = t["offset"] - (lam.unsqueeze(1) * xs).sum(0)
-    return dict(order_p=order_p, ys_p=ys_p, gidx=gidx, w2=w2, ca=ca)
+    return dict(order_p=order_p, ysl=ysl, gidx=gidx, w=w, ca=ca, half=torch.full_like(lam, -0.5))
 
 
 WORKSPACE_MAX_BYTES = 256 << 20
@@ -172,21 +172,20 @@ def l1_matvec(v: torch.Tensor, e: dict, lam: torch.Tensor, m: int, n: int, g: in
     buf = _workspace(size_q + size_p, v) if reuse else None
     if buf is None:
         vs = vp.index_select(1, e["order_p"])  # inputs in each channel's sorted order: (N*g, G*(n+1))
-        q = torch.stack([vs, vs * e["ys_p"].reshape(-1)])  # v and y*v: (2, N*g, G*(n+1))
-        prefix = q.reshape(2, rows, c, n + 1).cumsum(-1)  # C and B
-        picked = prefix.reshape(2 * rows // g, g * width).index_select(1, e["gidx"]).reshape(2, -1, c * m) * e["w2"]
-        both = picked[0] + picked[1]
+        q = torch.stack([vs, vs * e["ysl"].reshape(-1)])  # v and -2 lambda y v: (2, N*g, G*(n+1))
+        prefix = q.reshape(2, rows, c, n + 1).cumsum(-1)  # C and B'
+        picked = prefix.reshape(2 * rows // g, g * width).index_select(1, e["gidx"]).reshape(2, -1, c * m)
+        both = torch.addcmul(picked[1], picked[0], e["w"])
     else:
         q, pk = buf[:size_q].view(2, rows, width), buf[size_q:].view(2, rows // g, c * m)
         torch.index_select(vp, 1, e["order_p"], out=q[0])
-        torch.mul(q[0], e["ys_p"].reshape(-1), out=q[1])
+        torch.mul(q[0], e["ysl"].reshape(-1), out=q[1])
         prefix = q.view(2, rows, c, n + 1).cumsum_(-1)
         torch.index_select(q.view(2 * rows // g, g * width), 1, e["gidx"], out=pk.view(2 * rows // g, c * m))
-        picked = pk.mul_(e["w2"])
-        both = picked[0].add_(picked[1])
+        both = pk[1].addcmul_(pk[0], e["w"])
     out = both.reshape(-1, c, m).sum(1)  # sum_c lambda_c (2 x C(p) - 2 B(p))
     total = prefix[0, :, 0, n].reshape(-1, g, 1)  # C(n) = sum(v), per conv group
-    beta = torch.matmul(prefix[1, :, :, n], lam).reshape(-1, g, 1)  # sum_c lambda_c B(n)
+    beta = torch.matmul(prefix[1, :, :, n], e["half"]).reshape(-1, g, 1)  # sum_c lambda_c B(n) = -sum_c B'(n) / 2
     return (out.reshape(-1, g, m // g) + total * e["ca"].reshape(g, m // g) + beta).reshape(-1, m)
 
 
@@ -247,7 +246,7 @@ class WeightFreeCore(nn.Module):
         if torch.onnx.is_in_onnx_export():
             tables = {k: getattr(self, k) for k in ("order", "ys", "xs", "pos", "lam", "offset")}
             return _l1_expand(tables, self.m, self.n, self.g)
-        return {k: getattr(self, "_e_" + k) for k in ("order_p", "ys_p", "gidx", "w2", "ca")}
+        return {k: getattr(self, "_e_" + k) for k in ("order_p", "ysl", "gidx", "w", "ca", "half")}
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.path == "l1":
@@ -375,6 +374,8 @@ class OpCounter(TorchDispatchMode):
             return 0
         if name in ("mul", "add", "sub", "div", "neg", "mul_", "add_"):
             return out.numel()
+        if name in ("addcmul", "addcmul_"):
+            return 2 * out.numel()
         if name in ("cumsum", "cumsum_"):
             x, dim = args[0], args[1]
             return x.numel() - (x.numel() // x.shape[dim] if x.numel() else 0)
