@@ -8,8 +8,11 @@ Two paths, both for the ``linear`` kernel (``W = offset + sum_k lambda_k * dist_
   ``y*v``) in sorted order give ``sum_j |x_i - y_j| v_j = x_i (2 C(p_i) - C(n)) + B(n) - 2 B(p_i)``
   with ``p_i = #{y_j < x_i}``, also fixed at load. A tie ``y_j == x_i`` contributes 0 on either side.
 * ``sql2``. ``W = Xa @ Ya^T`` exactly, with ``Xa = [-2 lambda_k x_k | a | 1]`` (m x (G+2)) and
-  ``Ya = [y_k | 1 | b]`` (n x (G+2)), ``a_i = offset + sum_k lambda_k |x_ki|^2``,
+  ``Ya = [y_k | 1 | b]`` (n x (G+2), stored transposed), ``a_i = offset + sum_k lambda_k |x_ki|^2``,
   ``b_j = sum_k lambda_k |y_kj|^2``: two thin matrix products.
+
+Both are exact up to float rounding (tests compare them with the materialized layer). They are
+for inference: sort orders and positions are fixed when the module is built.
 
 Other metrics and kernels keep the materialized weight. The FLOP counts here (``l1_flops``,
 ``sql2_flops``) are the element operations the two path functions execute, one per output
