@@ -207,5 +207,10 @@ def test_bench_json(cli):
     for r in rows:
         assert r["hd"] == 16 and all(r[k] > 0 for k in ("dense_ms", "svd_ms", "weightfree_ms", "sql2_ms"))
         assert 0 < r["weightfree_largest_bytes"] and r["weightfree_peak_bytes"] > 0
+    code, stdout, err = cli("bench", "--sizes", "256", "--no-resnet50", "--repeats", "1", "--batches", "1", "--threads", "1")
+    assert code == 0 and "256x256" in stdout and "dense/L1" in stdout and "dense matrix on every CPU row: yes" in " ".join(stdout.split())
     code, _, err = cli("bench", "--sizes", "abc")
-    assert code == 2 and "--sizes" in err
+    assert code == 2 and "--sizes" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        code, _, err = cli("bench", "--device", "cuda")
+        assert code == 2 and "no CUDA device" in err
