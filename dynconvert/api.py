@@ -94,15 +94,27 @@ def load(
     model: nn.Module | None = None,
     factory: str | None = None,
     verify: bool = True,
+    weight_free: bool = False,
+    on_note=None,
 ) -> nn.Module:
     """A ready nn.Module (eval mode) from a .dyn file.
 
     ``model``: an instance of the original architecture (needed for files converted from a
     pickled module). ``factory``: the ``pkg.module:factory`` the file was converted with; a
-    factory is never imported on the file's word alone.
+    factory is never imported on the file's word alone. ``weight_free``: run converted layers
+    from their states (``weightfree.to_weight_free``, inference only); layers whose metric/kernel
+    has no weight-free path stay materialized and ``on_note`` (e.g. ``print``) is told which.
     """
     tensors, meta = read_dyn(path, verify=verify)
-    return build_from(tensors, meta, model=model, factory=factory, path=path)
+    net = build_from(tensors, meta, model=model, factory=factory, path=path)
+    if weight_free:
+        from .weightfree import to_weight_free
+
+        net, kept = to_weight_free(net)
+        for name, reason in kept:
+            if on_note:
+                on_note(f"{name}: runs materialized ({reason})")
+    return net
 
 
 def build_from(tensors: dict[str, torch.Tensor], meta: dict, *, model=None, factory=None, path="file") -> nn.Module:

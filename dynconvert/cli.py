@@ -186,7 +186,8 @@ def report(
 @command
 def export(
     dyn: Path = typer.Argument(..., help="A .dyn file."),
-    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="Write a materialized ONNX graph, verified in ONNX Runtime."),
+    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="Write an ONNX graph (materialized weights unless --weight-free), verified in ONNX Runtime."),
+    weight_free: bool = typer.Option(False, "--weight-free", help="With --onnx: carry the states and sort orders instead of weight matrices (Gather, CumSum, MatMul)."),
     pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
     st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),
     dtype: str = typer.Option("fp16", help="State precision for --safetensors: fp16, bf16 or fp32."),
@@ -211,14 +212,18 @@ def export(
         raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ex.DTYPES)}")
     if not tolerance >= 0:
         raise DynError(f"--tolerance must be >= 0, got {tolerance}")
+    if weight_free and onnx_path is None:
+        raise DynError("--weight-free applies to --onnx; give --onnx OUT.onnx")
     # ONNX first: it is the export that can fail its own check
     if onnx_path is not None:
         res = ex.export_onnx(
             dyn, onnx_path, factory=model, input_size=_parse_size(input_size) if input_size else None, opset=opset,
-            dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force,
+            dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, weight_free=weight_free,
         )
+        for name, reason in res.kept:
+            console.print(f"  {name}: materialized in the graph ({reason})")
         out.print(
-            f"wrote {onnx_path} (opset {res.opset}, {onnx_path.stat().st_size:,} bytes) in {res.seconds:.1f} s: "
+            f"wrote {onnx_path} ({'weight-free, ' if weight_free else ''}opset {res.opset}, {onnx_path.stat().st_size:,} bytes) in {res.seconds:.1f} s: "
             f"ONNX Runtime vs PyTorch max abs diff {res.max_abs_diff:.3g} "
             f"({res.max_abs_diff / res.output_scale if res.output_scale else 0:.2g} x max |output| {res.output_scale:.3g}; "
             f"allowed {tolerance:g} x)",
@@ -230,6 +235,81 @@ def export(
     if pth_path is not None:
         ex.export_pth(dyn, pth_path, factory=model, force=force)
         out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
+
+
+@command
+def bench(
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as one JSON object instead of a table."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run: sizes 1024 and 4096, 5 repeats."),
+    sizes: Optional[str] = typer.Option(None, help="Square layer sizes, comma separated. [default: 1024,2048,4096,8192,16384]"),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per method (after 3 warm-up calls). [default: 15]"),
+    groups: int = typer.Option(4, help="Sub-model groups H of the weight-free layers (SVD rank is H*d)."),
+    dim: int = typer.Option(4, help="State dimension d."),
+    batches: str = typer.Option("1,32", help="Batch sizes, comma separated."),
+    threads: str = typer.Option("1,2", help="CPU thread counts to try; each method keeps its best median."),
+    no_resnet50: bool = typer.Option(False, "--no-resnet50", help="Leave out ResNet-50's largest layers (fc, layer4 3x3 conv)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cpu, and cuda when present]"),
+):
+    """Time weight-free inference against the dense layer and truncated SVD at the same budget."""
+    import json
+
+    import torch
+
+    from .bench import SQUARE_SIZES, run_bench
+
+    def ints(text, flag):
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            vals = []
+        if not vals or min(vals) < 1:
+            raise DynError(f"{flag} {text!r} must be positive integers separated by commas, e.g. 1,32")
+        return vals
+
+    if groups < 1 or dim < 1:
+        raise DynError("--groups and --dim must be >= 1")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise DynError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
+    size_list = ints(sizes, "--sizes") if sizes else ([1024, 4096] if quick else list(SQUARE_SIZES))
+    reps = repeats if repeats is not None else (5 if quick else 15)
+    if reps < 1:
+        raise DynError("--repeats must be >= 1")
+    on_row = None if json_out else (lambda r: console.print(f"  {r['layer']} batch {r['batch']} {r['device']}: done"))
+    res = run_bench(
+        sizes=size_list, batches=ints(batches, "--batches"), devices=[device] if device else None, groups=groups,
+        dim=dim, repeats=reps, resnet50=not no_resnet50, threads=ints(threads, "--threads"), on_row=on_row,
+    )
+    if json_out:
+        out.print_json(json.dumps(res))
+        return
+    from rich.table import Table
+
+    def ms(r, k):
+        lo, hi = r[f"{k}_spread_ms"]
+        return f"{r[f'{k}_ms']:.3g} \\[{lo:.3g}-{hi:.3g}]"
+
+    table = Table(title=f"H={groups}, d={dim} (H*d={groups * dim}); ms: median \\[min-max] of {reps}; threads {threads}")
+    for col in ("m x n", "batch", "dev", "dense ms", "SVD ms", "L1 wf ms", "sql2 wf ms", "dense/L1", "dense/sql2",
+                "sql2/SVD", "L1 peak MiB", "dense W MiB"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        table.add_row(
+            f"{r['m']}x{r['n']}", str(r["batch"]), r["device"], ms(r, "dense"), ms(r, "svd"), ms(r, "weightfree"),
+            ms(r, "sql2"), f"{r['dense_ms'] / r['weightfree_ms']:.1f}x", f"{r['dense_ms'] / r['sql2_ms']:.1f}x",
+            f"{r['sql2_ms'] / r['svd_ms']:.2f}", f"{r['weightfree_peak_bytes'] / 2**20:.1f}", f"{r['dense_matrix_bytes'] / 2**20:.0f}",
+        )
+    from rich.console import Console
+
+    Console(width=max(out.width, 200)).print(table)
+    out.print(f"load average before/after: {res['loadavg_before']} / {res['loadavg_after']} on {res['cpu_count']} CPUs")
+    one = [r for r in res["rows"] if r["batch"] == 1 and r["weightfree_largest_bytes"] >= 0]
+    if one:
+        under = all(r["weightfree_peak_bytes"] < r["dense_matrix_bytes"] for r in one)
+        out.print(
+            "L1 peak: bytes of live tensors one weight-free forward allocates (scratch buffer included; inputs and "
+            f"tables not). At batch 1 it stays below the layer's dense matrix on every CPU row: {'yes' if under else 'NO'}. "
+            "It grows with the batch: about 4 x batch x H*d x (n+m) floats."
+        )
 
 
 @command

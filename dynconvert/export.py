@@ -12,7 +12,7 @@ import fnmatch
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class OnnxResult:
     tolerance: float  # the allowed max abs diff: rel_tolerance x output_scale
     seconds: float
     opset: int
+    kept: list[tuple[str, str]] = field(default_factory=list)  # weight-free export: layers left materialized
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -94,9 +95,14 @@ def export_onnx(
     check_batch: int = 2,
     seed: int = 0,
     force: bool = False,
+    weight_free: bool = False,
 ) -> OnnxResult:
     """Materialize the weights into a standard ONNX graph, check it with ``onnx.checker`` and
     compare ONNX Runtime with the PyTorch model on random inputs.
+
+    ``weight_free``: the graph carries the states (and L1 sort orders) instead of weight
+    matrices and computes converted layers with Gather, CumSum and MatMul (weightfree.py); layers
+    without a weight-free path stay materialized and are listed in ``kept``.
 
     Fails (DynError, no file) when max |ort - torch| > ``rel_tolerance`` x max |torch output|.
     """
@@ -107,7 +113,13 @@ def export_onnx(
     start = time.perf_counter()
     net, meta = _open(source, model, factory)
     size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
-    dense = materialized(net)
+    kept: list[tuple[str, str]] = []
+    if weight_free:
+        from .weightfree import to_weight_free
+
+        dense, kept = to_weight_free(copy.deepcopy(net))
+    else:
+        dense = materialized(net)
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(1, *size, generator=gen)
     batch = check_batch if dynamic_batch else 1
@@ -123,7 +135,8 @@ def export_onnx(
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
-                    output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
+                    # constant folding would fold a weight-free graph's index arithmetic back into big initializers
+                    output_names=outputs, dynamic_axes=axes, do_constant_folding=not weight_free,
                 )
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
             raise DynError(f"ONNX export failed at opset {opset} ({_first_line(e)})") from None
@@ -142,7 +155,7 @@ def export_onnx(
                 f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max |output| "
                 f"{scale:.3g} = {tol:.3g}; no file written"
             )
-    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset)
+    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept)
 
 
 def _compare(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
