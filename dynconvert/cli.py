@@ -103,7 +103,8 @@ def convert(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
 ):
     """Convert a pretrained checkpoint into dynamics-based states (a .dyn file)."""
     from .api import convert_checkpoint
@@ -120,12 +121,19 @@ def convert(
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
     ))
     size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
-    with progress_bar() as progress:
-        conv = convert_checkpoint(
-            checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
-            trust_pickle=trust_pickle, force=force, input_size=size, callbacks=RichConvertProgress(progress),
-            on_note=progress.console.print,
-        )
+    try:
+        with progress_bar() as progress:
+            conv = convert_checkpoint(
+                checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
+                trust_pickle=trust_pickle, force=force, resume=resume, input_size=size,
+                callbacks=RichConvertProgress(progress), on_note=progress.console.print,
+            )
+    except KeyboardInterrupt:
+        from .resume import partial_dir
+
+        if partial_dir(out_path).is_dir():
+            console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
+        raise
     n_dense = sum(s.dense_params for s in conv.layers)
     n_state = sum(s.state_params for s in conv.layers)
     mean_err = sum(s.rel_error for s in conv.layers) / max(len(conv.layers), 1)
@@ -143,6 +151,23 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise DynError(f"--input-size {text!r} must look like 3,224,224") from None
     return c, h, w
+
+
+@command
+def verify(
+    file: Path = typer.Argument(..., help="A .dyn file."),
+    model: Optional[str] = typer.Option(None, help="For files converted with --model: the same package.module:factory, to check the tensors fit it (imports it)."),
+):
+    """Check a .dyn file completely: header, metadata, layer shapes, checksum, and that it rebuilds."""
+    from .api import verify as verify_file
+
+    info = verify_file(file, factory=model)
+    rebuilt = f"rebuilds as {info['rebuilt']}" if info["rebuilt"] else "architecture not rebuilt (needs --model)" \
+        if info["source"].get("kind") == "factory" else "architecture not rebuilt (converted from a pickled module)"
+    out.print(
+        f"OK {file}: format v{info['format_version']}, {info['layers']} converted layers, {info['tensors']} tensors, "
+        f"checksum sha256:{info['tensors_sha256']} verified, {rebuilt}", highlight=False, soft_wrap=True,
+    )
 
 
 @command

@@ -70,7 +70,7 @@ def parse_meta(path: Path, raw: dict[str, str]) -> dict:
         raise DynError(f"{path} is a safetensors file but not a .dyn (no dynconvert metadata)")
     try:
         meta = json.loads(raw[META_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, a huge integer, absurd nesting
         raise DynError(f"{path}: its dynconvert metadata is not valid JSON (corrupt file)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DynError(f"{path}: its metadata does not describe a dynconvert file")

@@ -40,7 +40,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge integer, absurd nesting
         raise DynError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
     if not isinstance(header, dict):
         raise DynError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
