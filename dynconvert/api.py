@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import Source, build_torchvision, load_weights, rebuild
+from .checkpoint import Source, build_torchvision, check_weights, load_weights, rebuild
 from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, set_submodule
 from .dynamics import DynSpec, dynamic_from_meta, layer_config
 from .dynfile import read_dyn, write_dyn
@@ -134,7 +134,7 @@ def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path
         if real:
             new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
         set_submodule(net, name, new)
-    load_weights(net, tensors, f"the model rebuilt from {path}")
+    (load_weights if real else check_weights)(net, tensors, f"the model rebuilt from {path}")
     return net
 
 

@@ -87,6 +87,8 @@ def parse_meta(path: Path, raw: dict[str, str]) -> dict:
         raise DynError(f"{path}: metadata lacks {', '.join(missing)} (corrupt or incomplete file)")
     if not isinstance(meta["layers"], dict) or not isinstance(meta["source"], dict):
         raise DynError(f"{path}: metadata 'layers' and 'source' must be objects (corrupt file)")
+    if meta["source"].get("kind") not in ("torchvision", "factory", "module"):
+        raise DynError(f"{path}: metadata 'source' has no known kind (corrupt file)")
     return meta
 
 

@@ -53,7 +53,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise DynError(f"{path}: tensor entry {name!r} is malformed (corrupt file)")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise DynError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):
             raise DynError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
