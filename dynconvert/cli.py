@@ -66,7 +66,7 @@ class RichConvertProgress:
         self.progress.update(self.layers, completed=index + 1)
         self.progress.console.print(
             f"  {stats.name:<40} {str(tuple(stats.matrix_shape)):>14}  ratio {stats.ratio:.3f}  "
-            f"err {stats.rel_error:.4f}  svd {stats.svd_rel_error:.4f}"
+            f"err {stats.rel_error:.4f}  svd {stats.svd_rel_error:.4f}", soft_wrap=True,
         )
 
 
@@ -74,6 +74,7 @@ def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
         TimeElapsedColumn(), console=console, transient=True,
+        disable=not console.is_terminal,  # a log or pipe gets the per-layer lines, not bar redraws
     )
 
 

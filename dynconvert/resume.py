@@ -48,6 +48,8 @@ def save_fit(folder: Path, index: int, name: str, fit: FitResult, print_: str) -
     for f in fields(FitResult):
         value = getattr(fit, f.name)
         if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise DynError(f"layer {name}: its fitted {f.name} contains NaN or Inf; nothing was written")
             tensors[f.name] = value
         else:
             extra[f.name] = value

@@ -283,7 +283,7 @@ def test_corpus_is_large_enough():
 
 def check_error(code, stdout, stderr, out=None):
     assert code != 0
-    lines = stderr.strip().splitlines()
+    lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     assert "Traceback" not in stderr + stdout
     if out is not None:
