@@ -34,3 +34,13 @@ def tiny_checkpoint(folder, layers: int = 3, seed: int = 0):
     path = folder / "tiny.pth"
     torch.save(mod.build().state_dict(), path)
     return path
+
+
+def use_factory(monkeypatch, folder) -> None:
+    """Import the factory from ``folder`` in this process (forgetting one imported from elsewhere)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "_tiny_safety_model", raising=False)
+    importlib.invalidate_caches()

@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 import torch
-from _tiny import FACTORY, tiny_checkpoint
+from _tiny import FACTORY, tiny_checkpoint, use_factory
 
 from dynconvert.dynfile import write_dyn
 from dynconvert.errors import DynError
@@ -15,8 +15,9 @@ from dynconvert.errors import DynError
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tiny_checkpoint(tmp_path)
+    path = tiny_checkpoint(tmp_path)
+    use_factory(monkeypatch, tmp_path)
+    return path
 
 
 def convert(cli, tiny, out, *extra):
