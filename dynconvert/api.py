@@ -126,7 +126,7 @@ def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path
         try:
             with torch.device("meta"):  # shapes from the metadata are checked before anything is allocated
                 new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RuntimeError) as e:
             raise DynError(f"{path}: layer {name!r} has invalid metadata ({e})") from None
         want = tuple(getattr(old, "weight", torch.empty(0)).shape)
         if want != tuple(new.weight_shape):

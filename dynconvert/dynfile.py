@@ -98,7 +98,7 @@ def check_layers(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
         try:
             spec = DynSpec.from_dict(info["spec"])
             m, n = (int(v) for v in info["matrix_shape"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
             raise DynError(f"{path}: layer {name!r} has invalid metadata ({e})") from None
         want = {
             "states_out": (spec.groups, m, spec.dim),

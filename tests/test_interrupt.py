@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,8 @@ def workdir(tmp_path):
 
 def start(workdir, args, slow=""):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{workdir}", SLOW_WRITE=slow, SLOW_WRITE_S="60", COLUMNS="200")
-    code = "import _slow_write; from dynconvert.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=workdir, env=env,
+    code = ["-c", "import _slow_write; from dynconvert.cli import main; main()"] if slow else ["-m", "dynconvert"]
+    return subprocess.Popen([sys.executable, *code, *map(str, args)], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -89,7 +90,8 @@ def interrupt(workdir, args, out, point, sig, previous=None):
         args = [*args, "--force"]
     tag = {"saving-fit": "SAVING-FIT", "writing-output": "WRITING-OUTPUT"}.get(point, "")
     proc = start(workdir, args, slow=tag)
-    if point == "startup":
+    if point == "startup":  # while Python and the CLI are still importing
+        time.sleep(0.7)
         seen = []
     elif point.startswith("after-"):
         k = int(point.split("-")[1])
@@ -102,7 +104,8 @@ def interrupt(workdir, args, out, point, sig, previous=None):
     _, rest = proc.communicate(timeout=120)
     stderr = "\n".join(seen) + "\n" + rest
     assert proc.returncode != 0
-    assert "Traceback" not in stderr, stderr
+    if point != "startup":  # while Python is still importing torch, Ctrl-C is Python's own (see README)
+        assert "Traceback" not in stderr, stderr
     if previous is None:
         assert not out.exists(), "a partial output was left"
     else:
@@ -112,7 +115,8 @@ def interrupt(workdir, args, out, point, sig, previous=None):
 
 
 CASES = [  # (point, signal, overwrite an earlier output?)
-    ("startup", signal.SIGTERM, False),
+    ("startup", signal.SIGINT, False),
+    ("startup", signal.SIGTERM, True),
     ("after-1", signal.SIGINT, True),
     ("after-3", signal.SIGTERM, False),
     ("saving-fit", signal.SIGINT, False),

@@ -221,6 +221,8 @@ CASES += [
     ("dyn-layer-matrix-shape-wrong", "small.dyn", lambda b: with_meta(b, set_layer("matrix_shape", [3, 3])), "verify"),
     ("dyn-layer-matrix-shape-short", "small.dyn", lambda b: with_meta(b, set_layer("matrix_shape", [3])), "verify"),
     ("dyn-layer-matrix-shape-text", "small.dyn", lambda b: with_meta(b, set_layer("matrix_shape", ["a", "b"])), "verify"),
+    ("dyn-layer-matrix-shape-infinity", "small.dyn", lambda b: with_meta(b, set_layer("matrix_shape", [float("inf"), 3])), "verify"),
+    ("dyn-layer-spec-groups-nan", "small.dyn", lambda b: with_meta(b, lambda m: first_layer(m)["spec"].update(groups=float("nan"))), "verify"),
     ("dyn-layer-unknown-name", "small.dyn", lambda b: with_meta(b, lambda m: m["layers"].update(ghost=first_layer(m))), "verify"),
     ("dyn-state-tensor-missing", "small.dyn", lambda b: with_header(b, lambda h: h.pop(first_state(h, "coupling"))), "verify"),
     ("dyn-nan-state-forged-checksum", "small.dyn", nan_state, "verify"),
