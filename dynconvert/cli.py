@@ -187,4 +187,8 @@ def version():
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # a signal landing outside a command (parsing flags, exiting): still exit 130, no traceback
+        console.print("[red]interrupted[/red]")
+        raise SystemExit(130) from None
