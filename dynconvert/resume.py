@@ -43,7 +43,10 @@ def fingerprint(options: ConvertOptions, source_sha256: str, source: dict) -> st
 
 
 def save_fit(folder: Path, index: int, name: str, fit: FitResult, print_: str) -> None:
-    folder.mkdir(exist_ok=True)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise DynError(f"cannot create {folder} (where finished layers are kept): {e.strerror or e}") from None
     tensors, extra = {}, {}
     for f in fields(FitResult):
         value = getattr(fit, f.name)
