@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -120,4 +119,12 @@ class Checkpointing:
 
 
 def remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    """Delete the saved fits (and temporary files a kill left); never anything else a user put there."""
+    if not folder.is_dir():
+        return
+    for f in [*folder.glob("[0-9]*.safetensors"), *folder.glob(".[0-9]*.safetensors.*.part")]:
+        f.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else lives there: leave it
