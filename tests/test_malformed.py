@@ -8,6 +8,7 @@ import io
 import json
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +273,32 @@ CASES += [
 ]
 
 
+def storage_size_lies(legacy: bool):
+    """A checkpoint whose one storage declares 16 GiB while the file holds 16 bytes."""
+    def make(_blob: bytes) -> bytes:
+        blob = _saved({"w": torch.zeros(4)}, legacy=legacy)
+        if legacy:  # the storage's element count is the 8 bytes before its 16 data bytes, at the end
+            assert struct.unpack("<q", blob[-24:-16])[0] == 4
+            return blob[:-24] + struct.pack("<q", 2**32) + blob[-16:]
+        src = zipfile.ZipFile(io.BytesIO(blob))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as w:
+            for name in src.namelist():
+                data = src.read(name)
+                if name.endswith("data.pkl"):  # the storage's element count: BININT1 4 -> BININT 2**31-1
+                    data = data.replace(b"X\x03\x00\x00\x00cpuq\x06K\x04", b"X\x03\x00\x00\x00cpuq\x06J" + struct.pack("<i", 2**31 - 1), 1)
+                    assert b"J" + struct.pack("<i", 2**31 - 1) in data
+                w.writestr(name, data)
+        return buf.getvalue()
+    return make
+
+
+CASES += [
+    ("pth-storage-size-lies", "sq.pth", storage_size_lies(False), "convert"),
+    ("pth-legacy-storage-size-lies", "sq.pth", storage_size_lies(True), "convert"),
+]
+
+
 def _saved(obj, legacy=False) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
@@ -326,6 +353,44 @@ def test_not_a_file(case_id, tmp_path, cli):
     else:
         code, stdout, stderr = cli("convert", target, "--out", out, "--arch", "squeezenet1_1")
     check_error(code, stdout, stderr, out)
+
+
+HOSTILE_SIZES = ["pth-storage-size-lies", "pth-legacy-storage-size-lies", "pth-zip-bomb", "dyn-shape-absurd",
+                 "dyn-header-length-2^63", "dyn-tv-num-classes-huge", "dyn-tv-huge-layer-config"]
+
+
+def test_bounded_memory(originals, tmp_path):
+    """Files that declare huge sizes are refused without allocating them: peak memory stays near
+    the interpreter's own (PyTorch alone is ~0.5 GB) although they declare tens of gigabytes."""
+    import subprocess
+    import sys
+
+    paths = []
+    for case_id, original, mutate, command in CASES:
+        if case_id in HOSTILE_SIZES:
+            p = tmp_path / (case_id + (".dyn" if command == "verify" else ".pth"))
+            p.write_bytes(mutate(originals[original]))
+            paths.append(str(p))
+    assert len(paths) == len(HOSTILE_SIZES)
+    code = (
+        "import resource, sys\n"
+        "from dynconvert.api import verify\n"
+        "from dynconvert.checkpoint import read_checkpoint\n"
+        "from dynconvert.errors import DynError\n"
+        "for p in sys.argv[1:]:\n"
+        "    try:\n"
+        "        (verify if p.endswith('.dyn') else read_checkpoint)(p)\n"
+        "        print('ACCEPTED', p)\n"
+        "    except DynError:\n"
+        "        pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, cwd=root, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert done.returncode == 0 and "ACCEPTED" not in done.stdout, done.stdout + done.stderr
+    print(f"peak memory reading {len(paths)} files that declare huge sizes: {done.stdout.split()[-1]} MB")
+    assert int(done.stdout.split()[-1]) < 1500, f"peak memory {done.stdout.split()[-1]} MB"
 
 
 def test_originals_are_valid(originals, tmp_path, cli):
