@@ -31,12 +31,14 @@ def originals(tmp_path_factory):
     small = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     conv = dynconvert.convert(small, steps=1, min_params=100)
     dynconvert.save(conv, d / "small.dyn")
-    # a torchvision-sourced file (nothing converted: it only has to rebuild), for source tampering
+    # a torchvision-sourced file (only the classifier converted), for source and layer-config tampering
     sq = torchvision.models.squeezenet1_1(num_classes=10)
-    tv = dynconvert.convert(sq, min_params=10**9, source=Source("torchvision", arch="squeezenet1_1", num_classes=10))
-    dynconvert.save(tv, d / "tv.dyn")
     torch.save(sq.state_dict(), d / "sq.pth")
-    write_safetensors(d / "sq.safetensors", sq.state_dict(), {})
+    tv = dynconvert.convert(sq, include=["classifier.1"], min_params=100, steps=1,
+                            source=Source("torchvision", arch="squeezenet1_1", num_classes=10))
+    assert [s.name for s in tv.layers] == ["classifier.1"]
+    dynconvert.save(tv, d / "tv.dyn")
+    write_safetensors(d / "sq.safetensors", torch.load(d / "sq.pth"), {})
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 
@@ -235,12 +237,13 @@ CASES += [
     ("dyn-tv-arch-number", "tv.dyn", lambda b: with_meta(b, set_("source/arch", 5)), "verify"),
     ("dyn-tv-source-no-kind", "tv.dyn", lambda b: with_meta(b, delete("source/kind")), "verify"),
     ("dyn-tv-tensor-missing", "tv.dyn", lambda b: with_header(b, lambda h: h.pop(next(k for k in h if k.endswith("bias")))), "verify"),
-    ("dyn-tv-huge-layer-config", "tv.dyn", lambda b: with_meta(b, lambda m: m["layers"].update({"classifier.1": {
-        "kind": "conv2d", "spec": {"groups": 1, "dim": 1, "metric": "l1", "kernel": "linear"}, "matrix_shape": [10, 512],
-        "config": {"in_channels": 10**9, "out_channels": 10**9, "kernel_size": [1, 1], "stride": [1, 1], "padding": [0, 0],
-                   "dilation": [1, 1], "groups": 1, "bias": True}}})), "verify"),
-    ("dyn-tv-layer-kind-unknown", "tv.dyn", lambda b: with_meta(b, lambda m: m["layers"].update({"classifier.1": {
-        "kind": "lstm", "spec": {"groups": 1, "dim": 1, "metric": "l1", "kernel": "linear"}, "matrix_shape": [10, 512], "config": {}}})), "verify"),
+    # states match the declared spec, but the layer config would build a 10^9-channel conv (GBs)
+    ("dyn-tv-huge-layer-config", "tv.dyn", lambda b: with_meta(
+        b, lambda m: m["layers"]["classifier.1"]["config"].update(in_channels=10**9, out_channels=10**9)), "verify"),
+    ("dyn-tv-layer-config-kernel-text", "tv.dyn", lambda b: with_meta(
+        b, lambda m: m["layers"]["classifier.1"]["config"].update(kernel_size="big")), "verify"),
+    ("dyn-tv-layer-kind-unknown", "tv.dyn", lambda b: with_meta(b, lambda m: m["layers"]["classifier.1"].update(kind="lstm")), "verify"),
+    ("dyn-tv-layer-kind-swapped", "tv.dyn", lambda b: with_meta(b, lambda m: m["layers"]["classifier.1"].update(kind="linear")), "verify"),
     ("dyn-tv-layer-not-a-layer", "tv.dyn", lambda b: with_meta(b, lambda m: m["layers"].update({"classifier.2": {
         "kind": "linear", "spec": {"groups": 1, "dim": 1, "metric": "l1", "kernel": "linear"}, "matrix_shape": [1, 1],
         "config": {"in_features": 1, "out_features": 1, "bias": False}}})), "verify"),
@@ -372,8 +375,9 @@ def test_bounded_memory(originals, tmp_path):
             p.write_bytes(mutate(originals[original]))
             paths.append(str(p))
     assert len(paths) == len(HOSTILE_SIZES)
+    # peak = VmHWM, this process's own high-water mark (ru_maxrss would count the forked pytest's pages)
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from dynconvert.api import verify\n"
         "from dynconvert.checkpoint import read_checkpoint\n"
         "from dynconvert.errors import DynError\n"
@@ -383,7 +387,8 @@ def test_bounded_memory(originals, tmp_path):
         "        print('ACCEPTED', p)\n"
         "    except DynError:\n"
         "        pass\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print(int(hwm.split()[1]) // 1024)\n"
     )
     root = str(Path(__file__).resolve().parent.parent)
     done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, cwd=root, timeout=300,
