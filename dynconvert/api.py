@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import Source, load_weights, rebuild
+from .checkpoint import Source, build_torchvision, check_weights, load_weights, rebuild
 from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, set_submodule
 from .dynamics import DynSpec, dynamic_from_meta, layer_config
 from .dynfile import read_dyn, write_dyn
@@ -120,23 +120,64 @@ def load(
 def build_from(tensors: dict[str, torch.Tensor], meta: dict, *, model=None, factory=None, path="file") -> nn.Module:
     try:
         source = Source.from_dict(meta["source"])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         raise DynError(f"{path}: metadata 'source' is malformed (corrupt file)") from None
-    net = rebuild(source, model=model, factory=factory)
+    if model is None and source.kind == "torchvision":
+        n = source.num_classes
+        if not isinstance(source.arch, str) or not (n is None or (type(n) is int and n >= 1)):
+            raise DynError(f"{path}: metadata 'source' is malformed (corrupt file)")
+        # Rehearse on the meta device first: a file's metadata cannot make us allocate a model
+        # bigger than the tensors the file really holds.
+        _assemble(build_torchvision(source.arch, n, device="meta"), tensors, meta, path)
+    return _assemble(rebuild(source, model=model, factory=factory), tensors, meta, path).eval()
+
+
+def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path) -> nn.Module:
+    """Swap in the recorded converted layers and load the tensors; every shape is checked first."""
+    real = not any(p.is_meta for p in net.parameters())
     for name, info in meta["layers"].items():
         try:
             old = net.get_submodule(name)
         except AttributeError:
             raise DynError(f"{path}: converted layer {name!r} does not exist in the rebuilt model") from None
         try:
-            new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
-        except (KeyError, TypeError, ValueError) as e:
+            with torch.device("meta"):  # shapes from the metadata are checked before anything is allocated
+                new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RuntimeError) as e:
             raise DynError(f"{path}: layer {name!r} has invalid metadata ({e})") from None
-        if tuple(old.weight.shape) != tuple(new.weight_shape):
-            raise DynError(f"{path}: layer {name!r} has shape {tuple(new.weight_shape)} but the model's is {tuple(old.weight.shape)}")
+        want = tuple(getattr(old, "weight", torch.empty(0)).shape)
+        if want != tuple(new.weight_shape):
+            raise DynError(f"{path}: layer {name!r} has shape {tuple(new.weight_shape)} but the model's is {want}")
+        if real:
+            new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
         set_submodule(net, name, new)
-    load_weights(net, tensors, f"the model rebuilt from {path}")
-    return net.eval()
+    (load_weights if real else check_weights)(net, tensors, f"the model rebuilt from {path}")
+    return net
+
+
+def verify(path: str | Path, *, factory: str | None = None) -> dict:
+    """Check a .dyn completely: header, metadata, layer shapes, checksum, finite states, and (when
+    the architecture can be rebuilt without running code from elsewhere) that the tensors fit it.
+
+    Returns a summary; raises DynError naming the first problem.
+    """
+    tensors, meta = read_dyn(path, verify=True)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DynError(f"{path}: tensor {name} contains NaN or Inf")
+    source = meta["source"]
+    rebuilt = None
+    if source.get("kind") == "torchvision" or (source.get("kind") == "factory" and factory is not None):
+        build_from(tensors, meta, factory=factory, path=path)
+        rebuilt = source.get("arch") or source.get("factory")
+    return {
+        "format_version": meta["format_version"],
+        "layers": len(meta["layers"]),
+        "tensors": len(tensors),
+        "tensors_sha256": meta["tensors_sha256"],
+        "rebuilt": rebuilt,
+        "source": source,
+    }
 
 
 def convert_checkpoint(
@@ -148,6 +189,7 @@ def convert_checkpoint(
     model: str | None = None,
     trust_pickle: bool = False,
     force: bool = False,
+    resume: bool = False,
     input_size: tuple[int, int, int] = (3, 224, 224),
     callbacks: ConvertCallbacks | None = None,
     on_note=print,
@@ -157,11 +199,23 @@ def convert_checkpoint(
     """Checkpoint file -> .dyn file: what ``dynconvert convert`` does.
 
     ``calib``: a ``--data`` source ('digits', an image folder, ...) for calibrated conversion.
+    Each finished layer's fit is saved in ``<out>.partial/`` (see resume.py); ``resume=True`` reuses
+    the fits an interrupted run saved there. Without ``resume`` an existing partial folder is
+    refused unless ``force`` (which discards it).
     """
+    from . import resume as rs
     from .checkpoint import load_model
+    from .convert import plan
     from .fileio import check_output_path, sha256_file
 
     out = check_output_path(out, force)
+    options.validate()
+    folder = rs.partial_dir(out)
+    if folder.exists() and not resume:
+        if not force:
+            raise DynError(f"{folder} holds the finished layers of an interrupted conversion; pass --resume to reuse "
+                           "them, or --force to start over")
+        rs.remove(folder)
     loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
     for note in loaded.notes:
         on_note(note)
@@ -171,10 +225,23 @@ def convert_checkpoint(
 
         batches = calibration_batches(calib, loaded.source.to_dict(), input_size, calib_images)
         on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
-    conv = convert(loaded.model, options=options, callbacks=callbacks, source=loaded.source, input_size=input_size, calib=batches)
-    conv.source_sha256 = sha256_file(checkpoint)
+    source_sha256 = sha256_file(checkpoint)
+    # saved fits are reusable only under the same options, source and calibration set
+    print_ = rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), calib=calib, calib_images=calib_images))
+    done: dict[str, FitResult] = {}
+    if resume and folder.is_dir():
+        done = rs.load_fits(folder, print_)
+        rs.check_fits(done, plan(loaded.model, options)[0], folder)
+        on_note(f"resumed {len(done)} finished layers from {folder}")
+    elif resume:
+        on_note(f"nothing to resume ({folder} does not exist); converting every layer")
+    saving = rs.Checkpointing(callbacks, folder, print_, done)
+    conv = convert(loaded.model, options=options, callbacks=saving, done=done, source=loaded.source, input_size=input_size,
+                   calib=batches)
+    conv.source_sha256 = source_sha256
     conv.source_bytes = Path(checkpoint).stat().st_size
     save(conv, out)
+    rs.remove(folder)
     return conv
 
 

@@ -57,6 +57,23 @@ def _check_file(path: Path) -> None:
         raise DynError(f"{path} is empty; it is not a checkpoint")
 
 
+def _check_zip(path: Path) -> None:
+    """Check a zip-based checkpoint before torch reads it: the sizes its members declare (a small
+    file must not make us inflate gigabytes) and every member's CRC (torch checks none, so a
+    flipped byte would otherwise load as a silently different weight)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            declared = sum(i.file_size for i in infos)
+            if declared > 16 * path.stat().st_size + (64 << 20):
+                raise DynError(f"{path}: its zip members declare {declared:,} bytes, far more than the file holds; refusing to inflate it")
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise DynError(f"{path} is a damaged zip archive; it is truncated or corrupt ({_first_line(e)})") from None
+    if bad is not None:
+        raise DynError(f"{path}: member {bad} fails its CRC check; the file is corrupt (re-download it)")
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -74,6 +91,8 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     if path.suffix == ".safetensors":
         tensors, _ = read_safetensors(path)
         return unwrap_state_dict(tensors)
+    if zipfile.is_zipfile(path):
+        _check_zip(path)
     if _is_torchscript(path):
         if not trust_pickle:
             raise DynError(f"{path} is a TorchScript file; {TRUST_HINT}")
@@ -211,6 +230,12 @@ def import_factory(spec: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    check_weights(model, state, what)
+    model.load_state_dict(state, strict=True)
+
+
+def check_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """The state dict has exactly the model's keys and shapes (works on a meta-device model too)."""
     ours = model.state_dict()
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
@@ -225,7 +250,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
             k = wrong[0]
             parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)})")
         raise DynError(f"the checkpoint's keys do not match {what}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 def load_model(

@@ -66,7 +66,7 @@ class RichConvertProgress:
         self.progress.update(self.layers, completed=index + 1)
         self.progress.console.print(
             f"  {stats.name:<40} {str(tuple(stats.matrix_shape)):>14}  ratio {stats.ratio:.3f}  "
-            f"err {stats.rel_error:.4f}  svd {stats.svd_rel_error:.4f}"
+            f"err {stats.rel_error:.4f}  svd {stats.svd_rel_error:.4f}", soft_wrap=True,
         )
 
 
@@ -74,6 +74,7 @@ def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
         TimeElapsedColumn(), console=console, transient=True,
+        disable=not console.is_terminal,  # a log or pipe gets the per-layer lines, not bar redraws
     )
 
 
@@ -106,7 +107,8 @@ def convert(
     calib_images: int = typer.Option(512, help="How many calibration images to use."),
     calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib. [default: 300]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
 ):
     """Convert a pretrained checkpoint into dynamics-based states (a .dyn file)."""
     from .api import convert_checkpoint
@@ -124,12 +126,20 @@ def convert(
         calib_steps=calib_steps,
     ))
     size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
-    with progress_bar() as progress:
-        conv = convert_checkpoint(
-            checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
-            trust_pickle=trust_pickle, force=force, input_size=size, callbacks=RichConvertProgress(progress),
-            on_note=progress.console.print, calib=calib, calib_images=calib_images,
-        )
+    try:
+        with progress_bar() as progress:
+            conv = convert_checkpoint(
+                checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
+                trust_pickle=trust_pickle, force=force, resume=resume, input_size=size,
+                callbacks=RichConvertProgress(progress), on_note=progress.console.print,
+                calib=calib, calib_images=calib_images,
+            )
+    except KeyboardInterrupt:
+        from .resume import partial_dir
+
+        if partial_dir(out_path).is_dir():
+            console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
+        raise
     n_dense = sum(s.dense_params for s in conv.layers)
     n_state = sum(s.state_params for s in conv.layers)
     mean_err = sum(s.rel_error for s in conv.layers) / max(len(conv.layers), 1)
@@ -313,6 +323,23 @@ def bench(
 
 
 @command
+def verify(
+    file: Path = typer.Argument(..., help="A .dyn file."),
+    model: Optional[str] = typer.Option(None, help="For files converted with --model: the same package.module:factory, to check the tensors fit it (imports it)."),
+):
+    """Check a .dyn file completely: header, metadata, layer shapes, checksum, and that it rebuilds."""
+    from .api import verify as verify_file
+
+    info = verify_file(file, factory=model)
+    rebuilt = f"rebuilds as {info['rebuilt']}" if info["rebuilt"] else "architecture not rebuilt (needs --model)" \
+        if info["source"].get("kind") == "factory" else "architecture not rebuilt (converted from a pickled module)"
+    out.print(
+        f"OK {file}: format v{info['format_version']}, {info['layers']} converted layers, {info['tensors']} tensors, "
+        f"checksum sha256:{info['tensors_sha256']} verified, {rebuilt}", highlight=False, soft_wrap=True,
+    )
+
+
+@command
 def archs():
     """List the torchvision architectures that can be inferred or named with --arch."""
     from .checkpoint import torchvision_archs
@@ -460,4 +487,8 @@ def demo(
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # a signal landing outside a command (parsing flags, exiting): still exit 130, no traceback
+        console.print("[red]interrupted[/red]")
+        raise SystemExit(130) from None

@@ -70,7 +70,7 @@ def parse_meta(path: Path, raw: dict[str, str]) -> dict:
         raise DynError(f"{path} is a safetensors file but not a .dyn (no dynconvert metadata)")
     try:
         meta = json.loads(raw[META_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, a huge integer, absurd nesting
         raise DynError(f"{path}: its dynconvert metadata is not valid JSON (corrupt file)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DynError(f"{path}: its metadata does not describe a dynconvert file")
@@ -87,6 +87,8 @@ def parse_meta(path: Path, raw: dict[str, str]) -> dict:
         raise DynError(f"{path}: metadata lacks {', '.join(missing)} (corrupt or incomplete file)")
     if not isinstance(meta["layers"], dict) or not isinstance(meta["source"], dict):
         raise DynError(f"{path}: metadata 'layers' and 'source' must be objects (corrupt file)")
+    if meta["source"].get("kind") not in ("torchvision", "factory", "module"):
+        raise DynError(f"{path}: metadata 'source' has no known kind (corrupt file)")
     return meta
 
 
@@ -96,7 +98,7 @@ def check_layers(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
         try:
             spec = DynSpec.from_dict(info["spec"])
             m, n = (int(v) for v in info["matrix_shape"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
             raise DynError(f"{path}: layer {name!r} has invalid metadata ({e})") from None
         want = {
             "states_out": (spec.groups, m, spec.dim),

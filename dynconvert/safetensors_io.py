@@ -40,7 +40,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge integer, absurd nesting
         raise DynError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
     if not isinstance(header, dict):
         raise DynError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
@@ -53,7 +53,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise DynError(f"{path}: tensor entry {name!r} is malformed (corrupt file)")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise DynError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):
             raise DynError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
