@@ -492,3 +492,8 @@ def main() -> None:
     except KeyboardInterrupt:  # a signal landing outside a command (parsing flags, exiting): still exit 130, no traceback
         console.print("[red]interrupted[/red]")
         raise SystemExit(130) from None
+    finally:
+        # The command has finished (its output is whole or absent); a signal arriving while the
+        # interpreter shuts down would only print a traceback from its threading module.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -416,6 +416,6 @@ def count(fn, *args) -> OpCounter:
 
 
 __all__ = [
-    "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear", "OpCounter", "count", "export_weight_free_onnx",
+    "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear", "OpCounter", "count",
     "l1_flops", "l1_matvec", "sql2_flops", "sql2_matvec", "to_weight_free", "weight_free_path", "weightfree_flops",
 ]
