@@ -66,7 +66,7 @@ def train_cnn(epochs: int, seed: int = 0) -> tuple[nn.Module, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--metric", default="l2")
+    ap.add_argument("--metric", default="sql2")
     ap.add_argument("--kernel", default="linear")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--ratio", type=float, default=0.25)

@@ -177,13 +177,16 @@ def fit_weight(
         raise DynError(f"layer {name}: weights contain NaN or Inf; fix the checkpoint before converting")
     m, n = target.shape
     start = sql2_svd_init(target.cpu(), spec) if init == "svd" and spec.metric == "sql2" and spec.kernel == "linear" else None
-    if start is None:
-        # The authors start states uniform in [0, 1); the couplings set the scale afterwards.
+    if start is not None:
+        # states from the SVD start are not in [0, 1): step sizes relative to each tensor's spread
+        scales = [float(t.std().clamp_min(1e-6)) for t in start]
+    else:
+        # the authors start states uniform in [0, 1); the couplings set the scale afterwards
         gen = torch.Generator().manual_seed(seed)
         start = torch.rand(spec.groups, m, spec.dim, generator=gen), torch.rand(spec.groups, n, spec.dim, generator=gen)
+        scales = [1.0, 1.0]
     x, y = (t.to(device).requires_grad_() for t in start)
-    # step sizes relative to each tensor's spread: states from the SVD start are not in [0, 1)
-    opt = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().std().clamp_min(1e-6))} for t in (x, y)])
+    opt = torch.optim.Adam([{"params": [t], "lr": lr * sc} for t, sc in zip((x, y), scales)])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     target_sq = target.pow(2).sum().clamp_min(1e-30)
 
