@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30, help="distillation epochs")
     ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--metric", default="sql2", help="state metric (l1, l2, sql2)")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
     start = time.perf_counter()
@@ -54,7 +55,7 @@ def main() -> None:
         for i, img in enumerate(pixels[:, 0]):
             Image.fromarray(img.numpy(), mode="L").save(folder / f"{i:04d}.png")
 
-        conv = dynconvert.convert(original, ratio=args.ratio, min_params=1000, metric="l1",
+        conv = dynconvert.convert(original, ratio=args.ratio, min_params=1000, metric=args.metric,
                                   source=Source("factory", factory=FACTORY), input_size=INPUT_SIZE)
         dynconvert.save(conv, out / "cnn.dyn")
         acc_conv = evaluate(conv.model, data.val)["top1"]
