@@ -99,6 +99,7 @@ def convert(
     groups: Optional[int] = typer.Option(None, help="Fix the number of sub-model groups H (with --dim) instead of --ratio."),
     dim: Optional[int] = typer.Option(None, help="Fix the state dimension d (with --groups)."),
     steps: Optional[int] = typer.Option(None, help="Fitting steps per layer."),
+    init: Optional[str] = typer.Option(None, help="Start of sql2 fits: svd (the truncated SVD, fast) or random (the authors' uniform [0, 1)). [default: svd]"),
     lr: Optional[float] = typer.Option(None, help="Fitting step size."),
     seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn. [default: 0]"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
@@ -123,7 +124,7 @@ def convert(
     opts = options_from(rec, dict(
         ratio=ratio, min_params=min_params, include=_split(include), exclude=_split(exclude), metric=metric,
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
-        calib_steps=calib_steps,
+        calib_steps=calib_steps, init=init,
     ))
     size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
     try:
