@@ -121,11 +121,12 @@ def sql2_svd_init(target: torch.Tensor, spec: DynSpec) -> tuple[torch.Tensor, to
 
     With every coupling at -1/2, ``sum_k c_k |x_ki - y_kj|^2`` is ``<x_i, y_j>`` (all H*d
     coordinates) minus row terms |x_i|^2/2 and column terms |y_j|^2/2. The SVD factors fill all
-    coordinates but two; those two cancel the row and the column terms: a coordinate with
-    y_j = c (constant) and x_i = p_i adds -(p_i - c)^2 / 2, a pure row term that p_i = c - sqrt(c^2 - r_i)
-    sets to r_i / 2 (plus a constant the offset absorbs), and symmetrically for the columns.
-    So the fit starts no worse than SVD two ranks down, and the stress forces take it from there.
-    ``None`` when H*d < 3 (nothing left after the two cancelling coordinates).
+    coordinates but two, and those two even the row and column terms out: one holds
+    x_i = sqrt(K - r_i) with y_j = 0, so every row's squared norm becomes the constant K (which the
+    offset absorbs); the other does the same for the columns. All coordinates stay at the scale of
+    the SVD factors, so float32 loses nothing to cancellation. The fit thus starts no worse than
+    SVD two ranks down, and the stress forces take it from there.
+    ``None`` when H*d < 3 (nothing left after the two levelling coordinates).
     """
     h, d = spec.groups, spec.dim
     rank = h * d - 2
@@ -136,17 +137,15 @@ def sql2_svd_init(target: torch.Tensor, spec: DynSpec) -> tuple[torch.Tensor, to
     u, sv, vh = torch.linalg.svd(w - w.mean(), full_matrices=False)
     root = sv[:rank].sqrt()
     left, right = u[:, :rank] * root, vh[:rank].T * root  # (m, rank), (n, rank)
+    r_row, r_col = left.pow(2).sum(1), right.pow(2).sum(1)
+    # balance the two sides (x -> a x, y -> y / a keeps <x, y>) so neither norm dwarfs the other
+    a = (r_col.max() / r_row.max().clamp_min(1e-30)).pow(0.25).clamp(1e-3, 1e3)
+    left, right, r_row, r_col = left * a, right / a, r_row * a**2, r_col / a**2
     x = torch.zeros(m, h * d, dtype=torch.float64)
     y = torch.zeros(n, h * d, dtype=torch.float64)
     x[:, :rank], y[:, :rank] = left, right
-    # coordinate rank: rows carry p_i, columns the constant c; coordinate rank+1: the reverse
-    r_row, r_col = left.pow(2).sum(1), right.pow(2).sum(1)
-    c_row = 1.1 * r_row.max().sqrt() + 1e-6
-    c_col = 1.1 * r_col.max().sqrt() + 1e-6
-    x[:, rank] = c_row - (c_row**2 - r_row).sqrt()
-    y[:, rank] = c_row
-    x[:, rank + 1] = c_col
-    y[:, rank + 1] = c_col - (c_col**2 - r_col).sqrt()
+    x[:, rank] = (r_row.max() - r_row).sqrt()
+    y[:, rank + 1] = (r_col.max() - r_col).sqrt()
     # coordinate index g*d + t -> group g, state coordinate t
     return (x.reshape(m, h, d).permute(1, 0, 2).float().contiguous(), y.reshape(n, h, d).permute(1, 0, 2).float().contiguous())
 
