@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         except Exception as e:  # torch raises many types for corrupt archives
             raise DynError(f"{path}: cannot load TorchScript ({_first_line(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
             raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
