@@ -155,6 +155,14 @@ class DynamicsLayer(nn.Module):
             self.coupling.copy_(torch.as_tensor(coupling).reshape(self.coupling.shape))
             self.offset.copy_(torch.as_tensor(offset).reshape(()))
 
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (the layer this one replaced) with the materialized weight and the bias."""
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def state_parameters(self) -> list[nn.Parameter]:
         return [self.states_out, self.states_in, self.coupling, self.offset]
 
@@ -203,12 +211,7 @@ class DynLinear(DynamicsLayer):
         return new
 
     def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -258,14 +261,9 @@ class DynConv2d(DynamicsLayer):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.conv_groups)
 
     def to_dense(self) -> nn.Conv2d:
-        dense = nn.Conv2d(
+        return self._filled(nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None, **self.conv_kwargs()
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        ))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, **self.conv_kwargs())

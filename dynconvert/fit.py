@@ -34,6 +34,31 @@ class FitResult:
     """Relative error of the layer's outputs on the calibration inputs (calibrated fits only)."""
 
 
+def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None, diverged: str):
+    """Move ``params`` down ``loss_of()`` (a squared relative error) for ``steps`` steps.
+
+    Returns (error, copies of the best iterate): Adam can bounce, the best state is what we keep.
+    A NaN/Inf error stops with DynError(``diverged`` formatted with the step).
+    """
+    best_err, best = math.inf, [p.detach().clone() for p in params]
+    for step in range(steps + 1):
+        loss = loss_of()
+        err = float(loss.detach().sqrt())
+        if not math.isfinite(err):
+            raise DynError(diverged.format(step=step))
+        if err < best_err:
+            best_err, best = err, [p.detach().clone() for p in params]
+        if on_step is not None:
+            on_step(step, steps, err)
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return best_err, best
+
+
 def _project(x, y, target, spec: DynSpec):
     """Closed-form couplings/offset for the current positions, and the matrix they give."""
     if spec.metric == "sql2" and spec.kernel == "linear":
@@ -189,25 +214,12 @@ def fit_weight(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     target_sq = target.pow(2).sum().clamp_min(1e-30)
 
-    best = (math.inf, x.detach().clone(), y.detach().clone())
-    for step in range(steps + 1):
-        coupling, offset, approx = _project(x, y, target, spec)
-        loss = (approx - target).pow(2).sum() / target_sq
-        err = float(loss.detach().sqrt())
-        if not math.isfinite(err):
-            raise DynError(f"layer {name}: the fit diverged (NaN/Inf error at step {step}); try a smaller --lr")
-        if err < best[0]:
-            best = (err, x.detach().clone(), y.detach().clone())
-        if on_step is not None:
-            on_step(step, steps, err)
-        if step == steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    def loss_of():
+        approx = _project(x, y, target, spec)[2]
+        return (approx - target).pow(2).sum() / target_sq
 
-    _, bx, by = best
+    _, (bx, by) = _descend([x, y], loss_of, opt, sched, steps, on_step,
+                           f"layer {name}: the fit diverged (NaN/Inf error at step {{step}}); try a smaller --lr")
     with torch.no_grad():
         coupling, offset, approx = _project(bx, by, target, spec)
         final = rel_error(target, approx)
@@ -259,27 +271,12 @@ def refine_on_outputs(
     opt = torch.optim.Adam([{"params": [p], "lr": lr * sc} for p, sc in zip(params, scales)])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
 
-    def loss_of(ps):
-        approx = materialize(*ps, spec.metric, spec.kernel)
+    def loss_of():
+        approx = materialize(*params, spec.metric, spec.kernel)
         return (approx @ whitener - goal).pow(2).sum() / goal_sq
 
-    best = (math.inf, [p.detach().clone() for p in params])
-    for step in range(steps + 1):
-        loss = loss_of(params)
-        err = float(loss.detach().sqrt())
-        if not math.isfinite(err):
-            raise DynError(f"layer {name}: the calibrated fit diverged (NaN/Inf at step {step}); try fewer --calib-steps")
-        if err < best[0]:
-            best = (err, [p.detach().clone() for p in params])
-        if on_step is not None:
-            on_step(step, steps, err)
-        if step == steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    err, ps = best
+    err, ps = _descend(params, loss_of, opt, sched, steps, on_step,
+                       f"layer {name}: the calibrated fit diverged (NaN/Inf at step {{step}}); try fewer --calib-steps")
     with torch.no_grad():
         approx = materialize(*ps, spec.metric, spec.kernel)
     return FitResult(*(p.cpu() for p in ps), rel_error(target, approx), start.steps + steps, output_rel_error=err)
