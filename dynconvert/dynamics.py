@@ -126,6 +126,10 @@ def sql2_lowrank(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offse
     ``sum_k c_k |x_ki - y_kj|^2 = a_i + b_j - 2 sum_k c_k <x_ki, y_kj>``: one (m, H*d) x (H*d, n)
     product plus row and column terms (the same expansion the weight-free path uses)."""
     h, m, d = x.shape
+    # distances are unchanged when a group's states move together; centred, the norms stay small
+    # and float32 loses less to cancellation between a_i + b_j and the product
+    centre = torch.cat([x, y], 1).mean(1, keepdim=True)
+    x, y = x - centre, y - centre
     a = torch.einsum("h,hmd->m", coupling, x * x)
     b = torch.einsum("h,hnd->n", coupling, y * y)
     left = (x * (-2 * coupling)[:, None, None]).permute(1, 0, 2).reshape(m, h * d)

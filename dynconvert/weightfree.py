@@ -196,6 +196,10 @@ def _sql2_tables(x, y, coupling, offset, g: int) -> dict:
     """
     h, m, d = x.shape
     x, y, lam = x.detach().double(), y.detach().double(), coupling.detach().double()
+    # Distances do not change when a group's states all move together: centring them keeps the
+    # norms |x|^2, |y|^2 small, so float32 loses less to cancellation in |x|^2 + |y|^2 - 2 x.y.
+    centre = torch.cat([x, y], 1).mean(1, keepdim=True)
+    x, y = x - centre, y - centre
     a = offset.detach().double() + (lam[:, None] * x.pow(2).sum(-1)).sum(0)  # (m,)
     b = (lam[:, None] * y.pow(2).sum(-1)).sum(0)  # (n,)
     xa = torch.cat([(-2 * lam[:, None, None] * x).permute(1, 0, 2).reshape(m, h * d), a[:, None], torch.ones_like(a)[:, None]], 1)
