@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import DynError
+from .errors import DynError, first_line
 from .safetensors_io import read_safetensors
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -70,7 +70,7 @@ def _check_zip(path: Path) -> None:
                 raise DynError(f"{path}: its zip members declare {declared:,} bytes, far more than the file holds; refusing to inflate it")
             bad = z.testzip()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-        raise DynError(f"{path} is a damaged zip archive; it is truncated or corrupt ({_first_line(e)})") from None
+        raise DynError(f"{path} is a damaged zip archive; it is truncated or corrupt ({first_line(e)})") from None
     if bad is not None:
         raise DynError(f"{path}: member {bad} fails its CRC check; the file is corrupt (re-download it)")
 
@@ -100,7 +100,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # torch raises many types for corrupt archives
-            raise DynError(f"{path}: cannot load TorchScript ({_first_line(e)})") from None
+            raise DynError(f"{path}: cannot load TorchScript ({first_line(e)})") from None
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
             warnings.simplefilter("ignore")
@@ -108,17 +108,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
             raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
-        raise DynError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+        raise DynError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     except Exception as e:
-        raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({_first_line(e)})") from None
+        raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, nn.Module):
         return obj
     return unwrap_state_dict(obj, path)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def unwrap_state_dict(obj, path: Path | str = "checkpoint") -> dict[str, torch.Tensor] | nn.Module:
@@ -222,7 +217,7 @@ def import_factory(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:
-        raise DynError(f"--model {spec}: cannot import {mod_name} ({_first_line(e)})") from None
+        raise DynError(f"--model {spec}: cannot import {mod_name} ({first_line(e)})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise DynError(f"--model {spec}: {mod_name} has no callable {attr!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn

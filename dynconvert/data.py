@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import DynError
+from .errors import DynError, first_line
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -124,7 +124,7 @@ def load_image(path: str):
     except UnidentifiedImageError:
         raise DynError(f"cannot decode image {path} (not an image format PIL reads); remove or replace it") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DynError(f"cannot decode image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); remove or replace it") from None
+        raise DynError(f"cannot decode image {path} ({first_line(e)}); remove or replace it") from None
 
 
 class ImageFiles(Dataset):
@@ -152,7 +152,7 @@ def _image_folder(root: Path, transform):
     try:
         return ImageFolder(str(root), transform=transform, loader=load_image)
     except FileNotFoundError as e:
-        raise DynError(f"{root}: no images found in its class folders (looked for {', '.join(IMAGE_EXTS)}); {str(e).splitlines()[0]}") from None
+        raise DynError(f"{root}: no images found in its class folders (looked for {', '.join(IMAGE_EXTS)}); {first_line(e)}") from None
 
 
 def check_decodable(dataset: Dataset) -> None:

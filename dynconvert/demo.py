@@ -112,15 +112,6 @@ def train_original(model: nn.Module, train_set, epochs: int, seed: int) -> None:
 
 
 @contextlib.contextmanager
-def warnings_quiet():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextlib.contextmanager
 def threads(n: int):
     """A tiny model runs fastest on one thread, above all on a shared machine."""
     old = torch.get_num_threads()

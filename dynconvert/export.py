@@ -22,7 +22,7 @@ import torch.nn as nn
 from .api import build_from
 from .dynamics import DynamicsLayer, DynSpec, materialize
 from .dynfile import STATE_SUFFIXES, read_dyn, write_dyn
-from .errors import DynError
+from .errors import DynError, first_line
 from .fileio import atomic_path, check_output_path
 
 DEFAULT_OPSET = 17
@@ -54,11 +54,6 @@ def _open(source, model, factory) -> tuple[nn.Module, dict]:
         return source.eval(), {}
     tensors, meta = open_dyn(source)
     return build_from(tensors, meta, model=model, factory=factory, path=source), meta
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 @dataclass
@@ -139,11 +134,11 @@ def export_onnx(
                     output_names=outputs, dynamic_axes=axes, do_constant_folding=not weight_free,
                 )
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
-            raise DynError(f"ONNX export failed at opset {opset} ({_first_line(e)})") from None
+            raise DynError(f"ONNX export failed at opset {opset} ({first_line(e)})") from None
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
-            raise DynError(f"the exported ONNX graph fails onnx.checker ({_first_line(e)})") from None
+            raise DynError(f"the exported ONNX graph fails onnx.checker ({first_line(e)})") from None
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import Data
 from .dynamics import DynamicsLayer, relations
-from .errors import DynError
+from .errors import DynError, first_line
 from .fileio import atomic_path
 
 OPTIMIZERS = ("sgd", "adam")
@@ -248,7 +248,7 @@ def load_checkpoint(path: Path) -> dict:
     try:  # weights_only: a checkpoint never runs code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DynError(f"--resume: {path} is not a readable checkpoint ({str(e).splitlines()[0][:160]}); delete it to start over") from None
+        raise DynError(f"--resume: {path} is not a readable checkpoint ({first_line(e, 160)}); delete it to start over") from None
 
 
 # ---------------------------------------------------------------- the loop
@@ -319,7 +319,7 @@ def finetune(
             history, moves = list(ck["history"]), list(ck["moves"])
             torch.set_rng_state(ck["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise DynError(f"--resume: {ckpt_path} does not fit this run ({str(e).splitlines()[0][:160]}); "
+            raise DynError(f"--resume: {ckpt_path} does not fit this run ({first_line(e, 160)}); "
                            "resume with the same --optimizer and --train, or delete it to start over") from None
         resumed_from = step
         if log and d.main:

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .api import build_from
 from .dynamics import DynamicsLayer
 from .dynfile import STATE_SUFFIXES
-from .errors import DynError
+from .errors import DynError, first_line
 from .export import materialized, open_dyn
 from .weightfree import weightfree_flops
 
@@ -60,8 +60,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int], watch: list[
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     except RuntimeError as e:
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DynError(f"the model does not run at input size {','.join(map(str, input_size))} ({text}); pass --input-size C,H,W") from None
+        raise DynError(f"the model does not run at input size {','.join(map(str, input_size))} ({first_line(e)}); pass --input-size C,H,W") from None
     finally:
         for h in hooks:
             h.remove()

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import DynError
+from .errors import DynError, first_line
 from .fileio import atomic_path
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -85,7 +85,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         tensors = st_load(data)
         metadata = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]]).get("__metadata__") or {}
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise DynError(f"{path}: cannot read safetensors data ({str(e).splitlines()[0][:160]})") from None
+        raise DynError(f"{path}: cannot read safetensors data ({first_line(e, 160)})") from None
     return tensors, metadata
 
 

@@ -23,7 +23,6 @@ element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``O
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

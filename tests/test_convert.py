@@ -58,23 +58,12 @@ def test_convert_load_roundtrip(tmp_path):
         assert (loaded(x) - conv.model(x)).abs().max() <= 1e-6
 
 
-def test_same_seed_byte_identical(tmp_path, cli):
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))
-    torch.save(model.state_dict(), tmp_path / "m.pth")
-    (tmp_path / "fac.py").write_text(
-        "import torch.nn as nn\n"
-        "def build():\n    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))\n"
-    )
-    import sys
-
-    sys.path.insert(0, str(tmp_path))
-    try:
-        for name in ("a.dyn", "b.dyn"):
-            code, _, err = cli("convert", tmp_path / "m.pth", "--out", tmp_path / name, "--model", "fac:build",
-                               "--steps", "20", "--min-params", "100", "--seed", "3")
-            assert code == 0, err
-    finally:
-        sys.path.remove(str(tmp_path))
+def test_same_seed_byte_identical(tmp_path, cli, small_factory):
+    ckpt, factory = small_factory
+    for name in ("a.dyn", "b.dyn"):
+        code, _, err = cli("convert", ckpt, "--out", tmp_path / name, "--model", factory,
+                           "--steps", "20", "--min-params", "100", "--seed", "3")
+        assert code == 0, err
     assert (tmp_path / "a.dyn").read_bytes() == (tmp_path / "b.dyn").read_bytes()
 
 

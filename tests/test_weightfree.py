@@ -169,35 +169,23 @@ def test_weight_free_onnx_runs_in_ort(tmp_path):
     _close(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want, rel=1e-4)
 
 
-def test_load_weight_free_and_export_cli(tmp_path, cli):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))
-    torch.save(model.state_dict(), tmp_path / "m.pth")
-    (tmp_path / "facwf.py").write_text(
-        "import torch.nn as nn\n"
-        "def build():\n    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))\n"
-    )
-    import sys
-
-    sys.path.insert(0, str(tmp_path))
-    try:
-        code, _, err = cli("convert", tmp_path / "m.pth", "--out", tmp_path / "m.dyn", "--model", "facwf:build",
-                           "--steps", "5", "--min-params", "100", "--metric", "l1", "--input-size", "3,8,8")
-        assert code == 0, err
-        dense = dynconvert.load(tmp_path / "m.dyn", factory="facwf:build")
-        notes = []
-        wf = dynconvert.load(tmp_path / "m.dyn", factory="facwf:build", weight_free=True, on_note=notes.append)
-        assert isinstance(wf[3], WeightFreeLinear) and notes == []
-        x = torch.randn(2, 3, 8, 8)
-        with torch.no_grad():
-            _close(wf(x), dense(x))
-        code, stdout, err = cli("export", tmp_path / "m.dyn", "--onnx", tmp_path / "m.onnx", "--weight-free", "--model", "facwf:build")
-        assert code == 0, err
-        assert "weight-free" in stdout and (tmp_path / "m.onnx").stat().st_size > 0
-        code, _, err = cli("export", tmp_path / "m.dyn", "--onnx", tmp_path / "m.onnx", "--weight-free", "--model", "facwf:build")
-        assert code == 2 and "already exists" in err and "Traceback" not in err
-    finally:
-        sys.path.remove(str(tmp_path))
+def test_load_weight_free_and_export_cli(tmp_path, cli, small_factory):
+    ckpt, factory = small_factory
+    code, _, err = cli("convert", ckpt, "--out", tmp_path / "m.dyn", "--model", factory,
+                       "--steps", "5", "--min-params", "100", "--metric", "l1", "--input-size", "3,8,8")
+    assert code == 0, err
+    dense = dynconvert.load(tmp_path / "m.dyn", factory=factory)
+    notes = []
+    wf = dynconvert.load(tmp_path / "m.dyn", factory=factory, weight_free=True, on_note=notes.append)
+    assert isinstance(wf[3], WeightFreeLinear) and notes == []
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        _close(wf(x), dense(x))
+    code, stdout, err = cli("export", tmp_path / "m.dyn", "--onnx", tmp_path / "m.onnx", "--weight-free", "--model", factory)
+    assert code == 0, err
+    assert "weight-free" in stdout and (tmp_path / "m.onnx").stat().st_size > 0
+    code, _, err = cli("export", tmp_path / "m.dyn", "--onnx", tmp_path / "m.onnx", "--weight-free", "--model", factory)
+    assert code == 2 and "already exists" in err and "Traceback" not in err
 
 
 def test_bench_json(cli):
