@@ -34,6 +34,11 @@ class Conversion:
     source_sha256: str | None = None
     source_bytes: int | None = None
     input_size: tuple[int, int, int] = (3, 224, 224)
+    quantized: dict[str, dict] = field(default_factory=dict)
+    """State-dict tensor name -> {"bits": 4|8, "keep": [dims with their own scale]}: tensors the
+    .dyn stores as integers (held in memory on their integer grid, see quant.py)."""
+    budget: dict | None = None
+    """How a byte budget was split (``--size``/``--target-bytes``): see budget.py."""
 
 
 def convert(
@@ -76,12 +81,13 @@ def dyn_metadata(conv: Conversion) -> dict:
         "options": conv.options.to_dict(),
         "layers": layers,
         "skipped": [s.__dict__ for s in conv.skipped],
+        "budget": conv.budget,
     }
 
 
 def save(conv: Conversion, path: str | Path) -> None:
     """Write the conversion as a .dyn file (atomically)."""
-    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv))
+    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized)
 
 
 def read_meta(path: str | Path) -> dict:

@@ -43,8 +43,11 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_dyn(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write atomically. ``meta`` gets the format fields and the checksum added."""
+def write_dyn(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, quantized: dict | None = None) -> None:
+    """Write atomically. ``meta`` gets the format fields and the checksum added.
+
+    ``quantized``: tensor name -> {"bits", "keep"} for tensors stored as integers (not yet stored
+    as such: TODO format version 2)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
