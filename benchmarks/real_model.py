@@ -260,7 +260,8 @@ def dyn_calibrated(bench: Bench, size: Fraction):
     key = ("dynconvert", size)
     if key not in bench.cache:
         model_copy = copy.deepcopy(bench.family.original)
-        bench.cache[key] = dynconvert.convert(model_copy, size=float(size), calib=bench.calib_batches(), callbacks=None)
+        bench.cache[key] = dynconvert.convert(model_copy, size=float(size), calib=bench.calib_batches(),
+                                              input_size=bench.family.input_size, on_progress=progress_printer(f"dynconvert {label(size)}"))
     return bench.cache[key]
 
 
@@ -275,21 +276,34 @@ def build_dynconvert_data_free(bench: Bench, stem: Path) -> Built:
     import dynconvert
 
     model_copy = copy.deepcopy(bench.family.original)
-    conv = dynconvert.convert(model_copy, size=float(DATA_FREE_SIZE), data_free=True, input_size=bench.family.input_size)
+    conv = dynconvert.convert(model_copy, size=float(DATA_FREE_SIZE), data_free=True, input_size=bench.family.input_size,
+                              on_progress=progress_printer("dynconvert data-free"), on_note=print)
     return dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
 
 
-def distill(bench: Bench, student: nn.Module) -> None:
-    """The one distillation call both distilled rows share (same data, same time budget)."""
+def distill(bench: Bench, student) -> None:
+    """The one distillation call both distilled rows share (same data, same time budget). A
+    dynconvert ``Conversion`` keeps its quantized tensors on their grid while it trains."""
     import dynconvert
 
     dynconvert.distill(student, bench.teacher(), bench.calib_batches(), seconds=bench.args.distill_seconds, on_log=print)
 
 
+def progress_printer(what: str):
+    """Prints each phase of a long conversion at every 10% (the run is long; silence looks like a hang)."""
+    start = time.perf_counter()
+
+    def show(phase: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"  {what}: {phase} {done}/{total} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    return show
+
+
 def build_dynconvert_distilled(bench: Bench, stem: Path) -> Built:
     start = "reused" if ("dynconvert", DISTILL_SIZE) in bench.cache else "converted here"
     conv = copy.deepcopy(dyn_calibrated(bench, DISTILL_SIZE))
-    distill(bench, conv.model)
+    distill(bench, conv)
     built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
     built.extra.update(start=start, distill_seconds=bench.args.distill_seconds)
     return built

@@ -3,5 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import build_report, convert, export_onnx, export_pth, export_safetensors, load, save  # noqa: E402
+from .distill import distill  # noqa: E402
 
-__all__ = ["convert", "load", "save", "build_report", "export_onnx", "export_pth", "export_safetensors", "__version__"]
+__all__ = ["convert", "load", "save", "distill", "build_report", "export_onnx", "export_pth", "export_safetensors",
+           "__version__"]

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,20 +50,77 @@ def convert(
     source: Source | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
     calib=None,
+    size: float | None = None,
+    target_bytes: int | None = None,
+    data_free: bool = False,
+    synthetic_images: int = 32,
+    on_progress=None,
+    on_note=None,
     **overrides,
 ) -> Conversion:
     """Convert ``model``'s Linear/Conv2d layers in place; keyword overrides set ConvertOptions fields.
 
     ``calib``: optional iterable of input batches; each layer is then fitted to its outputs on
     them after its weights (calibrated conversion).
+
+    ``size`` (a fraction of the model's fp32 bytes) or ``target_bytes``: compress to that many
+    bytes on disk instead of a uniform ratio, every layer's representation chosen by measured
+    sensitivity and fitted to the original's outputs (budget.py). Without ``calib`` (or with
+    ``data_free=True``) the inputs are synthesized from the model's BatchNorm statistics.
+    ``on_progress(phase, done, total)`` follows the long phases.
     """
-    opts = options or ConvertOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"convert() got an unknown option {key!r}")
-        setattr(opts, key, value)
-    model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
-    return Conversion(model.eval(), layers, skipped, opts, source or Source("module"), input_size=tuple(input_size))
+    opts = replace(options or ConvertOptions())
+    unknown = [k for k in overrides if k not in opts.to_dict()]
+    if unknown:
+        raise TypeError(f"convert() got an unknown option {unknown[0]!r}")
+    opts = replace(opts, **overrides)
+    if size is None and target_bytes is None:
+        if data_free:
+            raise DynError("data-free conversion needs a byte budget (--size or --target-bytes)")
+        model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
+        return Conversion(model.eval(), layers, skipped, opts, source or Source("module"), input_size=tuple(input_size))
+    return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
+                              tuple(input_size), "ratio" in overrides, on_progress, on_note)
+
+
+def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,
+                       ratio_given, on_progress, on_note) -> Conversion:
+    from .budget import convert_to_budget, model_bytes
+
+    if size is not None and target_bytes is not None:
+        raise DynError("give --size or --target-bytes, not both")
+    if ratio_given:
+        raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
+    if size is not None and not 0 < size < 1:
+        raise DynError(f"--size {size} must be between 0 and 1 (a fraction of the original's bytes)")
+    target = int(size * model_bytes(model)) if size is not None else int(target_bytes)
+    if calib is not None and data_free:
+        raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
+    if calib is None:
+        from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size
+
+        if not has_batchnorm(model):
+            raise DynError(f"{type(model).__name__} has no BatchNorm layers, so data-free calibration cannot synthesize "
+                           "inputs; pass calibration images (--calib DIR)")
+
+        def batches():
+            if on_note:
+                on_note("no calibration images: synthesizing inputs from the model's BatchNorm statistics (data-free)")
+            step = (lambda s, n, loss: on_progress("synthesizing inputs", s, n)) if on_progress else None
+            return bn_synthetic_batches(model, images=synthetic_images, input_size=synthesis_size(model, input_size),
+                                        on_step=step)
+
+        mode = "synthetic (BatchNorm statistics)"
+    else:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib]
+        if not batches or sum(len(b) for b in batches) == 0:
+            raise DynError("the calibration data gave no images; pass a folder with readable images")
+        mode = "images"
+    result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
+                               min_params=opts.min_params, on_progress=on_progress)
+    conv = Conversion(model.eval(), result.layers, result.skipped, opts, source or Source("module"),
+                      input_size=input_size, quantized=result.quantized, budget=result.summary)
+    return conv
 
 
 def dyn_metadata(conv: Conversion) -> dict:
@@ -200,7 +257,11 @@ def convert_checkpoint(
     callbacks: ConvertCallbacks | None = None,
     on_note=print,
     calib: str | None = None,
-    calib_images: int = 512,
+    calib_images: int | None = None,
+    size: float | None = None,
+    target_bytes: int | None = None,
+    data_free: bool = False,
+    on_progress=None,
 ) -> Conversion:
     """Checkpoint file -> .dyn file: what ``dynconvert convert`` does.
 
@@ -216,6 +277,12 @@ def convert_checkpoint(
 
     out = check_output_path(out, force)
     options.validate()
+    budgeted = size is not None or target_bytes is not None
+    if budgeted and resume:
+        raise DynError("--resume is not available with --size/--target-bytes; rerun the conversion")
+    if data_free and calib is not None:
+        raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
+    calib_images = calib_images or (256 if budgeted else 512)
     folder = rs.partial_dir(out)
     if folder.exists() and not resume:
         if not force:
@@ -232,6 +299,14 @@ def convert_checkpoint(
         batches = calibration_batches(calib, loaded.source.to_dict(), input_size, calib_images)
         on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
     source_sha256 = sha256_file(checkpoint)
+    if budgeted:
+        conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
+                       size=size, target_bytes=target_bytes, data_free=data_free, on_progress=on_progress,
+                       on_note=on_note)
+        conv.source_sha256 = source_sha256
+        conv.source_bytes = Path(checkpoint).stat().st_size
+        save(conv, out)
+        return conv
     # saved fits are reusable only under the same options, source and calibration set
     print_ = rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), calib=calib, calib_images=calib_images))
     done: dict[str, FitResult] = {}

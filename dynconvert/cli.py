@@ -70,6 +70,18 @@ class RichConvertProgress:
         )
 
 
+class RichPhaseProgress:
+    """One bar per long phase of a budgeted conversion (synthesis, sensitivity, fitting)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=total)
+        self.progress.update(self.tasks[phase], completed=done, total=total)
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
@@ -105,7 +117,10 @@ def convert(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
     calib: Optional[str] = typer.Option(None, help="Calibrated conversion: also fit each layer's outputs on images from this source (an image folder, 'digits', 'fake')."),
-    calib_images: int = typer.Option(512, help="How many calibration images to use."),
+    calib_images: Optional[int] = typer.Option(None, help="How many calibration images to use. [default: 256 with --size, else 512]"),
+    size: Optional[str] = typer.Option(None, "--size", help="Byte budget as a fraction of the original's fp32 bytes (1/8, 0.125, 12.5%): each layer's representation (states, int8/int4, fp32) is chosen by measured sensitivity. Replaces --ratio."),
+    target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Byte budget as a size (5MB, 800kB): like --size."),
+    data_free: bool = typer.Option(False, "--data-free", help="With --size: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
     calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib. [default: 300]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
@@ -126,14 +141,24 @@ def convert(
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
         calib_steps=calib_steps, init=init,
     ))
-    size = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
+    from .budget import parse_bytes, parse_size
+
+    fraction = parse_size(size) if size is not None else None
+    budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None
+    if (fraction is not None or budget_bytes is not None) and ratio is not None:
+        raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
+    if data_free and fraction is None and budget_bytes is None:
+        raise DynError("--data-free needs a byte budget: add --size (e.g. --size 1/6)")
+    shape = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
     try:
         with progress_bar() as progress:
+            phases = RichPhaseProgress(progress)
             conv = convert_checkpoint(
                 checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
-                trust_pickle=trust_pickle, force=force, resume=resume, input_size=size,
+                trust_pickle=trust_pickle, force=force, resume=resume, input_size=shape,
                 callbacks=RichConvertProgress(progress), on_note=progress.console.print,
-                calib=calib, calib_images=calib_images,
+                calib=calib, calib_images=calib_images, size=fraction, target_bytes=budget_bytes, data_free=data_free,
+                on_progress=phases,
             )
     except KeyboardInterrupt:
         from .resume import partial_dir
@@ -141,6 +166,19 @@ def convert(
         if partial_dir(out_path).is_dir():
             console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
         raise
+    if conv.budget is not None:
+        b = conv.budget
+        kinds: dict[str, int] = {}
+        for row in b["layers"]:
+            kinds[row["choice"].split(" H=")[0]] = kinds.get(row["choice"].split(" H=")[0], 0) + 1
+        split = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        out.print(
+            f"wrote {out_path}: {out_path.stat().st_size:,} bytes for a budget of {b['target_bytes']:,} "
+            f"({b['original_bytes'] / out_path.stat().st_size:.2f}x smaller than {b['original_bytes']:,}); "
+            f"calibration: {b['calibration']}, {b['calibration_images']} images; layers: {split}. "
+            f"`dynconvert report {out_path}` shows the allocation"
+        )
+        return
     n_dense = sum(s.dense_params for s in conv.layers)
     n_state = sum(s.state_params for s in conv.layers)
     mean_err = sum(s.rel_error for s in conv.layers) / max(len(conv.layers), 1)

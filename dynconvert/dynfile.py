@@ -41,6 +41,8 @@ FORMAT_VERSION = 2
 META_KEY = "dynconvert"
 REQUIRED_KEYS = ("format", "format_version", "source", "layers", "tensors_sha256")
 STATE_SUFFIXES = ("states_out", "states_in", "coupling", "offset")
+FLOAT16_BITS = 16
+"""``quantized`` entries with bits 16 are float tensors stored as fp16 (no scale)."""
 QUANT_SEP = ":"  # never in a PyTorch state-dict key: "NAME:q" and "NAME:scale" cannot collide
 MAX_NDIM = 16
 
@@ -127,14 +129,27 @@ def encode_quantized(path, tensors: dict[str, torch.Tensor], quantized: dict) ->
         if t is None:
             raise DynError(f"refusing to write {path}: quantized tensor {name!r} is not in the state dict")
         bits = spec.get("bits") if isinstance(spec, dict) else None
+        if bits == FLOAT16_BITS:  # small float tensors (norms, biases) of a byte-budgeted model
+            if not t.is_floating_point() or not torch.equal(t.half().to(t.dtype), t):
+                raise DynError(f"refusing to write {path}: tensor {name} is declared fp16 but its values are not fp16 numbers")
+            del stored[name]
+            stored[f"{name}{QUANT_SEP}f16"] = t.half().contiguous()
+            described[name] = {"bits": FLOAT16_BITS, "keep": [], "shape": list(t.shape)}
+            continue
         if type(bits) is not int or bits not in quant.BITS:
-            raise DynError(f"refusing to write {path}: quantized tensor {name!r} has bits {bits!r}; choose 4 or 8")
+            raise DynError(f"refusing to write {path}: quantized tensor {name!r} has bits {bits!r}; choose 4, 8 (or 16: fp16)")
         keep = _keep_dims(spec.get("keep", [0]), t.ndim) if t.ndim else []  # a scalar has one scale
         if keep is None:
             raise DynError(f"refusing to write {path}: quantized tensor {name!r} has invalid keep {spec.get('keep')!r} for {t.ndim} dims")
         if not t.is_floating_point():
             raise DynError(f"refusing to write {path}: quantized tensor {name!r} is not floating point")
-        q, scale, dev = _exact_scales(t, bits, keep)
+        given = spec.get("scale")
+        if isinstance(given, torch.Tensor):  # the scales the values were rounded with (GPTQ may leave a row short of qmax)
+            scale = given.detach().float().cpu().reshape([t.shape[i] if i in keep else 1 for i in range(t.ndim)])
+            q, _ = quant.quantize(t.float(), bits, tuple(keep), scale=scale)
+            dev = ((quant.dequantize(q, scale) - t.float()).abs() / scale).max().item() if t.numel() else 0.0
+        else:
+            q, scale, dev = _exact_scales(t, bits, keep)
         if dev > 1e-3:
             raise DynError(
                 f"refusing to write {path}: tensor {name} is declared int{bits} but is not on its integer grid "
@@ -176,11 +191,19 @@ def decode_quantized(path: Path, stored: dict[str, torch.Tensor], meta: dict) ->
         if QUANT_SEP in name or name in tensors:
             raise DynError(f"{what} is also stored unquantized, or has an invalid name (corrupt file)")
         bits, shape = info.get("bits"), info.get("shape")
-        if type(bits) is not int or bits not in quant.BITS:
-            raise DynError(f"{what} declares bits {bits!r}; only 4 and 8 exist")
+        if type(bits) is not int or bits not in (*quant.BITS, FLOAT16_BITS):
+            raise DynError(f"{what} declares bits {bits!r}; only 4, 8 and 16 (fp16) exist")
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                 or not all(type(s) is int and 0 <= s < 2**40 for s in shape)):
             raise DynError(f"{what} declares an invalid shape {shape!r}")
+        if bits == FLOAT16_BITS:
+            fname = f"{name}{QUANT_SEP}f16"
+            expected.add(fname)
+            half = stored.get(fname)
+            if half is None or half.dtype != torch.float16 or list(half.shape) != shape or info.get("keep") != []:
+                raise DynError(f"{what} is declared fp16 {shape} but {fname} is missing or does not match (corrupt file)")
+            tensors[name] = half.float()
+            continue
         keep = _keep_dims(info.get("keep"), len(shape))
         if keep is None or keep != info.get("keep"):
             raise DynError(f"{what} declares keep {info.get('keep')!r}, not distinct sorted dims of its {len(shape)}-dim shape")

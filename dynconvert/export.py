@@ -145,7 +145,8 @@ def export_onnx(
                 )
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
             raise DynError(f"ONNX export failed at opset {opset} ({first_line(e)})") from None
-        described = meta.get("quantized") or {}
+        # fp16-stored tensors (bits 16) stay float in the graph; only integers become DequantizeLinear
+        described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (4, 8)}
         stored_int8 = []
         if quantize if quantize is not None else bool(described):
             states = weight_free_state_ints(net, dense, described) if weight_free else {}

@@ -172,6 +172,7 @@ def build_report(
         "layers": layers,
         "skipped": meta.get("skipped", []),
         "totals": totals,
+        "budget": meta.get("budget"),
     }
 
 
@@ -260,11 +261,43 @@ def render_rich(rep: dict, console) -> None:
     for label, value in summary_lines(rep):
         summary.add_row(label, value)
     console.print(summary)
+    if rep.get("budget"):
+        render_budget_rich(rep, console)
+
+
+BUDGET_COLUMNS = ("layer", "matrix", "chosen", "bytes", "fp32 bytes", "sensitivity", "predicted err", "why")
+
+
+def _budget_rows(rep: dict) -> list[list[str]]:
+    return [[r["name"], "x".join(map(str, r["shape"])), r["choice"], human(r["bytes"], "B"), human(r["fp32_bytes"], "B"),
+             f"{r['sensitivity']:.3g}", f"{r['predicted_error']:.3g}", r["why"]] for r in rep["budget"]["layers"]]
+
+
+def _budget_title(rep: dict) -> str:
+    b = rep["budget"]
+    return (f"allocation: budget {human(b['target_bytes'], 'B')} of {human(b['original_bytes'], 'B')}, planned "
+            f"{human(b['planned_bytes'], 'B')}; calibration {b['calibration']} ({b['calibration_images']} images); "
+            f"each layer's choice minimizes sensitivity x layer-output error under the budget")
+
+
+def render_budget_rich(rep: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=_budget_title(rep))
+    for i, col in enumerate(BUDGET_COLUMNS):
+        table.add_column(col, justify="right" if 3 <= i <= 6 else "left", no_wrap=i == 0)
+    for row in _budget_rows(rep):
+        table.add_row(*row)
+    console.print(table)
 
 
 def render_markdown(rep: dict) -> str:
     lines = [f"# dynconvert report: {rep['file'] or 'model'}", ""]
     lines += [f"- **{label}**: {value}" for label, value in summary_lines(rep)]
+    if rep.get("budget"):
+        lines += ["", f"## {_budget_title(rep)}", "", "| " + " | ".join(BUDGET_COLUMNS) + " |",
+                  "|" + "|".join("---:" if 3 <= i <= 6 else "---" for i in range(len(BUDGET_COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _budget_rows(rep)]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _row(r)) + " |" for r in rep["layers"]]
     return "\n".join(lines) + "\n"

@@ -51,6 +51,30 @@ LR = 0.2           # Adam step on pixels of a N(0, 1) start; cosine-decayed to L
 EPS = 1e-5
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return bool(_bn_layers(model))
+
+
+@torch.no_grad()
+def synthesis_size(model: nn.Module, input_size, small: int = 64) -> tuple[int, int, int]:
+    """``small`` x ``small`` when the network runs there and gives outputs of the same shape as at
+    ``input_size`` (fully convolutional: BatchNorm statistics are per channel, and small inputs
+    are eight times cheaper to synthesize); otherwise ``input_size`` itself."""
+    c, h, w = input_size
+    if h <= small and w <= small:
+        return tuple(input_size)
+    was = model.training
+    model.eval()
+    try:
+        full = model(torch.zeros(1, c, h, w)).shape
+        reduced = model(torch.zeros(1, c, small, small)).shape
+    except Exception:  # a Linear on flattened features rejects other sizes: synthesize at the real one
+        return tuple(input_size)
+    finally:
+        model.train(was)
+    return (c, small, small) if full == reduced else tuple(input_size)
+
+
 def _bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules()
             if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]

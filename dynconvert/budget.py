@@ -1,0 +1,434 @@
+"""One byte budget for the whole network, split between layers by measured sensitivity.
+
+``convert_to_budget`` is what ``dynconvert convert --size 1/8`` (or ``--target-bytes``) runs:
+
+1. **Candidates.** Every Linear/Conv2d weight can stay fp32, become dense int8 or int4 (GPTQ,
+   one scale per output channel), or, where the layer can be converted, dynamics states (sql2) at
+   a few H*d with int8 states (one scale per sub-model state vector). Each has an exact byte cost.
+2. **Measure.** On the calibration inputs (images, or synthetic ones from BatchNorm statistics),
+   each candidate is fitted to its layer's outputs, put in place alone, and the network's output
+   error is measured: layers differ by orders of magnitude in sensitivity, and a low-rank error
+   moves a network differently from a rounding error of the same size.
+3. **Allocate.** Minimize the summed measured network errors under the byte budget (a
+   multiple-choice knapsack: Lagrangian relaxation, then a greedy fill of what is left), as HAWQ
+   and Sony MCT's mixed-precision search do.
+4. **Fit sequentially.** In execution order, a stage of layers at a time, each chosen layer is
+   fitted to the *original* network's outputs from the inputs of the network *compressed so far*
+   (``outputs.corrected_target``), so errors do not compound.
+
+The result records every layer's choice, its bytes, its predicted error and the alternatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from .convert import LayerStats, Skipped, set_submodule
+from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic
+from .errors import DynError
+from .outputs import (
+    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize,
+    materialize_sql2, output_error,
+)
+from .quant import stored_bytes
+
+STATE_DIM = 16
+"""d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
+DYN_CANDIDATES = 5
+"""Dynamics candidates per layer: H from 1 to where states cost 0.9 x int4, spaced geometrically."""
+SENSITIVITY_IMAGES = 16
+"""Images the network error of each candidate is measured on (held apart from the fitting ones
+when there are enough)."""
+HEADER_BYTES_PER_LAYER = 700
+"""The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
+HEADER_BYTES_PER_TENSOR = 160
+"""The safetensors header entry and the metadata's storage entry of one stored tensor."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str  # "fp32" | "int8" | "int4" | "dyn"
+    bytes: int
+    spec: DynSpec | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "dyn":
+            return f"states H={self.spec.groups} d={self.spec.dim} int8"
+        return "fp32 (kept)" if self.kind == "fp32" else f"dense {self.kind}"
+
+
+@dataclass
+class Unit:
+    """One weight the budget decides about."""
+
+    name: str
+    layer: nn.Module
+    m: int
+    n: int
+    convertible: str | None  # why states are not an option, or None
+
+    def candidates(self, min_params: int) -> list[Candidate]:
+        mn = self.m * self.n
+        out = [
+            Candidate("fp32", 4 * mn),
+            Candidate("int8", stored_bytes(mn, 8, self.m)),
+            Candidate("int4", stored_bytes(mn, 4, self.m)),
+        ]
+        if self.convertible is None and mn >= min_params:
+            # H from 1 up to where states would cost as much as int4, spaced geometrically
+            most = math.floor(0.9 * out[2].bytes / ((self.m + self.n) * (STATE_DIM + 4)))
+            groups = sorted({max(1, round(most ** (k / (DYN_CANDIDATES - 1)))) for k in range(DYN_CANDIDATES)}) if most >= 1 else []
+            for h in groups:
+                spec = DynSpec(h, STATE_DIM, "sql2", "linear")
+                out.append(Candidate("dyn", state_bytes(spec, self.m, self.n), spec))
+        return out
+
+
+def state_bytes(spec: DynSpec, m: int, n: int) -> int:
+    """int8 states with one fp32 scale per (group, state vector), fp32 couplings and offset."""
+    vectors = spec.groups * (m + n)
+    return stored_bytes(vectors * spec.dim, 8, vectors) + 4 * (spec.groups + 1)
+
+
+def why_not_states(layer: nn.Module) -> str | None:
+    if isinstance(layer, nn.Linear):
+        return None
+    if type(layer) is not nn.Conv2d:
+        # a subclass may pad or otherwise act in its own forward; a 1x1 stride-1 conv has nothing to pad
+        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1):
+            return f"{type(layer).__name__} (a Conv2d subclass with its own forward) is only converted when 1x1"
+    return DynConv2d.convertible(layer)
+
+
+def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
+    import fnmatch
+
+    units, skipped = [], []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            skipped.append(Skipped(name, "excluded by pattern"))
+            continue
+        m, n = dense_matrix(layer).shape
+        units.append(Unit(name, layer, m, n, why_not_states(layer)))
+    if not units:
+        raise DynError("no Linear or Conv2d layer to compress (check --include/--exclude)")
+    return units, skipped
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict at its own dtypes: the fp32 original a size is a fraction of."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# ---------------------------------------------------------------- fitting one candidate
+
+
+@dataclass
+class Fitted:
+    weight: torch.Tensor | None = None  # dense (m, n) on its integer grid
+    scale: torch.Tensor | None = None  # that grid's per-row scales
+    states: object = None  # FitResult for "dyn"
+    error: float = 0.0  # tr(E C E') against the target
+
+    def dense(self) -> torch.Tensor:
+        """The (m, n) weight this fit stands for."""
+        if self.states is None:
+            return self.weight
+        f = self.states
+        return materialize_sql2(f.states_out, f.states_in, f.coupling, f.offset)
+
+
+def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int) -> Fitted:
+    if cand.kind == "fp32":
+        return Fitted(weight=target, error=0.0)
+    if cand.kind in ("int8", "int4"):
+        w, scale = gptq_quantize(target, c, 8 if cand.kind == "int8" else 4)
+        return Fitted(weight=w, scale=scale, error=output_error(target, w, c))
+    fit = fit_states(target, c, cand.spec, bits=8, steps=state_steps)
+    w = materialize_sql2(fit.states_out, fit.states_in, fit.coupling, fit.offset)
+    return Fitted(states=fit, error=output_error(target, w, c))
+
+
+# ---------------------------------------------------------------- measured network error
+
+
+@torch.no_grad()
+def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
+                       min_params: int, on_progress=None) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+    """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
+    the network runs on ``images`` and its output error (mean squared change of the outputs over
+    their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
+    rounding error of the same size move a network very differently.
+
+    Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
+    unit of relative layer-output error of its int4 candidate, shown by ``report``)."""
+    reference = model(images)
+    scale = reference.pow(2).mean().clamp_min(1e-30)
+    options, sensitivity = {}, {}
+    for i, u in enumerate(units):
+        w = u.layer.weight
+        original = w.detach().clone()
+        matrix = original.reshape(u.m, u.n)
+        c = moments[u.name].own
+        layer_scale = max(output_error(matrix, torch.zeros_like(matrix), c), 1e-30)
+        measured = []
+        try:
+            for cand in u.candidates(min_params):
+                if cand.kind == "fp32":
+                    measured.append((cand, 0.0))
+                    continue
+                fitted = fit_candidate(cand, matrix, c, 0)
+                w.data.copy_(fitted.dense().reshape(w.shape))
+                err = float((model(images) - reference).pow(2).mean() / scale)
+                measured.append((cand, err))
+                if cand.kind == "int4":
+                    sensitivity[u.name] = err / max(fitted.error / layer_scale, 1e-30)
+        finally:
+            w.data.copy_(original)
+        options[u.name] = measured
+        if on_progress:
+            on_progress("measuring candidates", i + 1, len(units))
+    return options, sensitivity
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def allocate(options: dict[str, list[tuple[Candidate, float]]], budget: int) -> dict[str, int] | None:
+    """Index of the chosen candidate per layer minimizing the summed error within ``budget`` bytes.
+
+    Lagrangian relaxation (each layer minimizes error + lam * bytes; lam bisected to the largest
+    choice that fits), then a greedy fill: the upgrade with the best error saved per extra byte
+    that still fits, until none does. ``None`` when even the cheapest choices do not fit.
+    """
+    cheapest = sum(min(c.bytes for c, _ in opts) for opts in options.values())
+    if cheapest > budget:
+        return None
+
+    def choose(lam: float) -> dict[str, int]:
+        return {name: min(range(len(opts)), key=lambda i: (opts[i][1] + lam * opts[i][0].bytes, opts[i][0].bytes))
+                for name, opts in options.items()}
+
+    def total(choice) -> int:
+        return sum(options[n][i][0].bytes for n, i in choice.items())
+
+    lo, hi = 0.0, 1.0
+    while total(choose(hi)) > budget:
+        hi *= 4
+        if hi > 1e30:
+            break
+    for _ in range(100):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6 if hi > 1e-300 else 0.0
+        if total(choose(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+        if lo > 0 and hi / lo < 1 + 1e-9:
+            break
+    choice = choose(hi)
+    if total(choice) > budget:  # hi can overshoot only through ties; fall back to the cheapest
+        choice = {n: min(range(len(o)), key=lambda i: o[i][0].bytes) for n, o in options.items()}
+    spent = total(choice)
+    while True:
+        best = None
+        for name, opts in options.items():
+            cur_c, cur_e = opts[choice[name]]
+            for i, (c, e) in enumerate(opts):
+                extra = c.bytes - cur_c.bytes
+                if e < cur_e and extra > 0 and spent + extra <= budget:
+                    gain = (cur_e - e) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, name, i, extra)
+        if best is None:
+            return choice
+        _, name, i, extra = best
+        choice[name] = i
+        spent += extra
+
+
+# ---------------------------------------------------------------- the whole conversion
+
+
+@dataclass
+class BudgetResult:
+    layers: list[LayerStats]
+    skipped: list[Skipped]
+    quantized: dict[str, dict]
+    summary: dict
+
+
+def convert_to_budget(
+    model: nn.Module,
+    target_bytes: int,
+    calibration_inputs,
+    *,
+    calibration: str,
+    include=(),
+    exclude=(),
+    min_params: int = 10_000,
+    stages: int = 8,
+    state_steps: int = 60,
+    on_progress=None,
+) -> BudgetResult:
+    """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
+
+    ``calibration_inputs``: a list of input batches, or a function returning one (called only once
+    the budget is known to be reachable: synthesizing inputs takes a while).
+    ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
+    statistics)"). ``on_progress(phase, done, total)`` reports progress.
+    """
+    import copy
+
+    progress = on_progress or (lambda *a: None)
+    model.eval()
+    original_bytes = model_bytes(model)
+    if target_bytes >= original_bytes:
+        raise DynError(f"the budget {target_bytes:,} bytes is not below the original's {original_bytes:,} bytes; "
+                       "ask for a smaller --size (e.g. 1/4)")
+    units, skipped = find_units(model, include, exclude)
+    original = copy.deepcopy(model).eval()
+    # everything that is not a budgeted weight (norms, biases) is stored as fp16: at 1/8 of an
+    # EfficientNet-Lite2 it would otherwise take 15% of the budget
+    weights = {f"{u.name}.weight" for u in units}
+    small = {k: t for k, t in model.state_dict().items() if k not in weights}
+    halves = {k for k, t in small.items() if t.is_floating_point() and t.dtype != torch.float16}
+    with torch.no_grad():
+        for k in halves:
+            t = small[k]
+            t.copy_(t.half().to(t.dtype))
+    fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
+             + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * len(units)) + HEADER_BYTES_PER_LAYER * len(units) + 4096)
+    room = target_bytes - fixed
+    smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params)) for u in units)
+    if smallest > target_bytes:
+        raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
+                       f"(~{smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+    batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
+    names = execution_order(model, [u.name for u in units], batches[0][:1])
+    by_name = {u.name: u for u in units}
+    units = [by_name[n] for n in names]
+
+    # 1-2: every candidate fitted on the original inputs and measured in the network
+    everything = torch.cat(list(batches))
+    held_apart = len(everything) >= 3 * SENSITIVITY_IMAGES  # measure on images the fits did not see
+    images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
+    fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
+    moments = collect_moments({u.name: u.layer for u in units}, fitting.split(32), model)
+    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress)
+    choice = allocate(options, room)
+    assert choice is not None  # the cheapest choice of every layer fits (checked above)
+
+    # 4: sequential fitting, a stage at a time, on the inputs of the network compressed so far
+    chosen = {n: options[n][i][0] for n, i in choice.items()}
+    todo = [u for u in units if chosen[u.name].kind != "fp32"]
+    per_stage = max(1, math.ceil(len(todo) / max(stages, 1)))
+    layers, rows = [], []
+    quantized: dict[str, dict] = {k: {"bits": 16} for k in halves}
+    done = 0
+    for s in range(0, len(todo), per_stage):
+        stage = todo[s:s + per_stage]
+        paired = collect_moments({u.name: model.get_submodule(u.name) for u in stage}, batches, model, original,
+                                 stop_after=stage[-1].name)
+        for u in stage:
+            cand = chosen[u.name]
+            mom = paired[u.name]
+            w = dense_matrix(original.get_submodule(u.name))
+            target = corrected_target(w, mom)
+            fitted = fit_candidate(cand, target, mom.own, state_steps)
+            layer = model.get_submodule(u.name)
+            if cand.kind == "dyn":
+                new = make_dynamic(layer, cand.spec)
+                f = fitted.states
+                new.set_states(f.states_out, f.states_in, f.coupling, f.offset)
+                set_submodule(model, u.name, new)
+                for t in ("states_out", "states_in"):
+                    quantized[f"{u.name}.{t}"] = {"bits": 8, "keep": list(STATE_KEEP)}
+                layers.append(LayerStats(
+                    name=u.name, kind="linear" if isinstance(layer, nn.Linear) else "conv2d",
+                    weight_shape=list(layer.weight.shape), matrix_shape=[u.m, u.n], spec=cand.spec.to_dict(),
+                    dense_params=u.m * u.n, state_params=new.num_state_params(), rel_error=f.rel_error,
+                    svd_rel_error=_svd_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
+                    steps=state_steps, fit_mode=f"outputs ({calibration}, sequential)",
+                    output_rel_error=f.output_rel_error,
+                ))
+            else:
+                layer.weight.data.copy_(fitted.weight.reshape(layer.weight.shape))
+                quantized[f"{u.name}.weight"] = {"bits": 8 if cand.kind == "int8" else 4, "keep": [0], "scale": fitted.scale}
+            done += 1
+            progress("fitting", done, len(todo))
+    predicted_total = 0.0
+    for u in units:
+        cand, err = options[u.name][choice[u.name]]
+        predicted_total += err
+        rows.append(dict(
+            name=u.name, shape=[u.m, u.n], choice=cand.label, kind=cand.kind, bytes=cand.bytes,
+            fp32_bytes=4 * u.m * u.n, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
+            why=_why(options[u.name], choice[u.name]),
+            states_possible=u.convertible is None,
+        ))
+    summary = dict(
+        target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
+        planned_bytes=fixed + sum(r["bytes"] for r in rows), calibration=calibration,
+        calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
+        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows,
+    )
+    return BudgetResult(layers, skipped, quantized, summary)
+
+
+def _why(opts: list[tuple[Candidate, float]], chosen: int) -> str:
+    """One line: the choice against its cheaper and dearer neighbours."""
+    c, e = opts[chosen]
+    cheaper = [(o, oe) for o, oe in opts if o.bytes < c.bytes]
+    if not cheaper:
+        return "cheapest option"
+    o, oe = max(cheaper, key=lambda t: t[0].bytes)
+    return f"{o.label} would save {c.bytes - o.bytes:,} B for +{oe - e:.3g} predicted error"
+
+
+def _svd_error(w: torch.Tensor, rank: int) -> float:
+    from .fit import svd_rel_error
+
+    return svd_rel_error(w, rank)
+
+
+def parse_size(text: str) -> float:
+    """``1/8``, ``0.125`` or ``12.5%`` -> 0.125."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            value = float(t[:-1]) / 100
+        elif "/" in t:
+            a, b = t.split("/", 1)
+            value = float(a) / float(b)
+        else:
+            value = float(t)
+    except (ValueError, ZeroDivisionError):
+        raise DynError(f"--size {text!r}: give a fraction of the original bytes such as 1/8, 0.125 or 12.5%") from None
+    if not 0 < value < 1:
+        raise DynError(f"--size {text!r} must be between 0 and 1 (a fraction of the original's bytes)")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """``5MB``, ``800kB``, ``1.5MiB`` or a plain byte count."""
+    units = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    t = text.strip().lower().replace(" ", "")
+    i = len(t)
+    while i and not t[i - 1].isdigit() and t[i - 1] != ".":
+        i -= 1
+    try:
+        value = float(t[:i]) * units[t[i:]]
+    except (ValueError, KeyError):
+        raise DynError(f"--target-bytes {text!r}: give a size such as 5MB, 800kB or 1500000") from None
+    if not value >= 1:
+        raise DynError(f"--target-bytes {text!r} must be positive")
+    return int(value)

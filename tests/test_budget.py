@@ -1,0 +1,182 @@
+"""Byte-budgeted conversion (--size / --target-bytes): allocation, real file bytes, read-back, errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynconvert
+from dynconvert.budget import Candidate, allocate, parse_bytes, parse_size
+from dynconvert.errors import DynError
+from dynconvert.outputs import gptq_quantize, output_error
+from dynconvert.quant import fake_quant
+
+
+def bn_net(seed: int = 0) -> nn.Sequential:
+    """A small conv net with BatchNorm whose running statistics come from data (as trained ones do)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 128, 1), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding=1, groups=128), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.Conv2d(128, 256, 1), nn.BatchNorm2d(256), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 512),
+    )
+    net.train()
+    with torch.no_grad():
+        for _ in range(5):
+            net(torch.randn(16, 3, 16, 16) * 0.8 + 0.1)
+    return net.eval()
+
+
+def images(count: int = 48, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 3, 16, 16, generator=g) * 0.8 + 0.1
+    return [x[i:i + 16] for i in range(0, count, 16)]
+
+
+def test_parse_size_and_bytes():
+    assert parse_size("1/8") == 0.125 and parse_size("12.5%") == 0.125 and parse_size("0.25") == 0.25
+    assert parse_bytes("5MB") == 5_000_000 and parse_bytes("1.5MiB") == 1572864 and parse_bytes("800kB") == 800_000
+    for bad in ("2", "0", "x", "1/0"):
+        with pytest.raises(DynError):
+            parse_size(bad)
+    with pytest.raises(DynError):
+        parse_bytes("12 parsecs")
+
+
+def test_allocate_meets_the_budget_and_spends_it_where_error_falls_most():
+    cheap, mid, dear = Candidate("int4", 10), Candidate("int8", 20), Candidate("fp32", 40)
+    options = {
+        "sensitive": [(cheap, 100.0), (mid, 1.0), (dear, 0.0)],
+        "robust": [(cheap, 1.0), (mid, 0.5), (dear, 0.0)],
+    }
+    assert allocate(options, 35) == {"sensitive": 1, "robust": 0}  # the bytes go where error falls most
+    assert allocate(options, 40) == {"sensitive": 1, "robust": 1}
+    assert allocate(options, 60) == {"sensitive": 2, "robust": 1}
+    assert allocate(options, 80) == {"sensitive": 2, "robust": 2}
+    assert allocate(options, 19) is None
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48)
+    mix = torch.randn(48, 48)
+    x = torch.randn(2000, 48) @ mix  # strongly correlated inputs, as real activations are
+    c = x.T @ x / len(x)
+    q, scale = gptq_quantize(w, c, 4)
+    rtn = fake_quant(w, 4, (0,))
+    assert output_error(w, q, c) < 0.7 * output_error(w, rtn, c)
+    ints = q / scale
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 7 + 1e-4
+
+
+def test_budgeted_conversion_file_fits_and_reads_back(tmp_path):
+    net = bn_net()
+    reference = bn_net()
+    original_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    conv = dynconvert.convert(net, size=0.1, calib=images(), min_params=2000, input_size=(3, 16, 16))
+    path = tmp_path / "m.dyn"
+    dynconvert.save(conv, path)
+    assert path.stat().st_size <= 0.1 * original_bytes
+    assert conv.budget["calibration"] == "images"
+    kinds = {row["kind"] for row in conv.budget["layers"]}
+    assert "dyn" in kinds and kinds & {"int4", "int8"}, kinds  # below int4 everywhere: states must be used
+    loaded = dynconvert.load(path, model=bn_net(seed=5))
+    x = images(8, seed=9)[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), conv.model(x), atol=1e-5)
+        agree = (conv.model(x).argmax(1) == reference(x).argmax(1)).float().mean()
+    assert agree >= 0.5
+
+
+def test_data_free_conversion_runs_and_says_so(tmp_path):
+    conv = dynconvert.convert(bn_net(), size=0.3, data_free=True, synthetic_images=8, input_size=(3, 16, 16))
+    assert conv.budget["calibration"].startswith("synthetic")
+    dynconvert.save(conv, tmp_path / "m.dyn")
+    assert (tmp_path / "m.dyn").stat().st_size <= 0.3 * sum(t.numel() * 4 for t in bn_net().state_dict().values())
+
+
+def test_distill_keeps_quantized_tensors_on_their_grid(tmp_path):
+    teacher = bn_net()
+    conv = dynconvert.convert(bn_net(), size=0.2, calib=images(), min_params=2000, input_size=(3, 16, 16))
+    report = dynconvert.distill(conv, teacher, images(), steps=5, seconds=None)
+    assert report["steps"] == 5
+    dynconvert.save(conv, tmp_path / "d.dyn")  # refuses tensors that left their grid
+    assert (tmp_path / "d.dyn").stat().st_size <= 0.2 * sum(t.numel() * 4 for t in teacher.state_dict().values())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(size=1e-6), "below the smallest"),
+    (dict(target_bytes=10**9), "not below the original"),
+    (dict(size=0.2, ratio=0.5), "give one of them"),
+    (dict(size=0.2, target_bytes=1000), "not both"),
+])
+def test_budget_errors(kwargs, message):
+    with pytest.raises(DynError, match=message):
+        dynconvert.convert(bn_net(), calib=images(), input_size=(3, 16, 16), **kwargs)
+
+
+def test_data_free_needs_batchnorm():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    with pytest.raises(DynError, match="BatchNorm"):
+        dynconvert.convert(net, size=0.2, data_free=True, input_size=(3, 16, 16))
+
+
+NET_SOURCE = """
+import torch.nn as nn
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 128, 1), nn.BatchNorm2d(128),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 100))
+
+def build_plain():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 100))
+"""
+
+
+@pytest.fixture
+def budget_ckpt(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "budgetnet.py").write_text(NET_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "budgetnet", raising=False)
+    mod = importlib.import_module("budgetnet")
+    torch.save(mod.build().state_dict(), tmp_path / "net.pth")
+    torch.save(mod.build_plain().state_dict(), tmp_path / "plain.pth")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    return tmp_path
+
+
+@pytest.mark.parametrize("ckpt, args, message", [
+    ("net.pth", ["--size", "1/8", "--ratio", "0.5"], "give one of them"),
+    ("net.pth", ["--size", "2"], "between 0 and 1"),
+    ("net.pth", ["--size", "1/100000"], "below the smallest"),
+    ("net.pth", ["--target-bytes", "1GB"], "not below the original"),
+    ("net.pth", ["--size", "1/4", "--calib", "{tmp}/empty"], "image"),
+    ("plain.pth", ["--size", "1/4", "--data-free", "--model", "budgetnet:build_plain"], "BatchNorm"),
+    ("net.pth", ["--data-free"], "needs a byte budget"),
+])
+def test_cli_budget_errors(cli, budget_ckpt, ckpt, args, message):
+    out = budget_ckpt / "out.dyn"
+    args = [a.replace("{tmp}", str(budget_ckpt)) for a in args]
+    model = [] if "--model" in args else ["--model", "budgetnet:build"]
+    code, stdout, stderr = cli("convert", budget_ckpt / ckpt, "--out", out, "--input-size", "3,16,16", *model, *args)
+    lines = stderr.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+    assert "Traceback" not in stdout + stderr
+    assert not out.exists() and not list(budget_ckpt.glob(".out.dyn*"))
+
+
+def test_cli_budget_conversion_then_report(cli, budget_ckpt):
+    out = budget_ckpt / "out.dyn"
+    code, stdout, stderr = cli("convert", budget_ckpt / "net.pth", "--out", out, "--model", "budgetnet:build",
+                               "--input-size", "3,16,16", "--size", "1/3", "--calib-images", "16")
+    assert code == 0, stderr
+    assert "synthetic" in stdout + stderr and "bytes for a budget of" in stdout
+    code, stdout, stderr = cli("report", out, "--model", "budgetnet:build")
+    assert code == 0, stderr
+    assert "allocation" in stdout.lower()
