@@ -20,7 +20,6 @@ from dynconvert.errors import DynError
 from dynconvert.export import export_onnx, export_safetensors
 from dynconvert.safetensors_io import write_safetensors
 
-torch.set_num_threads(1)
 META = {"source": {"kind": "module"}, "layers": {}}
 
 

@@ -7,7 +7,6 @@ import torch.nn as nn
 from dynconvert.errors import DynError
 from dynconvert.synth import bn_loss_of, bn_synthetic_batches
 
-torch.set_num_threads(1)
 
 
 def tiny_bn_net(seed: int = 0) -> nn.Module:
