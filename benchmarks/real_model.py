@@ -8,6 +8,7 @@ and top-5 containment (the original's top-1 within the row's top-5):
     kind        rows
     fp32        the original, a saved state dict (the reference for every ratio)
     int8        int8 per-channel weights of every Conv2d/Linear, round-to-nearest, no data
+    int4        the same at int4 (packed in a .dyn): the weight-only point below int8's bytes
     ort         the fp32 ONNX export; ONNX Runtime quantize_dynamic (per-channel QInt8) and
                 quantize_static (QDQ, per-channel, calibrated on the calibration crops)
     svd         truncated SVD, one rank ratio for every non-depthwise Conv2d/Linear, fp32 factors,
@@ -52,7 +53,7 @@ import torch.nn as nn
 from benchmarks import baselines as B
 from benchmarks.photos import photo_crops, photo_names
 
-KINDS = ("fp32", "int8", "ort", "svd", "svd_int8", "dynconvert", "distill")
+KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "distill")
 DATA_FREE_SIZE = Fraction(1, 6)
 DISTILL_SIZE = Fraction(1, 8)
 
@@ -207,6 +208,26 @@ def build_int8(bench: Bench, stem: Path) -> Built:
     return Built(path, torch_predictor(load_state_file(bench, path)), dict(int8_layers=len(keys)))
 
 
+def build_int4(bench: Bench, stem: Path) -> Built:
+    """int4 per-channel round-to-nearest weights of every Conv2d/Linear, no data: the weight-only
+    point below int8's bytes (stored as packed int4 in a .dyn, the only int4 file format at hand)."""
+    import dynconvert
+    from dynconvert.api import Conversion
+    from dynconvert.convert import ConvertOptions
+    from dynconvert.quant import fake_quant
+
+    model = copy.deepcopy(bench.family.original)
+    keys = B.weight_keys(model, B.is_conv_or_linear)
+    state = model.state_dict()
+    with torch.no_grad():
+        for k in keys:
+            state[k].copy_(fake_quant(state[k], 4, (0,)))
+    conv = Conversion(model, [], [], ConvertOptions(), quantized={k: {"bits": 4, "keep": [0]} for k in keys})
+    path = stem.with_suffix(".dyn")
+    dynconvert.save(conv, path)
+    return Built(path, torch_predictor(dynconvert.load(path, model=bench.family.fresh())), dict(int4_layers=len(keys)))
+
+
 def build_onnx_fp32(bench: Bench, stem: Path) -> Built:
     path = bench.onnx_fp32()
     return Built(path, B.ort_predictor(path, bench.args.threads))
@@ -331,6 +352,7 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
     rows = [
         RowSpec("fp32 original", "fp32", "fp32", build_fp32),
         RowSpec("int8 per-channel RTN", "int8", "int8 RTN", build_int8),
+        RowSpec("int4 per-channel RTN (weight-only)", "int4", "int4 RTN", build_int4),
         RowSpec("ONNX fp32 (ORT)", "ort", "ONNX fp32", build_onnx_fp32),
         RowSpec("ORT quantize_dynamic", "ort", "ORT dynamic", build_ort_dynamic),
         RowSpec("ORT quantize_static QDQ", "ort", "ORT static", build_ort_static),

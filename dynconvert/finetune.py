@@ -128,8 +128,9 @@ def param_groups(model: nn.Module, opts: FinetuneOptions) -> list[dict]:
             factors = layer.trainable_factors()
             groups.append(dict(params=factors, lr_scale=1.0, kind="states"))
             seen.update(id(p) for p in factors)
-    if not groups:
-        raise DynError("the model has no converted (dynamics-based) layers to fine-tune")
+    if not groups and opts.train == "states":  # a byte-budgeted file may hold only quantized dense layers
+        raise DynError("the model has no converted (dynamics-based) layers to fine-tune; train other parameters "
+                       "with --train all or --train states+bias")
     extra = []
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -287,7 +288,8 @@ def finetune(
         teacher.to(device).eval().requires_grad_(False)
     groups = param_groups(model, opts)
     trained = [p for g in groups for p in g["params"]]
-    positions = [p for g in groups if g["kind"] == "states" for p in g["params"]]
+    # how far the states move decides the early stop; a file without states watches what trains
+    positions = [p for g in groups if g["kind"] == "states" for p in g["params"]] or trained
     for g in groups:
         g["lr"] = opts.lr * g["lr_scale"]
     if opts.optimizer == "sgd":
@@ -528,7 +530,11 @@ def finetune_file(
                 name: rel_error(dense_matrix(teacher_model.get_submodule(name)), layer.weight_matrix().detach().cpu())
                 for name, layer in dyn_layers(model).items()
             }
-        write_dyn(out, model.cpu().state_dict(), new_meta)
+        from .quant import round_to_storage
+
+        # a byte-budgeted file stays at its bytes: what was stored quantized is rounded back onto its grid
+        quantized = round_to_storage(model.cpu(), meta.get("quantized") or {})
+        write_dyn(out, model.cpu().state_dict(), new_meta, quantized=quantized)
         if not keep_checkpoint:
             ckpt.unlink(missing_ok=True)
     import torch.distributed as dist

@@ -68,3 +68,20 @@ def stored_bytes(numel: int, bits: int | None, scales: int = 0) -> int:
     if bits is None:
         return 4 * numel
     return (numel * bits + 7) // 8 + 4 * scales
+
+
+@torch.no_grad()
+def round_to_storage(model: torch.nn.Module, described: dict) -> dict[str, dict]:
+    """Put every tensor a .dyn declares quantized (``meta["quantized"]``) back on its grid in place
+    (after training moved it: fresh per-slice scales; bits 16: fp16), and return the ``quantized``
+    argument for ``write_dyn``, so a rewritten file keeps its bytes."""
+    state = model.state_dict()
+    out = {}
+    for name, info in described.items():
+        t = state.get(name)
+        if t is None:
+            continue
+        bits, keep = int(info["bits"]), tuple(info.get("keep", ()))
+        t.copy_(t.half().to(t.dtype) if bits == 16 else fake_quant(t, bits, keep))
+        out[name] = {"bits": bits, "keep": list(keep)}
+    return out

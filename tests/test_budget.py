@@ -180,3 +180,21 @@ def test_cli_budget_conversion_then_report(cli, budget_ckpt):
     code, stdout, stderr = cli("report", out, "--model", "budgetnet:build")
     assert code == 0, stderr
     assert "allocation" in stdout.lower()
+
+
+def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
+    out, tuned = budget_ckpt / "out.dyn", budget_ckpt / "tuned.dyn"
+    common = ["--model", "budgetnet:build"]
+    code, _, stderr = cli("convert", budget_ckpt / "net.pth", "--out", out, "--input-size", "3,16,16", "--size", "1/3",
+                          "--calib-images", "16", *common)
+    assert code == 0, stderr
+    code, _, stderr = cli("finetune", out, "--data", "fake", "--teacher", budget_ckpt / "net.pth", "--unlabeled",
+                          "--train", "all", "--max-steps", "2", "--batch-size", "4", "--out", tuned, *common)
+    assert code == 0, stderr
+    assert tuned.stat().st_size <= out.stat().st_size + 2048  # still stored quantized (fp32 would be ~3x); + the finetune record
+    import dynconvert
+    from dynconvert.dynfile import read_dyn
+
+    assert {k: v["bits"] for k, v in read_dyn(tuned)[1]["quantized"].items()} == \
+        {k: v["bits"] for k, v in read_dyn(out)[1]["quantized"].items()}
+    dynconvert.load(tuned, factory="budgetnet:build")
