@@ -198,3 +198,15 @@ def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     assert {k: v["bits"] for k, v in read_dyn(tuned)[1]["quantized"].items()} == \
         {k: v["bits"] for k, v in read_dyn(out)[1]["quantized"].items()}
     dynconvert.load(tuned, factory="budgetnet:build")
+
+
+def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
+    conv = dynconvert.convert(bn_net(), size=0.1, calib=images(), min_params=2000, input_size=(3, 16, 16))
+    path = tmp_path / "m.dyn"
+    dynconvert.save(conv, path)
+    dense_bytes = sum(t.numel() * 4 for t in bn_net().state_dict().values())
+    result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
+    assert result.quantized  # dense quantized weights travel as int8 + DequantizeLinear
+    # states stay states (int8) only in the weight-free graph; the materialized one expands them to fp32
+    result = dynconvert.export_onnx(path, tmp_path / "wf.onnx", model=bn_net(seed=3), weight_free=True)
+    assert (tmp_path / "wf.onnx").stat().st_size < 0.25 * dense_bytes, result.quantized
