@@ -53,7 +53,7 @@ import torch.nn as nn
 from benchmarks import baselines as B
 from benchmarks.photos import photo_crops, photo_names
 
-KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "distill")
+KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill")
 DATA_FREE_SIZE = Fraction(1, 6)
 DISTILL_SIZE = Fraction(1, 8)
 
@@ -361,8 +361,8 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
         rows += [RowSpec(f"SVD fp32 @ {label(size)}", "svd", "SVD fp32", build_svd(size, False)),
                  RowSpec(f"SVD+int8 @ {label(size)}", "svd_int8", "SVD+int8", build_svd(size, True))]
     rows += [RowSpec(f"dynconvert @ {label(size)}", "dynconvert", "dynconvert", build_dynconvert(size)) for size in budgets]
-    rows.append(RowSpec(f"dynconvert data-free @ {label(DATA_FREE_SIZE)}", "dynconvert", "dynconvert data-free",
-                        build_dynconvert_data_free))
+    rows.append(RowSpec(f"dynconvert data-free @ {label(DATA_FREE_SIZE)}", "data_free", "dynconvert data-free",
+                        build_dynconvert_data_free, frozenset({"dynconvert"})))
     if distill_rows:
         dyn = frozenset({"dynconvert"})
         rows += [RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill", "distill", "dynconvert + distill",

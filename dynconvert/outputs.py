@@ -60,6 +60,10 @@ def input_vectors(layer: nn.Module, x: torch.Tensor, limit: int, gen: torch.Gene
     # patches at sampled output positions only: unfolding a whole early feature map costs gigabytes
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)  # "same"/"valid" strings: none here
+    if x.shape[2] + 2 * pad[0] < dh * (kh - 1) + 1 or x.shape[3] + 2 * pad[1] < dw * (kw - 1) + 1:
+        # smaller than the kernel: a Conv2d subclass that pads in its own forward ("same" padding,
+        # as EfficientNet's) on a small input; pad the same way so there are patches to sample
+        pad = (dh * (kh - 1) // 2 + 1, dw * (kw - 1) // 2 + 1)
     xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
     b, ch, hp, wp = xp.shape
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1

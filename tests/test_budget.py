@@ -210,3 +210,13 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     # states stay states (int8) only in the weight-free graph; the materialized one expands them to fp32
     result = dynconvert.export_onnx(path, tmp_path / "wf.onnx", model=bn_net(seed=3), weight_free=True)
     assert (tmp_path / "wf.onnx").stat().st_size < 0.25 * dense_bytes, result.quantized
+
+
+def test_input_vectors_of_a_map_smaller_than_the_kernel():
+    """A Conv2d subclass that pads in its own forward (EfficientNet's "same" convs) can be fed a map
+    smaller than its kernel by small calibration inputs: there are still patches to sample."""
+    from dynconvert.outputs import input_vectors
+
+    conv = nn.Conv2d(8, 8, 5, groups=8)
+    v = input_vectors(conv, torch.randn(2, 8, 2, 2), 100, torch.Generator().manual_seed(0))
+    assert v.shape[1] == 25 and len(v) > 0
