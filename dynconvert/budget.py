@@ -32,9 +32,9 @@ from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic
 from .errors import DynError
 from .outputs import (
     STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize,
-    materialize_sql2, output_error,
+    materialize_sql2, output_error, row_scales,
 )
-from .quant import stored_bytes
+from .quant import qmax, stored_bytes
 
 STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
@@ -147,11 +147,16 @@ class Fitted:
         return materialize_sql2(f.states_out, f.states_in, f.coupling, f.offset)
 
 
-def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int) -> Fitted:
+def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
     if cand.kind == "fp32":
         return Fitted(weight=target, error=0.0)
     if cand.kind in ("int8", "int4"):
-        w, scale = gptq_quantize(target, c, 8 if cand.kind == "int8" else 4)
+        bits = 8 if cand.kind == "int8" else 4
+        if gptq:
+            w, scale = gptq_quantize(target, c, bits)
+        else:  # nearest rounding (clipping still searched): what synthetic inputs cannot mislead
+            scale = row_scales(target, bits)
+            w = torch.round(target / scale).clamp(-qmax(bits), qmax(bits)) * scale
         return Fitted(weight=w, scale=scale, error=output_error(target, w, c))
     fit = fit_states(target, c, cand.spec, bits=8, steps=state_steps)
     w = materialize_sql2(fit.states_out, fit.states_in, fit.coupling, fit.offset)
@@ -163,7 +168,7 @@ def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_
 
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
-                       min_params: int, on_progress=None) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+                       min_params: int, on_progress=None, gptq: bool = True) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` and its output error (mean squared change of the outputs over
     their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
@@ -186,7 +191,7 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                 if cand.kind == "fp32":
                     measured.append((cand, 0.0))
                     continue
-                fitted = fit_candidate(cand, matrix, c, 0)
+                fitted = fit_candidate(cand, matrix, c, 0, gptq)
                 w.data.copy_(fitted.dense().reshape(w.shape))
                 err = float((model(images) - reference).pow(2).mean() / scale)
                 measured.append((cand, err))
@@ -323,7 +328,10 @@ def convert_to_budget(
     images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
     fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
     moments = collect_moments({u.name: u.layer for u in units}, fitting.split(32), model)
-    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress)
+    # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
+    # steered by that and rounding to nearest is safer; the upstream correction likewise
+    trusted = calibration == "images"
+    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress, gptq=trusted)
     choice = allocate(options, room)
     assert choice is not None  # the cheapest choice of every layer fits (checked above)
 
@@ -342,8 +350,8 @@ def convert_to_budget(
             cand = chosen[u.name]
             mom = paired[u.name]
             w = dense_matrix(original.get_submodule(u.name))
-            target = corrected_target(w, mom)
-            fitted = fit_candidate(cand, target, mom.own, state_steps)
+            target = corrected_target(w, mom) if trusted else w
+            fitted = fit_candidate(cand, target, mom.own, state_steps, gptq=trusted)
             layer = model.get_submodule(u.name)
             if cand.kind == "dyn":
                 new = make_dynamic(layer, cand.spec)
