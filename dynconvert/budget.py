@@ -306,10 +306,6 @@ def convert_to_budget(
     weights = {f"{u.name}.weight" for u in units}
     small = {k: t for k, t in model.state_dict().items() if k not in weights}
     halves = {k for k, t in small.items() if t.is_floating_point() and t.dtype != torch.float16}
-    with torch.no_grad():
-        for k in halves:
-            t = small[k]
-            t.copy_(t.half().to(t.dtype))
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * len(units)) + HEADER_BYTES_PER_LAYER * len(units) + 4096)
     room = target_bytes - fixed
@@ -317,6 +313,9 @@ def convert_to_budget(
     if smallest > target_bytes:
         raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
                        f"(~{smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+    with torch.no_grad():  # the model is only changed once the budget is known to be reachable
+        for k in halves:
+            small[k].copy_(small[k].half().to(small[k].dtype))
     batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
     names = execution_order(model, [u.name for u in units], batches[0][:1])
     by_name = {u.name: u for u in units}
