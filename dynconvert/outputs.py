@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamics import DynSpec, sql2_factors
-from .fit import FitResult, solve_coupling_sql2, sql2_svd_init
+from .fit import FitResult, _descend, solve_coupling_sql2, sql2_svd_init
 from .quant import fake_quant, qmax
 
 STATE_KEEP = (0, 1)
@@ -322,20 +322,8 @@ def fit_states(
         scales = [float(p.detach().abs().mean().clamp_min(1e-8)) for p in params]
         opt = torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scales)])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        best_loss = math.inf
-        for step in range(steps + 1):
-            loss = loss_of()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                break
-            if value < best_loss:
-                best_loss, best = value, [p.detach().clone() for p in params]
-            if step == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        _, best = _descend(params, loss_of, opt, sched, steps, None,
+                           "the output-aware state fit diverged (NaN/Inf at step {step}); the layer's inputs may hold huge values")
     bx, by, bc, bo = best
     if bits is not None:
         bx, by = fake_quant(bx, bits, STATE_KEEP), fake_quant(by, bits, STATE_KEEP)
