@@ -280,8 +280,6 @@ def convert_checkpoint(
     budgeted = size is not None or target_bytes is not None
     if budgeted and resume:
         raise DynError("--resume is not available with --size/--target-bytes; rerun the conversion")
-    if data_free and calib is not None:
-        raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
     calib_images = calib_images or (256 if budgeted else 512)
     folder = rs.partial_dir(out)
     if folder.exists() and not resume:

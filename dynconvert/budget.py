@@ -16,25 +16,26 @@
    fitted to the *original* network's outputs from the inputs of the network *compressed so far*
    (``outputs.corrected_target``), so errors do not compound.
 
-The result records every layer's choice, its bytes, its predicted error and the alternatives.
+The result records every layer's choice, its bytes, its measured error and the alternatives.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .convert import LayerStats, Skipped, set_submodule
-from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic
+from .convert import LayerStats, Skipped, matches, set_submodule
+from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic, sql2_lowrank
 from .errors import DynError
 from .outputs import (
-    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize,
-    materialize_sql2, output_error, row_scales,
+    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
+    row_scales,
 )
-from .quant import qmax, stored_bytes
+from .fit import svd_rel_error
+from .quant import dequantize, quantize, stored_bytes
 
 STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
@@ -95,30 +96,20 @@ def state_bytes(spec: DynSpec, m: int, n: int) -> int:
     return stored_bytes(vectors * spec.dim, 8, vectors) + 4 * (spec.groups + 1)
 
 
-def why_not_states(layer: nn.Module) -> str | None:
-    if isinstance(layer, nn.Linear):
-        return None
-    if type(layer) is not nn.Conv2d:
-        # a subclass may pad or otherwise act in its own forward; a 1x1 stride-1 conv has nothing to pad
-        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1):
-            return f"{type(layer).__name__} (a Conv2d subclass with its own forward) is only converted when 1x1"
-    return DynConv2d.convertible(layer)
-
-
 def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
-    import fnmatch
-
+    """Every Linear/Conv2d weight (depthwise ones too: they can still be int8/int4)."""
     units, skipped = [], []
     for name, layer in model.named_modules():
         if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
             continue
-        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        if include and not matches(name, include):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if matches(name, exclude):
             skipped.append(Skipped(name, "excluded by pattern"))
             continue
         m, n = dense_matrix(layer).shape
-        units.append(Unit(name, layer, m, n, why_not_states(layer)))
+        why_not = DynConv2d.convertible(layer) if isinstance(layer, nn.Conv2d) else None
+        units.append(Unit(name, layer, m, n, why_not))
     if not units:
         raise DynError("no Linear or Conv2d layer to compress (check --include/--exclude)")
     return units, skipped
@@ -137,30 +128,27 @@ class Fitted:
     weight: torch.Tensor | None = None  # dense (m, n) on its integer grid
     scale: torch.Tensor | None = None  # that grid's per-row scales
     states: object = None  # FitResult for "dyn"
-    error: float = 0.0  # tr(E C E') against the target
 
     def dense(self) -> torch.Tensor:
         """The (m, n) weight this fit stands for."""
         if self.states is None:
             return self.weight
         f = self.states
-        return materialize_sql2(f.states_out, f.states_in, f.coupling, f.offset)
+        return sql2_lowrank(f.states_out, f.states_in, f.coupling, f.offset)
 
 
 def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
     if cand.kind == "fp32":
-        return Fitted(weight=target, error=0.0)
+        return Fitted(weight=target)
     if cand.kind in ("int8", "int4"):
         bits = 8 if cand.kind == "int8" else 4
         if gptq:
             w, scale = gptq_quantize(target, c, bits)
         else:  # nearest rounding (clipping still searched): what synthetic inputs cannot mislead
             scale = row_scales(target, bits)
-            w = torch.round(target / scale).clamp(-qmax(bits), qmax(bits)) * scale
-        return Fitted(weight=w, scale=scale, error=output_error(target, w, c))
-    fit = fit_states(target, c, cand.spec, bits=8, steps=state_steps)
-    w = materialize_sql2(fit.states_out, fit.states_in, fit.coupling, fit.offset)
-    return Fitted(states=fit, error=output_error(target, w, c))
+            w = dequantize(*quantize(target, bits, (0,), scale))
+        return Fitted(weight=w, scale=scale)
+    return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
 
 
 # ---------------------------------------------------------------- measured network error
@@ -191,12 +179,12 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                 if cand.kind == "fp32":
                     measured.append((cand, 0.0))
                     continue
-                fitted = fit_candidate(cand, matrix, c, 0, gptq)
-                w.data.copy_(fitted.dense().reshape(w.shape))
+                dense = fit_candidate(cand, matrix, c, 0, gptq).dense()
+                w.data.copy_(dense.reshape(w.shape))
                 err = float((model(images) - reference).pow(2).mean() / scale)
                 measured.append((cand, err))
                 if cand.kind == "int4":
-                    sensitivity[u.name] = err / max(fitted.error / layer_scale, 1e-30)
+                    sensitivity[u.name] = err / max(output_error(matrix, dense, c) / layer_scale, 1e-30)
         finally:
             w.data.copy_(original)
         options[u.name] = measured
@@ -363,7 +351,7 @@ def convert_to_budget(
                     name=u.name, kind="linear" if isinstance(layer, nn.Linear) else "conv2d",
                     weight_shape=list(layer.weight.shape), matrix_shape=[u.m, u.n], spec=cand.spec.to_dict(),
                     dense_params=u.m * u.n, state_params=new.num_state_params(), rel_error=f.rel_error,
-                    svd_rel_error=_svd_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
+                    svd_rel_error=svd_rel_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
                     steps=state_steps, fit_mode=f"outputs ({calibration}, sequential)",
                     output_rel_error=f.output_rel_error,
                 ))
@@ -398,13 +386,7 @@ def _why(opts: list[tuple[Candidate, float]], chosen: int) -> str:
     if not cheaper:
         return "cheapest option"
     o, oe = max(cheaper, key=lambda t: t[0].bytes)
-    return f"{o.label} would save {c.bytes - o.bytes:,} B for +{oe - e:.3g} predicted error"
-
-
-def _svd_error(w: torch.Tensor, rank: int) -> float:
-    from .fit import svd_rel_error
-
-    return svd_rel_error(w, rank)
+    return f"{o.label} would save {c.bytes - o.bytes:,} B for +{oe - e:.3g} measured error"
 
 
 def parse_size(text: str) -> float:

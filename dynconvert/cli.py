@@ -168,9 +168,9 @@ def convert(
         raise
     if conv.budget is not None:
         b = conv.budget
-        kinds: dict[str, int] = {}
-        for row in b["layers"]:
-            kinds[row["choice"].split(" H=")[0]] = kinds.get(row["choice"].split(" H=")[0], 0) + 1
+        from collections import Counter
+
+        kinds = Counter({"dyn": "states int8"}.get(row["kind"], row["kind"]) for row in b["layers"])
         split = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         out.print(
             f"wrote {out_path}: {out_path.stat().st_size:,} bytes for a budget of {b['target_bytes']:,} "

@@ -67,15 +67,20 @@ class Skipped:
     reason: str
 
 
+def matches(name: str, patterns) -> bool:
+    """Whether a layer name matches any of the --include/--exclude glob patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def plan(model: nn.Module, opts: ConvertOptions) -> tuple[list[Planned], list[Skipped]]:
     """Which Linear/Conv2d layers get converted, with which spec, and why the others do not."""
     chosen, skipped = [], []
     for name, layer in model.named_modules():
         if isinstance(layer, DynamicsLayer) or not isinstance(layer, (nn.Linear, nn.Conv2d)):
             continue
-        if opts.include and not any(fnmatch.fnmatchcase(name, p) for p in opts.include):
+        if opts.include and not matches(name, opts.include):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in opts.exclude):
+        if matches(name, opts.exclude):
             skipped.append(Skipped(name, "excluded by pattern"))
             continue
         if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):

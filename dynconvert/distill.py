@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 from .errors import DynError
-from .quant import qmax, scales_for
+from .quant import dequantize, quantize
 
 
 class _OnGrid(nn.Module):
@@ -36,9 +36,7 @@ class _OnGrid(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if self.bits == 16:  # stored as fp16
             return t + (t.half().to(t.dtype) - t).detach()
-        scale = self.fixed if self.fixed is not None else scales_for(t, self.bits, self.keep)
-        q = qmax(self.bits)
-        on_grid = torch.round(t / scale).clamp(-q, q) * scale
+        on_grid = dequantize(*quantize(t, self.bits, self.keep, self.fixed)).to(t.dtype)
         return t + (on_grid - t).detach()
 
 
@@ -103,13 +101,13 @@ def distill(
             out = model(inputs[idx])
             loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(targets[idx] / t, 1), log_target=True,
                             reduction="batchmean") * t * t
-            if not math.isfinite(float(loss.detach())):
-                raise DynError(f"distillation diverged (loss {float(loss)} at step {step}); try a smaller lr")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DynError(f"distillation diverged (loss {value} at step {step}); try a smaller lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            value = float(loss.detach())
             first = value if first is None else first
             last = value
             if on_log and (step == 1 or step % 10 == 0):

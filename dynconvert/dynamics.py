@@ -256,6 +256,10 @@ class DynConv2d(DynamicsLayer):
         """Why a conv cannot be converted, or None when it can."""
         if layer.padding_mode != "zeros":
             return f"padding_mode={layer.padding_mode!r} is not supported"
+        if type(layer) is not nn.Conv2d and (tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1)):
+            # a subclass may pad or otherwise act in its own forward (EfficientNet's "same" convs);
+            # a 1x1 stride-1 conv has nothing to pad, so replacing it keeps what it computes
+            return f"{type(layer).__name__} (a Conv2d subclass with its own forward) is only converted when 1x1"
         if layer.groups == layer.in_channels and layer.in_channels > 1:
             return "depthwise convolution (too few weights per channel to compress)"
         return None

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dynamics import DynSpec, sql2_factors
+from .dynamics import DynSpec, sql2_factors, sql2_lowrank
 from .fit import FitResult, _descend, solve_coupling_sql2, sql2_svd_init
 from .quant import fake_quant, qmax
 
@@ -48,15 +48,12 @@ def input_vectors(layer: nn.Module, x: torch.Tensor, limit: int, gen: torch.Gene
     Conv positions are sampled (the same positions for the same generator state), so early
     high-resolution layers cost no more than late ones. A grouped conv's groups are extra samples.
     """
-    if isinstance(layer, nn.Linear):
-        v = x.reshape(-1, x.shape[-1])
-        idx = torch.randperm(v.shape[0], generator=gen)[:limit] if v.shape[0] > limit else None
-        return v if idx is None else v[idx]
+    pointwise = isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) \
+        and layer.groups == 1
+    if isinstance(layer, nn.Linear) or pointwise:
+        v = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return v[torch.randperm(v.shape[0], generator=gen)[:limit]] if v.shape[0] > limit else v
     kh, kw = layer.kernel_size
-    if (kh, kw) == (1, 1) and tuple(layer.stride) == (1, 1) and layer.groups == 1:
-        v = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        idx = torch.randperm(v.shape[0], generator=gen)[:limit] if v.shape[0] > limit else None
-        return v if idx is None else v[idx]
     # patches at sampled output positions only: unfolding a whole early feature map costs gigabytes
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)  # "same"/"valid" strings: none here
@@ -312,10 +309,13 @@ def fit_states(
     coupling, offset = coupling.clone().requires_grad_(), offset.clone().requires_grad_()
     params = [x, y, coupling, offset]
 
+    def whitened(x, y, coupling, offset):
+        """(W^ L) from the factors: never the m x n x n product W^ @ L."""
+        left, right, a, b = sql2_factors(x, y, coupling)
+        return left @ (right.T @ low) + (a + offset)[:, None] * ones_low[None, :] + (b @ low)[None, :]
+
     def loss_of():
-        left, right, a, b = sql2_factors(_ste(x, bits), _ste(y, bits), coupling)
-        approx_low = left @ (right.T @ low) + (a + offset)[:, None] * ones_low[None, :] + (b @ low)[None, :]
-        return (approx_low - goal).pow(2).sum() / goal_sq
+        return (whitened(_ste(x, bits), _ste(y, bits), coupling, offset) - goal).pow(2).sum() / goal_sq
 
     best = [p.detach().clone() for p in params]
     if steps > 0:
@@ -328,12 +328,6 @@ def fit_states(
     if bits is not None:
         bx, by = fake_quant(bx, bits, STATE_KEEP), fake_quant(by, bits, STATE_KEEP)
     with torch.no_grad():
-        approx = materialize_sql2(bx, by, bc, bo)
-        out_err = float(((approx - target) @ low).pow(2).sum().div(goal_sq).sqrt())
-        w_err = float((approx - target).norm() / target.norm().clamp_min(1e-30))
+        out_err = float((whitened(bx, by, bc, bo) - goal).pow(2).sum().div(goal_sq).sqrt())
+        w_err = float((sql2_lowrank(bx, by, bc, bo) - target).norm() / target.norm().clamp_min(1e-30))
     return FitResult(bx, by, bc.detach(), bo.detach(), w_err, steps, output_rel_error=out_err)
-
-
-def materialize_sql2(x, y, coupling, offset) -> torch.Tensor:
-    left, right, a, b = sql2_factors(x, y, coupling)
-    return torch.addmm(a[:, None] + b[None, :] + offset, left, right.T)

@@ -1,8 +1,8 @@
 """Symmetric integer quantization of tensors: the precision a stored tensor can have.
 
 A quantized tensor keeps one scale per slice along the dimensions in ``keep`` (for a dense
-weight ``keep=(0,)``: one scale per output channel; for states ``(H, m, d)`` ``keep=(0, 2)``: one
-per group and state coordinate) and integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. In memory a
+weight ``keep=(0,)``: one scale per output channel; for states ``(H, m, d)`` ``keep=(0, 1)``: one
+per sub-model state vector) and integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. In memory a
 quantized tensor is held dequantized (``fake_quant``: float values on the integer grid), so every
 measurement sees exactly what a saved file will hold; the .dyn writer stores the integers.
 """

@@ -265,7 +265,7 @@ def render_rich(rep: dict, console) -> None:
         render_budget_rich(rep, console)
 
 
-BUDGET_COLUMNS = ("layer", "matrix", "chosen", "bytes", "fp32 bytes", "sensitivity", "predicted err", "why")
+BUDGET_COLUMNS = ("layer", "matrix", "chosen", "bytes", "fp32 bytes", "sensitivity", "measured err", "why")
 
 
 def _budget_rows(rep: dict) -> list[list[str]]:
@@ -277,7 +277,7 @@ def _budget_title(rep: dict) -> str:
     b = rep["budget"]
     return (f"allocation: budget {human(b['target_bytes'], 'B')} of {human(b['original_bytes'], 'B')}, planned "
             f"{human(b['planned_bytes'], 'B')}; calibration {b['calibration']} ({b['calibration_images']} images); "
-            f"each layer's choice minimizes sensitivity x layer-output error under the budget")
+            f"the choices minimize the summed network-output errors measured for each layer alone")
 
 
 def render_budget_rich(rep: dict, console) -> None:
