@@ -170,24 +170,30 @@ def run_bench(
 ONNX_EXPORTS = ("original", "materialized", "factorized", "weight-free", "int8")
 
 
-def _ort_times(path, batch: int, size, threads: int, repeats: int, budget_s: float = 20.0) -> list[float]:
-    """Wall ms of one ONNX Runtime run at ``batch``, ``repeats`` times (fewer once ``budget_s`` is
-    spent, at least 3) after 2 warm-up runs."""
+def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budget_s: float = 20.0) -> dict:
+    """kind -> wall ms of ONNX Runtime runs at ``batch``, after 2 warm-up runs each.
+
+    The graphs take turns, one run each per round, so a load that comes and goes on a shared
+    machine falls on all of them alike. ``repeats`` rounds, fewer (at least 3) once a round's
+    share of ``budget_s`` per graph is spent."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch)).numpy()
-    for _ in range(2):
-        session.run(None, {name: x})
-    out, start = [], time.perf_counter()
-    while len(out) < repeats and (len(out) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        session.run(None, {name: x})
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    times = {k: [] for k in paths}
+    start = time.perf_counter()
+    for rnd in range(repeats + 2):
+        if rnd >= 5 and time.perf_counter() - start > budget_s * len(paths):
+            break
+        for k, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feeds[k])
+            if rnd >= 2:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _exports(dyn, folder, original, factory, meta) -> dict:
@@ -221,9 +227,9 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
 
     Exports (each checked against PyTorch by ``export_onnx``, except ORT's own int8): the
     ``original`` checkpoint when given, the materialized graph, the factorized one (sql2 layers
-    as two thin convs), the weight-free one and int8. Each is timed at every batch size with
-    ``intra_op_num_threads`` set to each of ``threads``, keeping the best median (the row says
-    which count).
+    as two thin convs), the weight-free one and int8. They are timed in turns (``_ort_rounds``)
+    at every batch size with ``intra_op_num_threads`` set to each of ``threads``, each keeping
+    its best median (the row says which count).
     """
     import tempfile
     from pathlib import Path
@@ -232,21 +238,23 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
 
     _, meta = open_dyn(dyn)
     size = tuple(meta.get("input_size") or (3, 224, 224))
-    rows, load = [], _loadavg()
+    load = _loadavg()
     with tempfile.TemporaryDirectory(prefix="dynconvert-onnx-") as tmp:
-        for kind, (res, note) in _exports(dyn, Path(tmp), original, factory, meta).items():
-            path = Path(tmp) / f"{kind}.onnx"
-            row = {"export": kind, "bytes": path.stat().st_size, "note": note,
-                   "kept_materialized": len(res.kept) if res is not None else None}
-            for batch in batches:
-                best = min(((_ort_times(path, batch, size, t, repeats), t) for t in threads),
-                           key=lambda r: statistics.median(r[0]))
-                row[f"b{batch}_ms"] = round(statistics.median(best[0]), 2)
-                row[f"b{batch}_spread_ms"] = [round(min(best[0]), 2), round(max(best[0]), 2)]
-                row[f"b{batch}_threads"] = best[1]
-            rows.append(row)
-            if on_row:
-                on_row(row)
+        made = _exports(dyn, Path(tmp), original, factory, meta)
+        paths = {kind: Path(tmp) / f"{kind}.onnx" for kind in made}
+        rows = {kind: {"export": kind, "bytes": paths[kind].stat().st_size, "note": note,
+                       "kept_materialized": len(res.kept) if res is not None else None}
+                for kind, (res, note) in made.items()}
+        for batch in batches:
+            runs = [(_ort_rounds(paths, batch, size, t, repeats), t) for t in threads]
+            for kind, row in rows.items():
+                times, t = min(((r[kind], t) for r, t in runs), key=lambda r: statistics.median(r[0]))
+                row[f"b{batch}_ms"] = round(statistics.median(times), 2)
+                row[f"b{batch}_spread_ms"] = [round(min(times), 2), round(max(times), 2)]
+                row[f"b{batch}_threads"] = t
+                if on_row and batch == batches[-1]:
+                    on_row(row)
+    rows = list(rows.values())
     return {"file": str(dyn), "input_size": list(size), "batches": list(batches), "threads": list(threads),
             "repeats": repeats, "onnxruntime": _ort_version(), "cpu_count": os.cpu_count(), "loadavg_before": load,
             "loadavg_after": _loadavg(), "rows": rows}

@@ -3,9 +3,9 @@
 A layer's fit is a chain of small products and decompositions. A second OpenMP thread barely
 helps them when the cores are idle and ruins them when another process holds a core: the
 threads spin waiting for each other (``torch.linalg.svdvals`` on 256x2048: 36 ms on one thread,
-95 ms on two idle cores, 745 ms on two with one busy-loop process; see README "Conversion
-speed"). So each fit runs on one thread, and the cores are used by fitting several layers at
-once in worker processes (``--threads N``: N one-thread processes).
+95 ms on two idle cores; beside one busy-loop process 117 ms and 745 ms). So each fit runs on
+one thread, and the cores are used by fitting several layers at once in worker processes
+(``--threads N``: N one-thread processes).
 
 Results do not depend on N: a layer's fit is the same computation on one thread whether it runs
 here or in a worker, which is what makes the same seed give the same bytes on any thread count.
