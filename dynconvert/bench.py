@@ -180,6 +180,8 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    # idle pool threads would otherwise spin after each run, on the core the next graph needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch)).numpy()
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
