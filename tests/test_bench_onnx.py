@@ -77,5 +77,7 @@ def test_bench_onnx_cli_and_report_latency(cli, small_dyn):
     code, stdout, err = cli("report", dyn, "--model", factory, "--latency", "--json")
     assert code == 0, err
     assert {r["export"] for r in json.loads(stdout)["latency"]["rows"]} >= {"materialized", "weight-free"}
+    code, stdout, err = cli("report", dyn, "--model", factory, "--latency", "--markdown")
+    assert code == 0 and "ONNX Runtime latency (batch 1)" in stdout and "| factorized |" in stdout, err
     code, stdout, err = cli("bench", "--onnx", dyn, "--batches", "1")
     assert code != 0 and "--model" in err and "Traceback" not in err, err
