@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from _tiny import FACTORY, tiny_checkpoint
+from _tiny import FACTORY, tiny_checkpoint, use_factory
 
 from dynconvert import workers
 from dynconvert.convert import ConvertCallbacks, ConvertOptions, convert_model
@@ -56,7 +56,7 @@ def test_callbacks_in_layer_order_with_workers():
 def test_worker_error_is_one_line(tmp_path, cli, monkeypatch):
     """A fit that fails in a worker process ends the CLI with the worker's own error line."""
     ckpt = tiny_checkpoint(tmp_path, layers=2)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    use_factory(monkeypatch, tmp_path)  # not a same-named factory an earlier test imported
     code, _, err = cli("convert", ckpt, "--out", tmp_path / "o.dyn", "--model", FACTORY, "--steps", "5",
                        "--min-params", "100", "--lr", "1e38", "--threads", "2")
     assert code == 2 and "the fit diverged" in err and "Traceback" not in err, err
