@@ -74,6 +74,7 @@ def convert(
     if unknown:
         raise TypeError(f"convert() got an unknown option {unknown[0]!r}")
     opts = replace(opts, **overrides)
+    _check_include(model, opts.include)
     if size is None and target_bytes is None:
         if data_free:
             raise DynError("data-free conversion needs a byte budget (--size or --target-bytes)")
@@ -81,6 +82,17 @@ def convert(
         return Conversion(model.eval(), layers, skipped, opts, source or Source("module"), input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
                               tuple(input_size), "ratio" in overrides, on_progress, on_note)
+
+
+def _check_include(model: nn.Module, patterns: list[str]) -> None:
+    """Every --include pattern names at least one Linear/Conv2d layer: a typo must not convert nothing."""
+    from .convert import matches
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for p in patterns:
+        if not any(matches(n, [p]) for n in names):
+            some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise DynError(f"--include {p!r} matches no Linear/Conv2d layer of {type(model).__name__} (its layers: {some})")
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,

@@ -7,9 +7,13 @@ files loaded, because unpickling can run arbitrary code.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import importlib
+import os
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DynError, first_line
+from .fileio import sniff
 from .safetensors_io import read_safetensors
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -49,13 +54,43 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> str | None:
+    """Refuse what is not a checkpoint, saying what it is; returns fileio.sniff's kind."""
     if not path.exists():
         raise DynError(f"{path}: no such file")
     if path.is_dir():
         raise DynError(f"{path} is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise DynError(f"{path} is empty; it is not a checkpoint")
+    kind = sniff(path) if path.suffix != ".safetensors" else "safetensors"
+    if kind == "onnx":
+        raise DynError(f"{path} is an ONNX model; dynconvert converts PyTorch checkpoints: give the .pth/.safetensors "
+                       "it was exported from (ONNX graphs cannot be turned back into a PyTorch module)")
+    if kind == "dyn":
+        raise DynError(f"{path} is a .dyn file, already converted; use report, eval, finetune or export on it")
+    if kind == "text":
+        raise DynError(f"{path} is a text file, not a readable PyTorch checkpoint; give a state dict saved with "
+                       "torch.save (.pth/.pt) or a .safetensors file")
+    if kind is None:
+        raise DynError(f"{path} is not a readable PyTorch checkpoint: neither a zip archive nor a pickle (what "
+                       "torch.save writes) nor safetensors")
+    return kind
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    """Modules in the current directory import the way ``python -m`` finds them: the ``dynconvert``
+    script's sys.path starts with its own bin/ folder, not with the folder it is run from."""
+    cwd = os.getcwd()
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _check_zip(path: Path) -> None:
@@ -88,8 +123,7 @@ def _is_torchscript(path: Path) -> bool:
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
     """A state dict (weights-only) or, with ``trust_pickle``, possibly a whole module."""
     path = Path(path)
-    _check_file(path)
-    if path.suffix == ".safetensors":
+    if _check_file(path) == "safetensors":  # also under another suffix
         tensors, _ = read_safetensors(path)
         return unwrap_state_dict(tensors)
     if zipfile.is_zipfile(path):
@@ -104,11 +138,15 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+            with _cwd_importable() if trust_pickle else contextlib.nullcontext():  # a pickle names its classes' modules
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
             raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
         raise DynError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    except ModuleNotFoundError as e:
+        raise DynError(f"{path}: the pickled module needs {e.name!r}, which cannot be imported; run from the folder "
+                       "that holds it or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, nn.Module):
@@ -209,13 +247,20 @@ def _num_classes(model: nn.Module) -> int:
     return last[-1].out_features if last else 0
 
 
-def import_factory(spec: str) -> nn.Module:
-    """Call ``package.module:factory`` and check it returns an nn.Module."""
+TIMM = "timm:"
+
+
+def import_factory(spec: str, state: dict | None = None, num_classes: int | None = None) -> nn.Module:
+    """Call ``package.module:factory`` (found in the current directory too) and check it returns an
+    nn.Module; ``timm:NAME`` builds a timm architecture (see ``build_timm``)."""
+    if spec.startswith(TIMM):
+        return build_timm(spec, state, num_classes)
     if ":" not in spec:
-        raise DynError(f"--model {spec!r} must look like package.module:factory")
+        raise DynError(f"--model {spec!r} must look like package.module:factory (or timm:NAME)")
     mod_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(mod_name)
+        with _cwd_importable():
+            module = importlib.import_module(mod_name)
     except Exception as e:
         raise DynError(f"--model {spec}: cannot import {mod_name} ({first_line(e)})") from None
     fn = getattr(module, attr, None)
@@ -225,6 +270,51 @@ def import_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise DynError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def build_timm(spec: str, state: dict | None = None, num_classes: int | None = None) -> nn.Module:
+    """``timm:NAME`` or ``timm:NAME,key=value,...`` (keyword arguments of ``timm.create_model``, e.g.
+    ``img_size=64``): the architecture without pretrained weights. The class count comes from
+    ``num_classes``, else from the classifier rows in ``state``."""
+    name, *args = spec[len(TIMM):].split(",")
+    try:
+        import timm
+    except ImportError:
+        raise DynError(f"--model {spec} needs timm, which is not installed: pip install 'dynconvert[timm]'") from None
+    kwargs = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            eq = ""
+        if not eq or not key.strip().isidentifier():
+            raise DynError(f"--model {spec}: {arg!r} must look like key=value with a Python literal value (img_size=64)")
+    if not timm.is_model(name):
+        raise DynError(f"--model {spec}: timm has no architecture {name!r} (list them: python -c \"import timm; print(timm.list_models('*{name[:4]}*'))\")")
+    kwargs["pretrained"] = False
+    if num_classes is None and state is not None:
+        num_classes = _timm_classes(timm, name, kwargs, state)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as e:  # timm raises many types for bad keyword arguments
+        raise DynError(f"--model {spec}: timm cannot build it ({first_line(e)})") from None
+
+
+def _timm_classes(timm, name: str, kwargs: dict, state: dict) -> int | None:
+    """The class count the checkpoint's classifier has (fine-tuned heads differ from the default)."""
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, **kwargs)
+        head = net.get_classifier()
+    except Exception:
+        return None
+    key = next((f"{n}.weight" for n, m in net.named_modules() if m is head and n), None)
+    if key in state and state[key].ndim >= 1 and isinstance(head, (nn.Linear, nn.Conv2d)):
+        return int(state[key].shape[0])
+    return None
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -260,9 +350,11 @@ def load_model(
         return Loaded(obj.eval(), Source("module"))
     check_finite(obj, path)
     if model is not None:
-        net = import_factory(model)
+        net = import_factory(model, state=obj)
         load_weights(net, obj, f"--model {model}")
-        return Loaded(net.eval(), Source("factory", factory=model))
+        # a timm model's class count is part of its architecture; a factory's own code fixes it
+        classes = getattr(net, "num_classes", None) if model.startswith(TIMM) else None
+        return Loaded(net.eval(), Source("factory", factory=model, num_classes=classes))
     if arch is not None:
         if arch not in torchvision_archs():
             build_torchvision(arch)  # raises the unknown-architecture error
@@ -300,5 +392,5 @@ def rebuild(source: Source, model: nn.Module | None = None, factory: str | None 
             raise DynError(f"this file was converted from --model {source.factory}; pass --model {source.factory} to load it (importing runs that code)")
         if factory != source.factory:
             raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
-        return import_factory(factory)
+        return import_factory(factory, num_classes=source.num_classes)
     raise DynError("this file was converted from a pickled module; load it in Python with dynconvert.load(path, model=your_module)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -65,3 +66,48 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """What a file holds, from its first bytes: 'zip' (what torch.save writes), 'pickle' (legacy
+    torch.save), 'dyn', 'safetensors', 'onnx', 'text', or None when it is none of these."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) >= 10 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        with open(path, "rb") as f:
+            f.seek(8)
+            raw = f.read(min(n, 1 << 26))
+        return "dyn" if b'"format\\":\\"dynconvert\\"' in raw else "safetensors"  # possibly truncated
+    # an ONNX ModelProto opens with field 1 (ir_version, a small varint) then producer_name or graph
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and 1 <= head[1:2][0] < 32 and head[2:3] in (b"\x12", b"\x3a", b"\x42")):
+        return "onnx"
+    if b"\x00" not in head:
+        try:
+            head[:-4].decode("utf-8")  # the read may split a character at its end
+            return "text"
+        except UnicodeDecodeError:
+            pass
+    return None
+
+
+KIND_NAMES = {
+    "zip": "a PyTorch checkpoint", "pickle": "a PyTorch checkpoint (legacy pickle format)", "dyn": "a .dyn file",
+    "safetensors": "a safetensors file", "onnx": "an ONNX model", "text": "a text file",
+}
+
+
+def expect_dyn(path: str | os.PathLike) -> None:
+    """Refuse, with what the file really is, anything but a .dyn given where a .dyn is expected."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # the reader says what is wrong with it
+    kind = sniff(path)
+    if kind in ("zip", "pickle", "onnx", "text"):  # the others: the .dyn reader says what is wrong
+        hint = f"; convert it first: dynconvert convert {path} --out model.dyn" if kind in ("zip", "pickle") else ""
+        raise DynError(f"{path} is {KIND_NAMES[kind]}, not a .dyn{hint}")
