@@ -38,13 +38,36 @@ class Source:
     arch: str | None = None
     num_classes: int | None = None
     factory: str | None = None
+    module_class: str | None = None  # "module" sources: the class, named in messages only (never imported)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Source":
-        return cls(d["kind"], d.get("arch"), d.get("num_classes"), d.get("factory"))
+        cls_name = d.get("module_class")
+        return cls(d["kind"], d.get("arch"), d.get("num_classes"), d.get("factory"),
+                   cls_name if isinstance(cls_name, str) else None)
+
+
+def source_of(model: nn.Module) -> Source:
+    """How an in-memory model can be rebuilt: by its torchvision builder when it is a torchvision
+    model (matched by its keys and shapes, so the .dyn rebuilds with no extra argument), else as a
+    "module" that needs the original (or an instance) to rebuild."""
+    cls = type(model)
+    if cls.__module__.startswith("torchvision.models."):
+        try:
+            arch, num_classes = infer_arch(model.state_dict(), module=cls.__module__)
+        except DynError:
+            arch = None  # built with other arguments than any builder's: rebuild needs the module
+        # the same keys and shapes are not enough: a swapped activation or block must not be rebuilt away
+        if arch and _layout(build_torchvision(arch, num_classes, device="meta")) == _layout(model):
+            return Source("torchvision", arch=arch, num_classes=num_classes)
+    return Source("module", module_class=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _layout(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in model.named_modules()]
 
 
 @dataclass
@@ -217,13 +240,19 @@ def _signature(arch: str) -> dict[str, tuple[int, ...]] | None:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+def infer_arch(state: dict[str, torch.Tensor], module: str | None = None) -> tuple[str, int]:
     """(arch, num_classes) of the torchvision classifier whose keys and shapes match ``state``.
 
     Only the classifier's output size may differ from the builder's default, which gives the class count.
+    ``module``: only try builders defined there (e.g. ``torchvision.models.resnet``), which is quicker.
     """
+    import torchvision.models as tvm
+
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for arch in torchvision_archs():
+    archs = torchvision_archs()
+    if module is not None:
+        archs = [a for a in archs if tvm.get_model_builder(a).__module__ == module]
+    for arch in archs:
         sig = _signature(arch)
         if sig is None or sig.keys() != shapes.keys():
             continue
@@ -345,9 +374,12 @@ def load_model(
 ) -> Loaded:
     """Load a checkpoint into a ready nn.Module (eval mode), recording how to rebuild it."""
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, torch.jit.ScriptModule):
+        # compiled code has no nn.Linear/Conv2d to replace: convert its weights in an eager twin
+        obj = _eager_state(obj, path, arch, model)
+    elif isinstance(obj, nn.Module):
         check_finite(obj.state_dict(), path)
-        return Loaded(obj.eval(), Source("module"))
+        return Loaded(obj.eval(), source_of(obj))
     check_finite(obj, path)
     if model is not None:
         net = import_factory(model, state=obj)
@@ -367,6 +399,20 @@ def load_model(
     net = build_torchvision(arch, num_classes)
     load_weights(net, obj, arch)
     return Loaded(net.eval(), Source("torchvision", arch=arch, num_classes=num_classes), [f"architecture inferred: {arch}, {num_classes} classes"])
+
+
+def _eager_state(script: torch.jit.ScriptModule, path, arch: str | None, factory: str | None) -> dict:
+    """The state dict of a TorchScript file, for an eager architecture to load (--arch, --model, or
+    a torchvision one inferred from the keys and shapes)."""
+    state = {k: v for k, v in script.state_dict().items()}
+    if arch is None and factory is None:
+        try:
+            infer_arch(state)
+        except DynError:
+            raise DynError(f"{path} is TorchScript, whose compiled layers cannot be rewritten, and its weights match no "
+                           "torchvision architecture; pass --model pkg.module:factory that builds the same model in "
+                           "Python") from None
+    return state
 
 
 def _classes_from(default: dict, state: dict, arch: str) -> int | None:
@@ -393,4 +439,7 @@ def rebuild(source: Source, model: nn.Module | None = None, factory: str | None 
         if factory != source.factory:
             raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
         return import_factory(factory, num_classes=source.num_classes)
-    raise DynError("this file was converted from a pickled module; load it in Python with dynconvert.load(path, model=your_module)")
+    what = f"a {source.module_class} module" if source.module_class else "a pickled module"
+    raise DynError(f"this file was converted from {what}, which a .dyn cannot rebuild alone; pass --original FILE "
+                   "(the file it was converted from, with --trust-pickle if that is a pickle), or in Python "
+                   "dynconvert.load(path, model=an_instance_of_the_original)")

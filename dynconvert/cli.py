@@ -19,11 +19,11 @@ except ImportError:  # pragma: no cover
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
 from .convert import ConvertOptions
 from .demo import DemoSettings
 from .errors import DynError
 from .finetune import FinetuneOptions
+from .version import __version__
 
 
 class Commands(TyperGroup):
@@ -272,7 +272,8 @@ def report(
     model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for the FLOP counts. [default: the file's]"),
     data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
-    original: Optional[Path] = typer.Option(None, help="With --data: the original checkpoint, evaluated side by side."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python. With --data it is also evaluated side by side."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
     from .fileio import expect_dyn
@@ -280,15 +281,13 @@ def report(
 
     if markdown and json_out:
         raise DynError("choose one of --markdown and --json")
-    if original is not None and data is None:
-        raise DynError("--original needs --data to evaluate on")
     size = _parse_size(input_size) if input_size else None
     expect_dyn(dyn)
-    rep = build_report(dyn, factory=model, input_size=size)
+    rep = build_report(dyn, factory=model, original=original, trust_pickle=trust_pickle, input_size=size)
     if data is not None:
-        from .finetune import evaluate_file
+        from .evaluation import evaluate_file
 
-        kw = dict(factory=model, input_size=tuple(rep["input_size"]))
+        kw = dict(factory=model, original=original, trust_pickle=trust_pickle, input_size=tuple(rep["input_size"]))
         rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
         if original is not None:
             rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
@@ -313,6 +312,8 @@ def export(
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the ONNX batch axis to 1 (default: dynamic)."),
     tolerance: float = typer.Option(1e-4, help="Allowed ONNX Runtime max abs diff, relative to the output's max magnitude."),
     model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W of the ONNX input. [default: the file's]"),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
 ):
@@ -337,7 +338,7 @@ def export(
     # ONNX first: it is the export that can fail its own check
     if onnx_path is not None:
         res = ex.export_onnx(
-            dyn, onnx_path, factory=model, input_size=_parse_size(input_size) if input_size else None, opset=opset,
+            dyn, onnx_path, factory=model, original=original, trust_pickle=trust_pickle, input_size=_parse_size(input_size) if input_size else None, opset=opset,
             dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, weight_free=weight_free,
         )
         for name, reason in res.kept:
@@ -353,7 +354,7 @@ def export(
         ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
         out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")
     if pth_path is not None:
-        ex.export_pth(dyn, pth_path, factory=model, force=force)
+        ex.export_pth(dyn, pth_path, factory=model, original=original, trust_pickle=trust_pickle, force=force)
         out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
 
 
@@ -436,15 +437,17 @@ def bench(
 def verify(
     file: Path = typer.Argument(..., help="A .dyn file."),
     model: Optional[str] = typer.Option(None, help="For files converted with --model: the same package.module:factory, to check the tensors fit it (imports it)."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python. Checks the tensors fit it."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
 ):
     """Check a .dyn file completely: header, metadata, layer shapes, checksum, and that it rebuilds."""
-    from .api import verify as verify_file
     from .fileio import expect_dyn
+    from .rebuild import verify as verify_file
 
     expect_dyn(file)
-    info = verify_file(file, factory=model)
+    info = verify_file(file, factory=model, original=original, trust_pickle=trust_pickle)
     rebuilt = f"rebuilds as {info['rebuilt']}" if info["rebuilt"] else "architecture not rebuilt (needs --model)" \
-        if info["source"].get("kind") == "factory" else "architecture not rebuilt (converted from a pickled module)"
+        if info["source"].get("kind") == "factory" else "architecture not rebuilt (needs --original, the file it was converted from)"
     out.print(
         f"OK {file}: format v{info['format_version']}, {info['layers']} converted layers, {info['tensors']} tensors, "
         f"checksum sha256:{info['tensors_sha256']} verified, {rebuilt}", highlight=False, soft_wrap=True,
@@ -490,7 +493,8 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the output is written."),
     model: Optional[str] = typer.Option(None, help="The package.module:factory the .dyn was converted with (for your own architectures)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled --teacher: this RUNS CODE from the file."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled --teacher/--original: this RUNS CODE from the file."),
     seed: int = typer.Option(default(FinetuneOptions, "seed"), help="Random seed (data order, augmentation)."),
     device: str = typer.Option(default(FinetuneOptions, "device"), help="cpu, cuda or cuda:N (under torchrun: cuda uses each process's LOCAL_RANK)."),
     workers: int = typer.Option(default(FinetuneOptions, "workers"), help="Data-loading worker processes."),
@@ -513,7 +517,7 @@ def finetune(
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     result = finetune_file(
-        dyn, out_path, data, opts, teacher=teacher, factory=model, trust_pickle=trust_pickle, unlabeled=unlabeled,
+        dyn, out_path, data, opts, teacher=teacher, factory=model, original=original, trust_pickle=trust_pickle, unlabeled=unlabeled,
         resume=resume, checkpoint=checkpoint, force=force, keep_checkpoint=keep_checkpoint, log=_render_log,
     )
     if main_rank:
@@ -542,7 +546,7 @@ def _render_log(row: dict) -> None:
 def eval(
     path: Path = typer.Argument(..., help="A .dyn, or an original checkpoint (.pth/.pt/.safetensors)."),
     data: str = typer.Option(..., help="ImageFolder tree (its val/ split is used when present), 'digits' (its test split) or 'fake'."),
-    original: Optional[Path] = typer.Option(None, help="Also evaluate this original checkpoint and show both side by side."),
+    original: Optional[Path] = typer.Option(None, help="Also evaluate this original checkpoint and show both side by side; for a .dyn, the file it was converted from (also rebuilds files converted from a pickled module)."),
     model: Optional[str] = typer.Option(None, help="package.module:factory for your own architecture."),
     arch: Optional[str] = typer.Option(None, help="torchvision architecture of an original checkpoint (inferred when omitted)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for an original checkpoint's preprocessing. [default: the .dyn's, else 3,224,224]"),
@@ -555,15 +559,15 @@ def eval(
     """Top-1/top-5 accuracy of a .dyn or an original checkpoint on a dataset."""
     import json
 
-    from .finetune import evaluate_file
+    from .evaluation import evaluate_file
 
     size = _parse_size(input_size) if input_size else None
     if size is None and original is not None and path.suffix == ".dyn":
-        from .api import read_meta
+        from .rebuild import read_meta
 
         size = tuple(read_meta(path).get("input_size", (3, 224, 224)))
     kw = dict(factory=model, arch=arch, trust_pickle=trust_pickle, input_size=size, batch_size=batch_size, device=device, workers=workers)
-    rows = {str(path): evaluate_file(path, data, **kw)}
+    rows = {str(path): evaluate_file(path, data, original=original, **kw)}
     if original is not None:
         rows = {str(original): evaluate_file(original, data, **kw), **rows}
     if json_out:

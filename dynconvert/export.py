@@ -11,7 +11,6 @@ import copy
 import fnmatch
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,41 +18,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .api import build_from
 from .dynamics import DynamicsLayer, DynSpec, materialize
-from .dynfile import STATE_SUFFIXES, read_dyn, write_dyn
+from .dynfile import STATE_SUFFIXES, write_dyn
 from .errors import DynError, first_line
 from .fileio import atomic_path, check_output_path
+from .quant import qmax, quantize
+from .rebuild import materialized, open_converted, open_dyn
+from .weightfree import WeightFreeCore, to_weight_free
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def materialized(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every converted layer replaced by its dense twin: the original architecture."""
-    from .convert import set_submodule
-
-    dense = copy.deepcopy(model)
-    for name in [n for n, m in dense.named_modules() if isinstance(m, DynamicsLayer)]:
-        set_submodule(dense, name, dense.get_submodule(name).to_dense())
-    return dense.eval()
-
-
-def open_dyn(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """read_dyn, with a pointed message for the common mistake of passing the original checkpoint."""
-    path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
-        raise DynError(f"{path} is a PyTorch checkpoint, not a .dyn; convert it first (dynconvert convert {path} --out model.dyn)")
-    return read_dyn(path)
-
-
-def _open(source, model, factory) -> tuple[nn.Module, dict]:
-    """(converted module, metadata) from a .dyn path or an already converted module."""
-    if isinstance(source, nn.Module):
-        return source.eval(), {}
-    tensors, meta = open_dyn(source)
-    return build_from(tensors, meta, model=model, factory=factory, path=source), meta
 
 
 @dataclass
@@ -85,6 +60,8 @@ def export_onnx(
     *,
     model: nn.Module | None = None,
     factory: str | None = None,
+    original: str | Path | None = None,
+    trust_pickle: bool = False,
     input_size: tuple[int, int, int] | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
@@ -116,12 +93,10 @@ def export_onnx(
 
     out = check_output_path(out, force)
     start = time.perf_counter()
-    net, meta = _open(source, model, factory)
+    net, meta = open_converted(source, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
     size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
     kept: list[tuple[str, str]] = []
     if weight_free:
-        from .weightfree import to_weight_free
-
         dense, kept = to_weight_free(copy.deepcopy(net))
     else:
         dense = materialized(net)
@@ -176,8 +151,6 @@ QUANT_MIN_NUMEL = 64
 def _grid(w: np.ndarray, bits: int, keep: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
     """(int8 values, float32 scales shaped to broadcast) when ``w`` lies on a symmetric ``bits``-bit
     grid with one scale per slice along ``keep``, within float rounding; else None."""
-    from .quant import qmax
-
     q_max = qmax(bits)
     reduce = tuple(i for i in range(w.ndim) if i not in keep)
     amax = np.abs(w).max(axis=reduce, keepdims=True) if reduce else np.abs(w)
@@ -197,9 +170,6 @@ def weight_free_state_ints(net: nn.Module, wf: nn.Module, described: dict) -> di
     shift) and, for sql2, times -2 lambda_k (a per-channel factor); L1 sorts the input states.
     So each table's channel slice is ``alpha_c * integers + beta_c``; ``quantize_initializers``
     fits alpha and beta to the exported values and keeps them only when they reproduce them."""
-    from .quant import quantize
-    from .weightfree import WeightFreeCore
-
     out: dict[str, tuple] = {}
     layers = {n: m for n, m in net.named_modules() if isinstance(m, DynamicsLayer)}
     for name, core in wf.named_modules():
@@ -355,11 +325,13 @@ def export_pth(
     *,
     model: nn.Module | None = None,
     factory: str | None = None,
+    original: str | Path | None = None,
+    trust_pickle: bool = False,
     force: bool = False,
 ) -> Path:
     """A plain state dict with the weights materialized: ``original_arch.load_state_dict(torch.load(out))`` works."""
     out = check_output_path(out, force)
-    net, _ = _open(source, model, factory)
+    net, _ = open_converted(source, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
     state = {k: v.detach().cpu().contiguous() for k, v in materialized(net).state_dict().items()}
     with atomic_path(out) as tmp:
         torch.save(state, tmp)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,10 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .api import build_from
 from .dynamics import DynamicsLayer
 from .dynfile import STATE_SUFFIXES
 from .errors import DynError, first_line
-from .export import materialized, open_dyn
+from .rebuild import materialized, open_converted
 from .weightfree import weightfree_flops
 
 REPORT_FORMAT = "dynconvert-report"
@@ -85,12 +85,14 @@ def build_report(
     meta: dict | None = None,
     model: nn.Module | None = None,
     factory: str | None = None,
+    original: str | Path | None = None,
+    trust_pickle: bool = False,
     input_size: tuple[int, int, int] | None = None,
 ) -> dict:
     """The report of a .dyn file (path), or of a converted module with its ``meta`` (api.dyn_metadata).
 
-    ``model``/``factory``: as for ``dynconvert.load`` (needed for files converted from a factory or
-    a pickled module).
+    ``model``/``factory``/``original``/``trust_pickle``: as for ``dynconvert.load`` (needed for files
+    converted from a factory or a pickled module).
     """
     dyn_bytes = None
     path = None
@@ -100,8 +102,7 @@ def build_report(
         net = source.eval()
     else:
         path = Path(source)
-        tensors, meta = open_dyn(path)
-        net = build_from(tensors, meta, model=model, factory=factory, path=path)
+        net, meta = open_converted(path, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
         dyn_bytes = path.stat().st_size
     size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
     if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
@@ -245,8 +246,6 @@ def _narrow_row(r: dict) -> list[str]:
 
 
 def render_rich(rep: dict, console) -> None:
-    import os
-
     from rich import box
     from rich.console import Console
     from rich.table import Table

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .convert import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
 
 PATHS = ("l1", "sql2")
@@ -324,8 +325,6 @@ def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
 
     Returns the model (eval mode) and ``(name, reason)`` for the layers that stay materialized.
     """
-    from .convert import set_submodule
-
     kept = []
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
         if weight_free_path(layer) is None:

@@ -113,7 +113,7 @@ def test_finetune_and_eval_on_an_imagefolder_tree(cli, tmp_path):
 
 def test_decode_error_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
     import dynconvert.data as data_mod
-    from dynconvert.finetune import evaluate
+    from dynconvert.evaluation import evaluate
 
     write_images(tmp_path / "a", 2)
     (tmp_path / "a" / "zz_broken.png").write_bytes(b"not a png")

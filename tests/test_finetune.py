@@ -15,7 +15,9 @@ from dynconvert.demo import INPUT_SIZE
 from dynconvert.dynamics import DynLinear, DynSpec
 from dynconvert.dynfile import read_dyn
 from dynconvert.errors import DynError
-from dynconvert.finetune import FinetuneOptions, evaluate, finetune, finetune_file, structural_entropy
+from dynconvert.evaluation import evaluate
+from dynconvert.finetune import FinetuneOptions, finetune, finetune_file
+from dynconvert.trainable import structural_entropy
 from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
 from finetune_helpers import FACTORY, lenet_files
 
