@@ -211,3 +211,14 @@ def test_docs_state_the_default_init():
     method = (ROOT / "docs" / "method.md").read_text()
     assert f"`--init {ConvertOptions().init}`" in method and "(the default)" in method
     assert "States start uniform in [0, 1) as in" not in method
+
+
+def test_convert_changes_the_model_passed_in_as_documented():
+    """README: `convert` replaces the layers of the model passed in (result.model is that model)."""
+    import dynconvert
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    conv = dynconvert.convert(model, min_params=0, steps=2, include=["0"])
+    assert conv.model is model and type(model[0]).__name__ != "Linear"
+    readme = (ROOT / "README.md").read_text()
+    assert "changed in place" in readme and "copy.deepcopy(model)" in readme
