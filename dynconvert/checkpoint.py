@@ -7,13 +7,9 @@ files loaded, because unpickling can run arbitrary code.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
-import importlib
-import os
 import pickle
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -23,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DynError, first_line
+from .factories import TIMM, cwd_importable, import_factory
 from .fileio import sniff
 from .safetensors_io import read_safetensors
 
@@ -100,22 +97,6 @@ def _check_file(path: Path) -> str | None:
     return kind
 
 
-@contextlib.contextmanager
-def _cwd_importable():
-    """Modules in the current directory import the way ``python -m`` finds them: the ``dynconvert``
-    script's sys.path starts with its own bin/ folder, not with the folder it is run from."""
-    cwd = os.getcwd()
-    added = "" not in sys.path and cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-        importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def _check_zip(path: Path) -> None:
     """Check a zip-based checkpoint before torch reads it: the sizes its members declare (a small
     file must not make us inflate gigabytes) and every member's CRC (torch checks none, so a
@@ -161,7 +142,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
             warnings.simplefilter("ignore")
-            with _cwd_importable() if trust_pickle else contextlib.nullcontext():  # a pickle names its classes' modules
+            with cwd_importable() if trust_pickle else contextlib.nullcontext():  # a pickle names its classes' modules
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
@@ -274,76 +255,6 @@ def infer_arch(state: dict[str, torch.Tensor], module: str | None = None) -> tup
 def _num_classes(model: nn.Module) -> int:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else 0
-
-
-TIMM = "timm:"
-
-
-def import_factory(spec: str, state: dict | None = None, num_classes: int | None = None) -> nn.Module:
-    """Call ``package.module:factory`` (found in the current directory too) and check it returns an
-    nn.Module; ``timm:NAME`` builds a timm architecture (see ``build_timm``)."""
-    if spec.startswith(TIMM):
-        return build_timm(spec, state, num_classes)
-    if ":" not in spec:
-        raise DynError(f"--model {spec!r} must look like package.module:factory (or timm:NAME)")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        with _cwd_importable():
-            module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise DynError(f"--model {spec}: cannot import {mod_name} ({first_line(e)})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise DynError(f"--model {spec}: {mod_name} has no callable {attr!r}")
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise DynError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def build_timm(spec: str, state: dict | None = None, num_classes: int | None = None) -> nn.Module:
-    """``timm:NAME`` or ``timm:NAME,key=value,...`` (keyword arguments of ``timm.create_model``, e.g.
-    ``img_size=64``): the architecture without pretrained weights. The class count comes from
-    ``num_classes``, else from the classifier rows in ``state``."""
-    name, *args = spec[len(TIMM):].split(",")
-    try:
-        import timm
-    except ImportError:
-        raise DynError(f"--model {spec} needs timm, which is not installed: pip install 'dynconvert[timm]'") from None
-    kwargs = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            eq = ""
-        if not eq or not key.strip().isidentifier():
-            raise DynError(f"--model {spec}: {arg!r} must look like key=value with a Python literal value (img_size=64)")
-    if not timm.is_model(name):
-        raise DynError(f"--model {spec}: timm has no architecture {name!r} (list them: python -c \"import timm; print(timm.list_models('*{name[:4]}*'))\")")
-    kwargs["pretrained"] = False
-    if num_classes is None and state is not None:
-        num_classes = _timm_classes(timm, name, kwargs, state)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
-        return timm.create_model(name, **kwargs)
-    except Exception as e:  # timm raises many types for bad keyword arguments
-        raise DynError(f"--model {spec}: timm cannot build it ({first_line(e)})") from None
-
-
-def _timm_classes(timm, name: str, kwargs: dict, state: dict) -> int | None:
-    """The class count the checkpoint's classifier has (fine-tuned heads differ from the default)."""
-    try:
-        with torch.device("meta"):
-            net = timm.create_model(name, **kwargs)
-        head = net.get_classifier()
-    except Exception:
-        return None
-    key = next((f"{n}.weight" for n, m in net.named_modules() if m is head and n), None)
-    if key in state and state[key].ndim >= 1 and isinstance(head, (nn.Linear, nn.Conv2d)):
-        return int(state[key].shape[0])
-    return None
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -47,6 +47,9 @@ class Commands(TyperGroup):
         except click_errors.ClickException as e:
             typer.echo(f"error: {e.format_message()}", err=True)
             rc = e.exit_code
+        except typer.Abort:  # end of input while a prompt waited
+            typer.echo("error: aborted", err=True)
+            rc = 1
         if standalone_mode:
             sys.exit(rc or 0)
         return rc
@@ -159,7 +162,7 @@ def convert(
     checkpoint: Path = typer.Argument(..., help="State dict (.pth/.pt/.safetensors), or with --trust-pickle a pickled module / TorchScript file."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Output .dyn file."),
     arch: Optional[str] = typer.Option(None, help="torchvision architecture (inferred from the keys when omitted)."),
-    model: Optional[str] = typer.Option(None, help="Your own architecture: an importable package.module:factory returning the nn.Module."),
+    model: Optional[str] = typer.Option(None, help="Your own architecture: package.module:factory returning the nn.Module (the current folder is searched too), or timm:NAME for a timm architecture (the [timm] extra)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe name (resnet18, resnet50, mobilenet_v2, vgg16: dynconvert/recipes/) or a .toml path; flags override its values."),
     ratio: Optional[float] = typer.Option(None, help="State parameters at most RATIO x each converted layer's dense parameters." + shown(ConvertOptions, "ratio")),
     min_params: Optional[int] = typer.Option(None, help="Skip layers with fewer weights." + shown(ConvertOptions, "min_params")),

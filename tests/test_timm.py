@@ -9,7 +9,7 @@ import torch
 
 import dynconvert
 from dynconvert.api import convert_checkpoint
-from dynconvert.checkpoint import import_factory
+from dynconvert.factories import import_factory
 from dynconvert.convert import ConvertOptions
 from dynconvert.errors import DynError
 from dynconvert.rebuild import read_meta
