@@ -4,6 +4,7 @@ from the user's own folder). Each test failed on the code before the fix."""
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -194,7 +195,11 @@ def test_demo_last_line_names_no_deleted_file():
 
 def test_recipes_ship_in_the_wheel(tmp_path):
     """A non-editable install (a wheel) carries the recipes: `--recipe resnet18` works from it."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    src = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the tree
+    shutil.copytree(ROOT / "dynconvert", src / "dynconvert", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0 and "setuptools" in r.stderr:
         pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1]}")
