@@ -3,6 +3,12 @@
 A recipe sets ConvertOptions fields (``ratio``, ``min_params``, ``include``, ``exclude``,
 ``metric``, ``kernel``, ``max_dim``, ``groups``, ``dim``, ``steps``, ``lr``, ``seed``) and may name
 the ``arch`` it is for and the ``input_size`` used for FLOP counts. CLI flags override recipe values.
+Per-layer settings go in tables keyed by a layer-name pattern (later tables win)::
+
+    ratio = 0.25
+    [layers."layer4.*"]
+    ratio = 0.1
+    steps = 600
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ EXTRA_KEYS = {"arch": str, "input_size": list, "description": str}
 
 
 def _types() -> dict[str, type]:
-    hints = {"float": float, "int": int, "str": str, "list[str]": list, "int | None": int}
+    hints = {"float": float, "int": int, "str": str, "list[str]": list, "int | None": int, "dict": dict}
     return {f.name: hints[str(f.type)] for f in fields(ConvertOptions) if f.name != "device"}
 
 
@@ -59,12 +65,9 @@ def load_recipe(name_or_path: str) -> dict:
 
 def options_from(recipe: dict | None, overrides: dict) -> ConvertOptions:
     """ConvertOptions from defaults, then the recipe, then CLI flags that were given (not None)."""
-    opts = ConvertOptions()
-    for key, value in (recipe or {}).items():
-        if hasattr(opts, key):
-            setattr(opts, key, float(value) if key in ("ratio", "lr") else value)
-    for key, value in overrides.items():
-        if value is not None and value != []:
-            setattr(opts, key, value)
+    known = {f.name for f in fields(ConvertOptions)}
+    values = {k: float(v) if k in ("ratio", "lr") else v for k, v in (recipe or {}).items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    opts = ConvertOptions(**values)
     opts.validate()
     return opts

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,10 +17,9 @@ from dynconvert.errors import DynError
 from dynconvert.evaluation import evaluate
 from dynconvert.finetune import FinetuneOptions, finetune, finetune_file
 from dynconvert.trainable import structural_entropy
-from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
 from finetune_helpers import FACTORY, lenet_files
+from helpers import env, run
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
@@ -33,23 +31,6 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data():
     return digits(preprocess_for(None, INPUT_SIZE))
-
-
-def env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-
-
-def run(cmd, cwd, timeout=120, **extra):
-    """Run a command in its own process group, killed whole on timeout (torchrun has children)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_structural_entropy_bounds():
