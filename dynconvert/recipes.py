@@ -14,6 +14,8 @@ Per-layer settings go in tables keyed by a layer-name pattern (later tables win)
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,9 +26,29 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EXTRA_KEYS = {"arch": str, "input_size": list, "description": str}
 
 
-def _types() -> dict[str, type]:
-    hints = {"float": float, "int": int, "str": str, "list[str]": list, "int | None": int, "dict": dict}
-    return {f.name: hints[str(f.type)] for f in fields(ConvertOptions) if f.name != "device"}
+def _types() -> dict[str, object]:
+    """Each settable key's type, read from ConvertOptions' own annotations."""
+    hints = typing.get_type_hints(ConvertOptions)
+    return {f.name: hints[f.name] for f in fields(ConvertOptions) if f.name != "device"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a TOML value has the annotated type (an int is a float; a bool is neither)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)
+
+
+def _name(hint) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -52,14 +74,8 @@ def load_recipe(name_or_path: str) -> dict:
     for key, value in data.items():
         if key not in types:
             raise DynError(f"recipe {path}: unknown key {key!r} (known: {', '.join(sorted(types))})")
-        want = types[key]
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if want is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if want is list and ok and key in ("include", "exclude"):
-            ok = all(isinstance(v, str) for v in value)
-        if not ok:
-            raise DynError(f"recipe {path}: key {key!r} must be {want.__name__}, got {value!r}")
+        if not _fits(value, types[key]):
+            raise DynError(f"recipe {path}: key {key!r} must be {_name(types[key])}, got {value!r}")
     return data
 
 
