@@ -90,6 +90,7 @@ def test_budgeted_conversion_file_fits_and_reads_back(tmp_path):
     assert agree >= 0.5
 
 
+@pytest.mark.slow
 def test_data_free_conversion_runs_and_says_so(tmp_path):
     conv = dynconvert.convert(bn_net(), size=0.3, data_free=True, synthetic_images=8, input_size=(3, 16, 16))
     assert conv.budget["calibration"].startswith("synthetic")
@@ -180,6 +181,7 @@ def test_cli_budget_conversion_then_report(cli, budget_ckpt):
     assert "allocation" in stdout.lower()
 
 
+@pytest.mark.slow
 def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     out, tuned = budget_ckpt / "out.dyn", budget_ckpt / "tuned.dyn"
     common = ["--model", "budgetnet:build"]

@@ -108,6 +108,7 @@ def test_cli_finetune_and_eval_side_by_side(cli, files, tmp_path):
     assert code == 2 and "already exists" in stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_checkpoint(files, tmp_path):
     _, dyn = files
     out, ckpt = tmp_path / "ft.dyn", tmp_path / "ft.dyn.ckpt"
@@ -147,6 +148,7 @@ def test_resume_with_other_settings_is_a_one_line_error(files, tmp_path):
                       resume=True)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_states(files, tmp_path):
     _, dyn = files
     trace = tmp_path / "trace"

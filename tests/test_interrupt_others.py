@@ -17,6 +17,8 @@ from _tiny import FACTORY, tiny_checkpoint
 
 from helpers import ROOT, run
 
+pytestmark = pytest.mark.slow  # real processes and signals: seconds each (CI runs this tier)
+
 
 @pytest.fixture
 def converted(tmp_path):

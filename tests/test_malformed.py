@@ -357,6 +357,7 @@ HOSTILE_SIZES = ["pth-storage-size-lies", "pth-legacy-storage-size-lies", "pth-z
                  "dyn-header-length-2^63", "dyn-tv-num-classes-huge", "dyn-tv-huge-layer-config"]
 
 
+@pytest.mark.slow
 def test_bounded_memory(originals, tmp_path):
     """Files that declare huge sizes are refused without allocating them: peak memory stays near
     the interpreter's own (PyTorch alone is ~0.5 GB) although they declare tens of gigabytes."""
