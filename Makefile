@@ -9,12 +9,16 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test,timm]"
 	touch $@
 
-.PHONY: demo test bench bench-real
+.PHONY: demo test test-slow bench bench-real
 demo: $(VENV)/.installed
 	$(VENV)/bin/dynconvert demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The long end-to-end tier (`@pytest.mark.slow`); CI runs it after `make test`.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.convert_resnet50

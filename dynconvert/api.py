@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from . import resume as rs
@@ -22,13 +21,17 @@ from .data import calibration_batches
 from .dynamics import layer_config
 from .dynfile import write_dyn
 from .errors import DynError
-from .export import export_onnx, export_pth, export_safetensors  # noqa: F401  (API names users call)
+from .export import export_onnx, export_pth, export_safetensors
 from .fileio import check_output_path, sha256_file
 from .fit import FitResult
-from .rebuild import load, read_meta, verify  # noqa: F401  (API names users call)
-from .report import build_report  # noqa: F401  (API name users call)
+from .rebuild import load, read_meta, verify
+from .report import build_report
 from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 
+
+# what users call; the exports, the report and the reader live in their own modules
+__all__ = ["Conversion", "convert", "save", "load", "read_meta", "verify", "convert_checkpoint", "dyn_metadata",
+           "build_report", "export_onnx", "export_pth", "export_safetensors"]
 
 @dataclass
 class Conversion:

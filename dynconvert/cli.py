@@ -204,7 +204,7 @@ def convert(
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
         calib_steps=calib_steps, init=init,
     ))
-    from .budget import parse_bytes, parse_size
+    from .allocation import parse_bytes, parse_size
 
     fraction = parse_size(size) if size is not None else None
     budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -14,9 +14,10 @@ from .errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertOptions:
-    """Everything that decides a conversion; recipes and CLI flags fill it."""
+    """Everything that decides a conversion; recipes and CLI flags fill it. The one source of the
+    defaults: the CLI and recipes only override them (``dataclasses.replace``)."""
 
     ratio: float = 0.25
     min_params: int = 10_000
@@ -33,8 +34,28 @@ class ConvertOptions:
     init: str = "svd"
     seed: int = 0
     device: str = "cpu"
+    layers: dict = field(default_factory=dict)
+    """Per-layer overrides: glob pattern on layer names -> {field: value} for the fields in
+    LAYER_FIELDS (what a layer becomes and how it is fitted); where several patterns match a layer,
+    later ones win. Recipes (``[layers."fc"]``) and ``--layer`` fill it."""
+
+    def for_layer(self, name: str) -> "ConvertOptions":
+        """The options that apply to layer ``name``: these, with the matching overrides applied."""
+        merged = {}
+        for pattern, values in self.layers.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                merged.update(values)
+        return replace(self, layers={}, **merged) if merged else self
 
     def validate(self) -> None:
+        if not isinstance(self.layers, dict):
+            raise DynError("per-layer options must map a layer-name pattern to {option: value}")
+        for pattern, values in self.layers.items():
+            unknown = [k for k in values if k not in LAYER_FIELDS] if isinstance(values, dict) else ["(not a table)"]
+            if unknown:
+                raise DynError(f"per-layer options for {pattern!r}: {unknown[0]} cannot be set per layer "
+                               f"(these can: {', '.join(LAYER_FIELDS)})")
+            replace(self, layers={}, **values).validate()
         if not 0 < self.ratio <= 1:
             raise DynError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.steps < 0 or self.max_dim < 1 or self.min_params < 0 or self.lr <= 0:
@@ -52,6 +73,10 @@ class ConvertOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+LAYER_FIELDS = ("ratio", "min_params", "metric", "kernel", "max_dim", "groups", "dim", "steps", "lr", "calib_steps",
+                "init")
 
 
 @dataclass
@@ -83,25 +108,28 @@ def plan(model: nn.Module, opts: ConvertOptions) -> tuple[list[Planned], list[Sk
         if matches(name, opts.exclude):
             skipped.append(Skipped(name, "excluded by pattern"))
             continue
-        if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):
-            skipped.append(Skipped(name, why))
+        spec = layer_spec(layer, opts.for_layer(name))
+        if isinstance(spec, str):
+            skipped.append(Skipped(name, spec))
             continue
-        m, n = dense_matrix(layer).shape
-        if m * n < opts.min_params:
-            skipped.append(Skipped(name, f"{m * n} weights < min_params {opts.min_params}"))
-            continue
-        if opts.groups is not None:
-            spec = DynSpec(opts.groups, opts.dim, opts.metric, opts.kernel)
-            if spec.state_params(m, n) >= m * n:
-                skipped.append(Skipped(name, f"H={opts.groups}, d={opts.dim} would not save parameters"))
-                continue
-        else:
-            spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
-            if spec is None:
-                skipped.append(Skipped(name, f"no state budget fits ratio {opts.ratio}"))
-                continue
         chosen.append(Planned(name, layer, spec))
     return chosen, skipped
+
+
+def layer_spec(layer: nn.Module, opts: ConvertOptions) -> DynSpec | str:
+    """The spec ``layer`` converts at under ``opts`` (its per-layer options), or why it is not converted."""
+    if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):
+        return why
+    m, n = dense_matrix(layer).shape
+    if m * n < opts.min_params:
+        return f"{m * n} weights < min_params {opts.min_params}"
+    if opts.groups is not None:
+        spec = DynSpec(opts.groups, opts.dim, opts.metric, opts.kernel)
+        if spec.state_params(m, n) >= m * n:
+            return f"H={opts.groups}, d={opts.dim} would not save parameters"
+        return spec
+    spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
+    return spec if spec is not None else f"no state budget fits ratio {opts.ratio}"
 
 
 @dataclass
@@ -211,13 +239,14 @@ def convert_model(
         matrix = dense_matrix(item.layer)
         fit = (done or {}).get(item.name)
         if fit is None:
+            o = opts.for_layer(item.name)
             fit = fit_weight(
-                matrix, item.spec, steps=opts.steps, lr=opts.lr, seed=layer_seed(opts.seed, item.name),
-                device=opts.device, name=item.name, on_step=cb.step, init=opts.init,
+                matrix, item.spec, steps=o.steps, lr=o.lr, seed=layer_seed(o.seed, item.name),
+                device=o.device, name=item.name, on_step=cb.step, init=o.init,
             )
             if item.name in moments:
                 fit = refine_on_outputs(
-                    fit, matrix, item.spec, moments[item.name], steps=opts.calib_steps, device=opts.device,
+                    fit, matrix, item.spec, moments[item.name], steps=o.calib_steps, device=o.device,
                     name=item.name, on_step=cb.step,
                 )
         new = make_dynamic(item.layer, item.spec)

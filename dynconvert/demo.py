@@ -152,14 +152,10 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
         log(f"original LeNet-5: test accuracy {acc_orig:.4f} ({len(data.train)} train / {len(data.val)} test images)")
 
         model = copy.deepcopy(original)
-        layers, skipped = [], []
-        for name, ratio in LAYER_RATIOS.items():
-            conv = convert(model, ratio=ratio, include=[name], min_params=0, metric=s.metric,
-                                      steps=s.fit_steps, seed=s.seed)
-            layers += conv.layers
-            skipped += conv.skipped
-        conv.layers, conv.skipped = layers, skipped
-        conv.source, conv.input_size = Source("factory", factory=FACTORY), INPUT_SIZE
+        conv = convert(model, include=list(LAYER_RATIOS), layers={n: {"ratio": r} for n, r in LAYER_RATIOS.items()},
+                       min_params=0, metric=s.metric, steps=s.fit_steps, seed=s.seed,
+                       source=Source("factory", factory=FACTORY), input_size=INPUT_SIZE)
+        layers = conv.layers
         dyn_path = out / "lenet5.dyn"
         save(conv, dyn_path)
         acc_conv = evaluate(model, data.val)["top1"]

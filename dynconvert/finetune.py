@@ -49,8 +49,10 @@ TRACE_ENV = "DYNCONVERT_STATE_TRACE"
 ``<prefix>.rank<R>`` after every step (used to test that DDP ranks stay identical)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneOptions:
+    """How fine-tuning runs; the one source of the defaults (the CLI only overrides them)."""
+
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 64

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 FACTORY = "dynconvert.demo:lenet5"
@@ -30,12 +29,3 @@ def lenet_files(folder: Path, train_epochs: int = 2) -> tuple[Path, Path]:
                                   source=Source("factory", factory=FACTORY), input_size=INPUT_SIZE)
         dynconvert.save(conv, dyn)
     return pth, dyn
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (much faster on a shared machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

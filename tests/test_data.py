@@ -5,7 +5,6 @@ from PIL import Image
 
 from dynconvert.data import Preprocess, digits, open_data, preprocess_for
 from dynconvert.errors import DynError
-from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
 from finetune_helpers import FACTORY, lenet_files
 
 PRE = Preprocess(3, 32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -3,11 +3,19 @@
 A recipe sets ConvertOptions fields (``ratio``, ``min_params``, ``include``, ``exclude``,
 ``metric``, ``kernel``, ``max_dim``, ``groups``, ``dim``, ``steps``, ``lr``, ``seed``) and may name
 the ``arch`` it is for and the ``input_size`` used for FLOP counts. CLI flags override recipe values.
+Per-layer settings go in tables keyed by a layer-name pattern (later tables win)::
+
+    ratio = 0.25
+    [layers."layer4.*"]
+    ratio = 0.1
+    steps = 600
 """
 
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,9 +26,29 @@ RECIPE_DIR = Path(__file__).resolve().parent
 EXTRA_KEYS = {"arch": str, "input_size": list, "description": str}
 
 
-def _types() -> dict[str, type]:
-    hints = {"float": float, "int": int, "str": str, "list[str]": list, "int | None": int}
-    return {f.name: hints[str(f.type)] for f in fields(ConvertOptions) if f.name != "device"}
+def _types() -> dict[str, object]:
+    """Each settable key's type, read from ConvertOptions' own annotations."""
+    hints = typing.get_type_hints(ConvertOptions)
+    return {f.name: hints[f.name] for f in fields(ConvertOptions) if f.name != "device"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a TOML value has the annotated type (an int is a float; a bool is neither)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)
+
+
+def _name(hint) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -46,25 +74,16 @@ def load_recipe(name_or_path: str) -> dict:
     for key, value in data.items():
         if key not in types:
             raise DynError(f"recipe {path}: unknown key {key!r} (known: {', '.join(sorted(types))})")
-        want = types[key]
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if want is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if want is list and ok and key in ("include", "exclude"):
-            ok = all(isinstance(v, str) for v in value)
-        if not ok:
-            raise DynError(f"recipe {path}: key {key!r} must be {want.__name__}, got {value!r}")
+        if not _fits(value, types[key]):
+            raise DynError(f"recipe {path}: key {key!r} must be {_name(types[key])}, got {value!r}")
     return data
 
 
 def options_from(recipe: dict | None, overrides: dict) -> ConvertOptions:
     """ConvertOptions from defaults, then the recipe, then CLI flags that were given (not None)."""
-    opts = ConvertOptions()
-    for key, value in (recipe or {}).items():
-        if hasattr(opts, key):
-            setattr(opts, key, float(value) if key in ("ratio", "lr") else value)
-    for key, value in overrides.items():
-        if value is not None and value != []:
-            setattr(opts, key, value)
+    known = {f.name for f in fields(ConvertOptions)}
+    values = {k: float(v) if k in ("ratio", "lr") else v for k, v in (recipe or {}).items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    opts = ConvertOptions(**values)
     opts.validate()
     return opts
