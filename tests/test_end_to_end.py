@@ -1,6 +1,7 @@
 """Issue 10: every kind of model a user has goes through every command, from the CLI:
 convert -> report -> finetune (2 steps) -> eval -> export --onnx (ONNX Runtime parity) -> verify.
 
+The conversions of torchvision/timm networks are in the slow tier (`pytest -m slow`, CI runs it).
 Sources: a torchvision state dict, a ``--model`` factory in the current folder, a pickled whole
 module (``--trust-pickle``), TorchScript, a timm architecture (``--model timm:NAME``) and a
 torchvision module converted in Python. Small models, low resolution, few steps."""
@@ -72,6 +73,7 @@ def convert(cli, src, out, *args):
     return out
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict(tmp_path, cli):
     torch.manual_seed(0)
     torch.save(torchvision.models.squeezenet1_1(num_classes=10).state_dict(), tmp_path / "sq.pth")
@@ -113,6 +115,7 @@ def test_pickled_module(user_folder, cli, monkeypatch):
     chain(cli, folder, dyn, "--original", folder / "whole.pt", "--trust-pickle")
 
 
+@pytest.mark.slow
 def test_torchscript(tmp_path, cli):
     torch.manual_seed(0)
     torch.jit.script(torchvision.models.squeezenet1_1(num_classes=10).eval()).save(str(tmp_path / "ts.pt"))
@@ -120,6 +123,7 @@ def test_torchscript(tmp_path, cli):
     chain(cli, tmp_path, dyn)  # rebuilt as the torchvision architecture its weights match
 
 
+@pytest.mark.slow
 def test_timm(tmp_path, cli):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -128,6 +132,7 @@ def test_timm(tmp_path, cli):
     chain(cli, tmp_path, dyn, "--model", "timm:test_resnet")
 
 
+@pytest.mark.slow
 def test_module_converted_in_python(tmp_path, cli):
     torch.manual_seed(0)
     conv = dynconvert.convert(torchvision.models.squeezenet1_1(num_classes=10), include=["features.12.*"], steps=5,

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, env, one_line_error
 
 NET = textwrap.dedent(
     """
@@ -34,22 +33,20 @@ NET = textwrap.dedent(
 )
 
 
-def dynconvert(*args, cwd, env=None):
+def dynconvert(*args, cwd, extra=None):
     """The installed `dynconvert` script, as a user runs it: its sys.path starts with its bin/ folder,
     not with the folder it runs in (``python -m dynconvert`` would hide that)."""
     script = Path(sys.executable).parent / "dynconvert"
     cmd = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "dynconvert"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
-    r = subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*cmd, *map(str, args)], cwd=cwd, env={**env(), "COLUMNS": "200", **(extra or {})},
+                       capture_output=True, text=True, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
 
 def one_error(code, out, err):
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err and "╭" not in out + err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    """helpers.one_line_error, and the usage-error exit code 2 (typer's box drew with '╭')."""
+    assert code == 2 and "╭" not in out + err, (code, out, err)
+    return one_line_error(code, out, err)
 
 
 @pytest.fixture
@@ -60,7 +57,7 @@ def user_folder(tmp_path):
         "import torch, mynet\ntorch.manual_seed(0)\nnet = mynet.build()\n"
         "torch.save(net.state_dict(), 'my.pth')\ntorch.save(net, 'whole.pt')\n"
     )
-    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, check=True, env=dict(os.environ, PYTHONPATH=""))
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": ""})
     return tmp_path
 
 
@@ -174,7 +171,7 @@ def test_report_readable_on_80_columns(tmp_path, cli, torchvision_pth):
     code, out, err = cli("convert", torchvision_pth, "--out", tmp_path / "sq.dyn", "--steps", "1", "--min-params", "0",
                          "--include", "features.3.*", "--input-size", "3,32,32")
     assert code == 0, err
-    code, out, err = dynconvert("report", tmp_path / "sq.dyn", cwd=tmp_path, env={"COLUMNS": "80"})
+    code, out, err = dynconvert("report", tmp_path / "sq.dyn", cwd=tmp_path, extra={"COLUMNS": "80"})
     assert code == 0, err
     lines = out.splitlines()
     assert "…" not in out and max(len(line) for line in lines) <= 80, out
@@ -193,6 +190,7 @@ def test_demo_last_line_names_no_deleted_file():
     assert "--out-dir" in log[-1]
 
 
+@pytest.mark.slow  # builds a wheel (setuptools fetched into an isolated build environment)
 def test_recipes_ship_in_the_wheel(tmp_path):
     """A non-editable install (a wheel) carries the recipes: `--recipe resnet18` works from it."""
     src = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the tree

@@ -25,8 +25,9 @@ def test_missing_timm_names_the_extra(monkeypatch):
 timm = pytest.importorskip("timm")
 
 # convnets (a ResNet, MobileNetV3 with its depthwise convs, an EfficientNet) and a ViT, at low resolution
-ARCHS = [("test_resnet", "3,32,32"), ("mobilenetv3_small_050", "3,32,32"), ("test_efficientnet", "3,32,32"),
-         ("test_vit", "3,160,160")]
+SLOW = pytest.mark.slow
+ARCHS = [pytest.param("test_resnet", "3,32,32", marks=SLOW), pytest.param("mobilenetv3_small_050", "3,32,32", marks=SLOW),
+         ("test_efficientnet", "3,32,32"), pytest.param("test_vit", "3,160,160", marks=SLOW)]
 
 
 @pytest.mark.parametrize("name,size", ARCHS)
@@ -52,6 +53,7 @@ def test_timm_architecture_round_trips(tmp_path, cli, name, size):
     assert code == 2 and f"--model {spec}" in err, err
 
 
+@pytest.mark.slow
 def test_timm_keyword_arguments(tmp_path, cli):
     torch.manual_seed(0)
     torch.save(timm.create_model("test_vit", img_size=32, num_classes=5).state_dict(), tmp_path / "v.pth")
