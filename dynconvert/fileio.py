@@ -76,24 +76,22 @@ def sniff(path: str | os.PathLike) -> str | None:
         head = f.read(1 << 16)
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 10 and head[8:9] == b"{":
+    if len(head) >= 10 and head[8:9] == b"{":  # before the pickle test: a header length may start with 0x80
         (n,) = struct.unpack("<Q", head[:8])
         with open(path, "rb") as f:
             f.seek(8)
             raw = f.read(min(n, 1 << 26))
         return "dyn" if b'"format\\":\\"dynconvert\\"' in raw else "safetensors"  # possibly truncated
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode + version
+        return "pickle"
     # an ONNX ModelProto opens with field 1 (ir_version, a small varint) then producer_name or graph
-    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and 1 <= head[1:2][0] < 32 and head[2:3] in (b"\x12", b"\x3a", b"\x42")):
+    if path.suffix.lower() == ".onnx" or (len(head) >= 3 and head[0] == 8 and 1 <= head[1] < 32 and head[2:3] in (b"\x12", b"\x3a", b"\x42")):
         return "onnx"
-    if b"\x00" not in head:
-        try:
-            head[:-4].decode("utf-8")  # the read may split a character at its end
-            return "text"
-        except UnicodeDecodeError:
-            pass
-    return None
+    try:
+        text = (head[:-4] if len(head) == 1 << 16 else head).decode("utf-8")  # a full read may split a character
+    except UnicodeDecodeError:
+        return None
+    return "text" if text and all(c.isprintable() or c in "\t\r\n\f" for c in text) else None
 
 
 KIND_NAMES = {

@@ -8,6 +8,7 @@ torchvision module converted in Python. Small models, low resolution, few steps.
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -83,12 +84,13 @@ def test_torchvision_state_dict(tmp_path, cli):
 
 @pytest.fixture
 def user_folder(tmp_path, monkeypatch):
-    """The user's folder, as the current directory, with smallnet.py in it (not on sys.path)."""
+    """The user's folder, as the current directory, with e2e_smallnet.py in it (not on sys.path)."""
     import importlib.util
 
-    (tmp_path / "smallnet.py").write_text(FACTORY)
+    (tmp_path / "e2e_smallnet.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("smallnet", tmp_path / "smallnet.py")
+    monkeypatch.delitem(sys.modules, "e2e_smallnet", raising=False)  # another test's copy (another tmp folder)
+    spec = importlib.util.spec_from_file_location("e2e_smallnet", tmp_path / "e2e_smallnet.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
@@ -98,19 +100,17 @@ def user_folder(tmp_path, monkeypatch):
 def test_factory_in_current_folder(user_folder, cli):
     folder, mod = user_folder
     torch.save(mod.build().state_dict(), folder / "m.pth")
-    dyn = convert(cli, folder / "m.pth", folder / "m.dyn", "--model", "smallnet:build", "--min-params", "0")
-    chain(cli, folder, dyn, "--model", "smallnet:build")
+    dyn = convert(cli, folder / "m.pth", folder / "m.dyn", "--model", "e2e_smallnet:build", "--min-params", "0")
+    chain(cli, folder, dyn, "--model", "e2e_smallnet:build")
 
 
 def test_pickled_module(user_folder, cli, monkeypatch):
     folder, _ = user_folder
-    import sys
-
-    monkeypatch.delitem(sys.modules, "smallnet", raising=False)
+    monkeypatch.delitem(sys.modules, "e2e_smallnet", raising=False)
     monkeypatch.syspath_prepend(str(folder))  # torch.save pickles the class by its module's name
-    import smallnet
+    import e2e_smallnet
 
-    torch.save(smallnet.build(), folder / "whole.pt")
+    torch.save(e2e_smallnet.build(), folder / "whole.pt")
     dyn = convert(cli, folder / "whole.pt", folder / "w.dyn", "--trust-pickle", "--min-params", "0")
     chain(cli, folder, dyn, "--original", folder / "whole.pt", "--trust-pickle")
 
@@ -144,9 +144,9 @@ def test_module_converted_in_python(tmp_path, cli):
 def test_custom_module_converted_in_python_rebuilds_from_its_saved_original(user_folder, cli, monkeypatch):
     folder, _ = user_folder
     monkeypatch.syspath_prepend(str(folder))
-    import smallnet
+    import e2e_smallnet
 
-    model = smallnet.build()
+    model = e2e_smallnet.build()
     torch.save(model, folder / "orig.pt")  # what the CLI can rebuild it from
     conv = dynconvert.convert(model, min_params=0, steps=5, input_size=(3, 32, 32))
     assert isinstance(conv.model.fc, nn.Module)

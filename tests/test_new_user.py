@@ -5,6 +5,7 @@ import dataclasses
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -225,3 +226,15 @@ def test_convert_changes_the_model_passed_in_as_documented():
     assert conv.model is model and type(model[0]).__name__ != "Linear"
     readme = (ROOT / "README.md").read_text()
     assert "changed in place" in readme and "copy.deepcopy(model)" in readme
+
+
+@pytest.mark.parametrize("head,kind", [
+    (struct.pack("<Q", 0x280) + b'{"__metadata__":{}}', "safetensors"),  # a header length whose first byte is 0x80
+    (b"\x80\x02\x8a\x0a", "pickle"), (b"PK\x03\x04rest", "zip"), (b"\x08\x07\x12\x07pytorch", "onnx"),
+    (b"plain words\n", "text"), (b"\x08", None), (b"\x00\x01\xff", None),
+])
+def test_file_kinds_from_their_bytes(tmp_path, head, kind):
+    from dynconvert.fileio import sniff
+
+    (tmp_path / "f.bin").write_bytes(head)
+    assert sniff(tmp_path / "f.bin") == kind
