@@ -6,7 +6,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch/torchvision pinned: served from local disk here; an unpinned torch may pull a multi-GB build.
 	$(VENV)/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test,timm]"
 	touch $@
 
 .PHONY: demo test test-slow bench bench-real

@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import resume as rs
 from .budget import convert_to_budget, model_bytes
 from .checkpoint import Source, load_model, source_of
-from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, plan
+from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
 from .data import calibration_batches
 from .dynamics import layer_config
 from .dynfile import write_dyn
@@ -85,6 +85,7 @@ def convert(
     if unknown:
         raise TypeError(f"convert() got an unknown option {unknown[0]!r}")
     opts = replace(opts, **overrides)
+    _check_include(model, opts.include)
     source = source or source_of(model)  # before any layer is replaced
     if size is None and target_bytes is None:
         if data_free:
@@ -93,6 +94,15 @@ def convert(
         return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
                               tuple(input_size), "ratio" in overrides, on_progress, on_note)
+
+
+def _check_include(model: nn.Module, patterns: list[str]) -> None:
+    """Every --include pattern names at least one Linear/Conv2d layer: a typo must not convert nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for p in patterns:
+        if not any(matches(n, [p]) for n in names):
+            some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise DynError(f"--include {p!r} matches no Linear/Conv2d layer of {type(model).__name__} (its layers: {some})")
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,

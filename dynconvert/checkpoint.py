@@ -7,8 +7,8 @@ files loaded, because unpickling can run arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib
 import pickle
 import warnings
 import zipfile
@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from .errors import DynError, first_line
+from .factories import TIMM, cwd_importable, import_factory
+from .fileio import sniff
 from .safetensors_io import read_safetensors
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -72,13 +74,27 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> str | None:
+    """Refuse what is not a checkpoint, saying what it is; returns fileio.sniff's kind."""
     if not path.exists():
         raise DynError(f"{path}: no such file")
     if path.is_dir():
         raise DynError(f"{path} is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise DynError(f"{path} is empty; it is not a checkpoint")
+    kind = sniff(path) if path.suffix != ".safetensors" else "safetensors"
+    if kind == "onnx":
+        raise DynError(f"{path} is an ONNX model; dynconvert converts PyTorch checkpoints: give the .pth/.safetensors "
+                       "it was exported from (ONNX graphs cannot be turned back into a PyTorch module)")
+    if kind == "dyn":
+        raise DynError(f"{path} is a .dyn file, already converted; use report, eval, finetune or export on it")
+    if kind == "text":
+        raise DynError(f"{path} is a text file, not a readable PyTorch checkpoint; give a state dict saved with "
+                       "torch.save (.pth/.pt) or a .safetensors file")
+    if kind is None:
+        raise DynError(f"{path} is not a readable PyTorch checkpoint: neither a zip archive nor a pickle (what "
+                       "torch.save writes) nor safetensors")
+    return kind
 
 
 def _check_zip(path: Path) -> None:
@@ -111,8 +127,7 @@ def _is_torchscript(path: Path) -> bool:
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
     """A state dict (weights-only) or, with ``trust_pickle``, possibly a whole module."""
     path = Path(path)
-    _check_file(path)
-    if path.suffix == ".safetensors":
+    if _check_file(path) == "safetensors":  # also under another suffix
         tensors, _ = read_safetensors(path)
         return unwrap_state_dict(tensors)
     if zipfile.is_zipfile(path):
@@ -127,11 +142,15 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+            with cwd_importable() if trust_pickle else contextlib.nullcontext():  # a pickle names its classes' modules
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
             raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
         raise DynError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    except ModuleNotFoundError as e:
+        raise DynError(f"{path}: the pickled module needs {e.name!r}, which cannot be imported; run from the folder "
+                       "that holds it or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, nn.Module):
@@ -238,24 +257,6 @@ def _num_classes(model: nn.Module) -> int:
     return last[-1].out_features if last else 0
 
 
-def import_factory(spec: str) -> nn.Module:
-    """Call ``package.module:factory`` and check it returns an nn.Module."""
-    if ":" not in spec:
-        raise DynError(f"--model {spec!r} must look like package.module:factory")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise DynError(f"--model {spec}: cannot import {mod_name} ({first_line(e)})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise DynError(f"--model {spec}: {mod_name} has no callable {attr!r}")
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise DynError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     check_weights(model, state, what)
     model.load_state_dict(state, strict=True)
@@ -292,9 +293,11 @@ def load_model(
         return Loaded(obj.eval(), source_of(obj))
     check_finite(obj, path)
     if model is not None:
-        net = import_factory(model)
+        net = import_factory(model, state=obj)
         load_weights(net, obj, f"--model {model}")
-        return Loaded(net.eval(), Source("factory", factory=model))
+        # a timm model's class count is part of its architecture; a factory's own code fixes it
+        classes = getattr(net, "num_classes", None) if model.startswith(TIMM) else None
+        return Loaded(net.eval(), Source("factory", factory=model, num_classes=classes))
     if arch is not None:
         if arch not in torchvision_archs():
             build_torchvision(arch)  # raises the unknown-architecture error
@@ -346,7 +349,7 @@ def rebuild(source: Source, model: nn.Module | None = None, factory: str | None 
             raise DynError(f"this file was converted from --model {source.factory}; pass --model {source.factory} to load it (importing runs that code)")
         if factory != source.factory:
             raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
-        return import_factory(factory)
+        return import_factory(factory, num_classes=source.num_classes)
     what = f"a {source.module_class} module" if source.module_class else "a pickled module"
     raise DynError(f"this file was converted from {what}, which a .dyn cannot rebuild alone; pass --original FILE "
                    "(the file it was converted from, with --trust-pickle if that is a pickle), or in Python "

@@ -133,6 +133,7 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
     """Run the demo; returns the figures printed by ``dynconvert demo --json``."""
     s = settings or DemoSettings()
     start = time.perf_counter()
+    keep = out_dir is not None
     with contextlib.ExitStack() as stack:
         stack.enter_context(threads(1))
         if out_dir is None:
@@ -181,7 +182,9 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
 
         onnx = export_onnx(tuned, out / "lenet5-ft.onnx", input_size=tuple(x_test.shape[1:]), force=True)
         diff = onnx.max_abs_diff
-        log(f"ONNX Runtime vs PyTorch: max |diff| {diff:.2e} ({onnx.path})")
+        # a temporary folder is gone when the demo ends: name a file only when it is kept
+        where = f"wrote {onnx.path}" if keep else "pass --out-dir DIR to keep the files"
+        log(f"ONNX Runtime vs PyTorch: max |diff| {diff:.2e} ({where})")
 
         total_orig = sum(p.numel() for p in original.parameters())
         total_conv = sum(p.numel() for p in tuned.parameters())

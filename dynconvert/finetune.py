@@ -63,7 +63,7 @@ class FinetuneOptions:
     schedule: str = "cosine"
     train: str = "states"
     clip_grad: float | None = 5.0
-    distill_weight: float = 0.0
+    distill_weight: float = 0.5  # used only with a teacher: giving one means distilling from it
     temperature: float = 4.0
     stop_tol: float = 1e-6
     stop_window: int = 20

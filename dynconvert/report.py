@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,34 +236,60 @@ def _accuracy_lines(rep: dict) -> list[tuple[str, str]]:
     return [("accuracy", f"{text} on {acc['data']} ({conv['n']} images)")]
 
 
+NARROW = 120  # below this many columns the per-layer tables keep only what fits without cutting cells
+NARROW_COLUMNS = ("layer", "H x d", "dense -> states", "ratio", "err", "SVD err")
+
+
+def _narrow_row(r: dict) -> list[str]:
+    return [r["name"], f"{r['groups']}x{r['dim']} {r['metric']}", f"{human(r['dense_params'])} -> {human(r['state_params'])}",
+            f"{r['ratio']:.3f}", _err(r["weight_rel_error"]), _err(r["svd_rel_error"])]
+
+
 def render_rich(rep: dict, console) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    if not console.is_terminal:  # files and pipes: wide enough for every column instead of 80
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # files and pipes: every column, unless told a width
         console = Console(file=console.file, width=160)
+    narrow = console.width < NARROW
 
-    table = Table(title=f"dynconvert report: {rep['file'] or 'model'}", show_lines=False)
-    for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i == 0)
-    for r in rep["layers"]:
-        table.add_row(*_row(r))
     t = rep["totals"]
-    table.add_section()
-    table.add_row(
-        "total (converted layers)", "", "", human(t["converted_dense_params"]), human(t["converted_state_params"]),
-        f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}", _err(t["mean_weight_rel_error"]),
-        _err(t["mean_svd_rel_error"]), "", "", style="bold",
-    )
+    title = f"dynconvert report: {rep['file'] or 'model'}"
+    if narrow:
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+        for i, col in enumerate(NARROW_COLUMNS):
+            table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+        for r in rep["layers"]:
+            table.add_row(*_narrow_row(r))
+        table.add_section()
+        table.add_row("total", "", f"{human(t['converted_dense_params'])} -> {human(t['converted_state_params'])}",
+                      f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}",
+                      _err(t["mean_weight_rel_error"]), _err(t["mean_svd_rel_error"]), style="bold")
+    else:
+        table = Table(title=title, show_lines=False)
+        for i, col in enumerate(COLUMNS):
+            table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i == 0)
+        for r in rep["layers"]:
+            table.add_row(*_row(r))
+        table.add_section()
+        table.add_row(
+            "total (converted layers)", "", "", human(t["converted_dense_params"]), human(t["converted_state_params"]),
+            f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}", _err(t["mean_weight_rel_error"]),
+            _err(t["mean_svd_rel_error"]), "", "", style="bold",
+        )
     console.print(table)
     summary = Table(show_header=False, box=None, padding=(0, 2))
-    summary.add_column(style="bold")
+    summary.add_column(style="bold", no_wrap=True)
     summary.add_column()
     for label, value in summary_lines(rep):
         summary.add_row(label, value)
     console.print(summary)
     if rep.get("budget"):
         render_budget_rich(rep, console)
+    if narrow:
+        console.print(f"(narrow terminal, {console.width} columns: shapes and per-layer FLOPs left out; --markdown and --json "
+                      "have every column)", highlight=False)
 
 
 BUDGET_COLUMNS = ("layer", "matrix", "chosen", "bytes", "fp32 bytes", "sensitivity", "measured err", "why")
@@ -281,13 +308,15 @@ def _budget_title(rep: dict) -> str:
 
 
 def render_budget_rich(rep: dict, console) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=_budget_title(rep))
-    for i, col in enumerate(BUDGET_COLUMNS):
-        table.add_column(col, justify="right" if 3 <= i <= 6 else "left", no_wrap=i == 0)
+    keep = (0, 2, 3, 6, 7) if console.width < NARROW else range(len(BUDGET_COLUMNS))  # narrow: no matrix/fp32/sensitivity
+    table = Table(title=_budget_title(rep), box=box.SIMPLE_HEAD if console.width < NARROW else box.HEAVY_HEAD)
+    for i in keep:
+        table.add_column(BUDGET_COLUMNS[i], justify="right" if 3 <= i <= 6 else "left", overflow="fold")
     for row in _budget_rows(rep):
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
 
 

@@ -1,4 +1,4 @@
-"""Recipe files: per-architecture conversion settings in TOML, kept in ``recipes/``.
+"""Recipe files: per-architecture conversion settings in TOML, shipped beside this file (package data).
 
 A recipe sets ConvertOptions fields (``ratio``, ``min_params``, ``include``, ``exclude``,
 ``metric``, ``kernel``, ``max_dim``, ``groups``, ``dim``, ``steps``, ``lr``, ``seed``) and may name
@@ -19,10 +19,10 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .convert import ConvertOptions
-from .errors import DynError
+from ..convert import ConvertOptions
+from ..errors import DynError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent
 EXTRA_KEYS = {"arch": str, "input_size": list, "description": str}
 
 
@@ -52,7 +52,7 @@ def _name(hint) -> str:
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe by path, or by name among the shipped ones (``resnet50`` -> recipes/resnet50.toml)."""
+    """A recipe by path, or by name among the shipped ones (``resnet50`` -> dynconvert/recipes/resnet50.toml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
