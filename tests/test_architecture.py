@@ -7,22 +7,26 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dynconvert"
 FUNCTION_IMPORTS_ALLOWED = {"cli", "__main__"}  # commands keep their imports next to them
 
 
-def _relative_imports(tree: ast.Module):
+def _relative_imports(tree: ast.Module, depth: int):
+    """(node, top-level module of the package) for each relative import; ``depth``: 0 for a module
+    at the top, 1 inside a subpackage (whose ``..x`` is the top's ``x``)."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and node.level == depth + 1:
             for target in [node.module] if node.module else [a.name for a in node.names]:
                 yield node, target.split(".")[0]
 
 
 def _graph():
     graph, nested = {}, []
-    for f in PACKAGE.glob("*.py"):
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE).parts
+        name = f.stem if len(parts) == 1 else parts[0]  # a subpackage counts as one module
         tree = ast.parse(f.read_text())
-        graph[f.stem] = set()
-        for node, target in _relative_imports(tree):
-            graph[f.stem].add(target)
-            if node not in tree.body and f.stem not in FUNCTION_IMPORTS_ALLOWED:
-                nested.append(f"{f.stem} imports .{target} inside a function (line {node.lineno})")
+        graph.setdefault(name, set())
+        for node, target in _relative_imports(tree, len(parts) - 1):
+            graph[name].add(target)
+            if node not in tree.body and name not in FUNCTION_IMPORTS_ALLOWED:
+                nested.append(f"{name} imports .{target} inside a function (line {node.lineno})")
     return graph, nested
 
 
