@@ -16,10 +16,11 @@ import torch.nn as nn
 
 from .checkpoint import Source, build_torchvision, check_weights, load_weights, rebuild
 from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, set_submodule
-from .dynamics import DynSpec, dynamic_from_meta, layer_config
+from .dynamics import DynSpec
 from .dynfile import read_dyn, write_dyn
 from .errors import DynError
 from .fit import FitResult
+from .layers import dense_target, dynamic_from_meta, layer_config
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path
     real = not any(p.is_meta for p in net.parameters())
     for name, info in meta["layers"].items():
         try:
-            old = net.get_submodule(name)
+            old = dense_target(net, name)
         except AttributeError:
             raise DynError(f"{path}: converted layer {name!r} does not exist in the rebuilt model") from None
         try:

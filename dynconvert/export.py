@@ -7,6 +7,7 @@ disagreeing with PyTorch) leaves no file behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import time
@@ -38,6 +39,18 @@ def materialized(model: nn.Module) -> nn.Module:
     for name in [n for n, m in dense.named_modules() if isinstance(m, DynamicsLayer)]:
         set_submodule(dense, name, dense.get_submodule(name).to_dense())
     return dense.eval()
+
+
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """nn.MultiheadAttention's eval-mode fast path (``aten::_native_multi_head_attention``) has no
+    ONNX export; with it off, the exporter traces the same attention as plain ops."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def open_dyn(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -136,7 +149,7 @@ def export_onnx(
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
     with atomic_path(out) as tmp:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_off():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],

@@ -54,7 +54,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int], watch: list[
 
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in watch]
+    modules = dict(model.named_modules())  # a converted MHA projection is a parameter again here: no hook
+    hooks = [modules[name].register_forward_hook(recorder(name)) for name in watch if name in modules]
     x = torch.zeros(1, *input_size)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
