@@ -242,3 +242,15 @@ def _merged_mask(attn_mask, key_padding_mask, is_causal, lq, lk, like):
             m = m.reshape(-1, like.shape[1], lq, lk)
         mask = m if mask is None else mask + m
     return mask
+
+
+def with_module_calls(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.MultiheadAttention`` (that has a module-call form) replaced, in
+    place, by ``WeightFreeAttention`` over its current projections: the same outputs, but each
+    projection runs as a module, so FLOP counters and hooks see it (PyTorch's fast path counts
+    nothing and calls none)."""
+    for name, mha in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]:
+        if weight_free_attention_unsupported(mha) is None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, WeightFreeAttention(mha))
+    return model

@@ -525,9 +525,10 @@ def finetune_file(
         if teacher_model is not None:  # how far fine-tuning moved each layer from the original weights
             from .dynamics import dense_matrix
             from .fit import rel_error
+            from .layers import dense_target
 
             new_meta["finetune"]["rel_error_vs_original"] = {
-                name: rel_error(dense_matrix(teacher_model.get_submodule(name)), layer.weight_matrix().detach().cpu())
+                name: rel_error(dense_matrix(dense_target(teacher_model, name)), layer.weight_matrix().detach().cpu())
                 for name, layer in dyn_layers(model).items()
             }
         from .quant import round_to_storage

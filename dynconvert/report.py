@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .api import build_from
+from .attention import with_module_calls
 from .dynamics import DynamicsLayer
 from .dynfile import STATE_SUFFIXES
 from .errors import DynError, first_line
@@ -109,7 +110,7 @@ def build_report(
         raise DynError(f"input size {size!r} must be three positive integers C,H,W")
 
     converted = {n: m for n, m in net.named_modules() if isinstance(m, DynamicsLayer)}
-    flops = count_flops(materialized(net), size, list(converted))
+    flops = count_flops(with_module_calls(materialized(net)), size, list(converted))
     layer_meta = meta.get("layers", {})
 
     layers = []

@@ -2,6 +2,7 @@
 fine-tunable and exported (materialized and weight-free) on a tiny torchvision ViT."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def vit_checkpoint(tmp_path, monkeypatch):
 def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkpoint):
     pth, factory = vit_checkpoint
     dyn = tmp_path / "v.dyn"
-    code, out, err = cli("convert", pth, "--model", factory, "--out", dyn, "--min-params", 500, "--steps", 20,
+    code, out, err = cli("convert", pth, "--model", factory, "--out", dyn, "--min-params", 500, "--steps", 5,
                          "--input-size", "3,32,32")
     assert code == 0, err
     attn = "encoder.layers.encoder_layer_0.self_attention"
@@ -68,9 +69,10 @@ def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkp
         assert not kept and isinstance(wf.get_submodule(attn), WeightFreeAttention)
         assert (wf(x) - want).abs().max() <= 1e-4 * want.abs().max()
 
-    code, out, err = cli("report", dyn, "--model", factory)
+    code, out, err = cli("report", dyn, "--model", factory, "--json")
     assert code == 0, err
-    assert f"{attn}.v_proj" in out
+    v = {r["name"]: r for r in json.loads(out)["layers"]}[f"{attn}.v_proj"]
+    assert v["dense_flops"] == 2 * 17 * 32 * 32 and 0 < v["weightfree_flops"] < v["dense_flops"]  # 17 tokens
 
     for extra in ((), ("--weight-free",)):
         code, out, err = cli("export", dyn, "--model", factory, "--onnx", tmp_path / "v.onnx", "--force", *extra)
@@ -78,13 +80,20 @@ def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkp
         assert "max abs diff" in out and (tmp_path / "v.onnx").exists()
 
 
-def test_vit_states_are_trainable_through_attention():
-    conv = dynconvert.convert(_vit(), steps=5, min_params=500, input_size=(3, 32, 32))
-    net = conv.model.train()
-    loss = net(torch.randn(2, 3, 32, 32)).square().mean()
-    loss.backward()
-    q = net.encoder.layers[0].self_attention.q_proj
-    assert q.states_in.grad is not None and q.states_in.grad.abs().sum() > 0
+def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
+    from dynconvert.checkpoint import Source
+    from dynconvert.finetune import FinetuneOptions, finetune_file
+
+    pth, factory = vit_checkpoint
+    conv = dynconvert.convert(_vit(), steps=5, min_params=500, input_size=(3, 32, 32),
+                              source=Source("factory", factory=factory))
+    dyn, out = tmp_path / "v.dyn", tmp_path / "ft.dyn"
+    dynconvert.save(conv, dyn)
+    q = "encoder.layers.encoder_layer_0.self_attention.q_proj"
+    finetune_file(dyn, out, "digits", FinetuneOptions(max_steps=3, stop_tol=0), teacher=pth, factory=factory)
+    before = dynconvert.load(dyn, factory=factory).get_submodule(q).states_in
+    assert not torch.equal(before, dynconvert.load(out, factory=factory).get_submodule(q).states_in)
+    assert q in read_dyn(out)[1]["finetune"]["rel_error_vs_original"]  # compared with the teacher's q rows
 
 
 def test_vit_budget_conversion_lists_projections():
