@@ -229,19 +229,24 @@ class WeightFreeAttention(nn.Module):
 
 def _merged_mask(attn_mask, key_padding_mask, is_causal, lq, lk, like):
     """One additive float mask (broadcast to (N, h, Lq, Lk)) from MHA's mask arguments."""
-    mask = None
     if attn_mask is None and is_causal:
         attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=like.device).triu(1)
-    for m, shape in ((attn_mask, None), (key_padding_mask, "kpm")):
-        if m is None:
-            continue
-        m = torch.zeros_like(m, dtype=like.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(like.dtype)
-        if shape == "kpm":
-            m = m[:, None, None, :]
-        elif m.dim() == 3:  # (N*h, Lq, Lk)
-            m = m.reshape(-1, like.shape[1], lq, lk)
-        mask = m if mask is None else mask + m
+    mask = None
+    if attn_mask is not None:
+        mask = _additive(attn_mask, like)
+        if mask.dim() == 3:  # (N*h, Lq, Lk)
+            mask = mask.reshape(-1, like.shape[1], lq, lk)
+    if key_padding_mask is not None:
+        pad = _additive(key_padding_mask, like)[:, None, None, :]
+        mask = pad if mask is None else mask + pad
     return mask
+
+
+def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = not attended) as -inf/0; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
+    return mask.to(like.dtype)
 
 
 def with_module_calls(model: nn.Module) -> nn.Module:

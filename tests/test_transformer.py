@@ -156,3 +156,22 @@ def test_raw_parameter_attention_is_listed_as_skipped():
     reasons = {s.name: s.reason for s in conv.skipped}
     assert set(reasons) == {"wq", "wk", "wv"}
     assert all("used directly by RawAttention.forward" in r and "left dense" in r for r in reasons.values())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_weight_free_attention_matches_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    wf = WeightFreeAttention(copy.deepcopy(mha))
+    x, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    if not batch_first:
+        x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        for args, kwargs in (((x, x, x), {}), ((x, kv, kv), dict(key_padding_mask=pad, attn_mask=causal)),
+                             ((x, kv, kv), dict(attn_mask=torch.randn(12, 5, 7), average_attn_weights=False))):
+            want, want_w = mha(*args, **kwargs)
+            got, got_w = wf(*args, **kwargs)
+            assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_w, want_w, atol=1e-5)
