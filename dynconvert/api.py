@@ -18,12 +18,12 @@ from .budget import convert_to_budget, model_bytes
 from .checkpoint import Source, load_model, source_of
 from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
 from .data import calibration_batches
-from .dynamics import layer_config
 from .dynfile import write_dyn
 from .errors import DynError
 from .export import export_onnx, export_pth, export_safetensors
 from .fileio import check_output_path, sha256_file
 from .fit import FitResult
+from .layers import layer_config
 from .rebuild import load, read_meta, verify
 from .report import build_report
 from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size

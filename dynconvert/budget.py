@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
-from .convert import LayerStats, Skipped, matches, set_submodule
-from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic, sql2_lowrank
+from .convert import LayerStats, Skipped, matches, set_submodule, uncovered_skips
+from .dynamics import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
+from .layers import find_targets, make_dynamic
 from .errors import DynError
 from .outputs import (
     STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
@@ -100,7 +101,10 @@ def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], li
         units.append(Unit(name, layer, m, n, why_not))
     if not units:
         raise DynError("no Linear or Conv2d layer to compress (check --include/--exclude)")
-    return units, skipped
+    skipped += [Skipped(name, "attention projection: the byte-budget conversion covers Linear/Conv2d only; left dense")
+                for name, kind, _ in find_targets(model) if kind.name == "mha_proj"
+                and (not include or matches(name, include)) and not matches(name, exclude)]
+    return units, skipped + uncovered_skips(model, include, exclude)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -248,6 +252,17 @@ def convert_to_budget(
     images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
     fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
     moments = collect_moments({u.name: u.layer for u in units}, fitting.split(32), model)
+    # a layer whose owner reads its .weight instead of calling it (an MHA's out_proj, Swin's qkv)
+    # shows no inputs: it stays fp32 and is listed; its bytes come out of the room
+    unreached = [u for u in units if u.name not in moments]
+    for u in unreached:
+        skipped.append(Skipped(u.name, "never called as a module (its owner reads .weight), so its outputs cannot "
+                                       "be measured: left fp32"))
+        room -= 4 * u.m * u.n
+    units = [u for u in units if u.name in moments]
+    if not units or room < sum(min(c.bytes for c in u.candidates(min_params)) for u in units):
+        raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
+                       f"({', '.join(u.name for u in unreached[:3])}...); ask for a larger --size")
     # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
     # steered by that and rounding to nearest is safer; the upstream correction likewise
     trusted = calibration == "images"

@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from .dynamics import DynConv2d, DynamicsLayer, DynSpec, choose_spec, dense_matrix, make_dynamic
+from .dynamics import DynSpec, choose_spec, dense_matrix
 from .errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
+from .layers import LayerKind, dense_kind, find_targets, make_dynamic, uncovered_parameters
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ LAYER_FIELDS = ("ratio", "min_params", "metric", "kernel", "max_dim", "groups", 
 @dataclass
 class Planned:
     name: str
-    layer: nn.Module
+    layer: nn.Module  # the dense layer (or MHA projection, layers.ProjTarget) to convert
     spec: DynSpec
+    kind: LayerKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = dense_kind(self.layer)
 
 
 @dataclass
@@ -98,27 +104,27 @@ def matches(name: str, patterns) -> bool:
 
 
 def plan(model: nn.Module, opts: ConvertOptions) -> tuple[list[Planned], list[Skipped]]:
-    """Which Linear/Conv2d layers get converted, with which spec, and why the others do not."""
+    """Which weights get converted (every kind in ``layers.KINDS``), with which spec, and why the
+    others do not: each skipped weight, and each matrix-like parameter no kind covers, is listed."""
     chosen, skipped = [], []
-    for name, layer in model.named_modules():
-        if isinstance(layer, DynamicsLayer) or not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            continue
+    for name, kind, layer in find_targets(model):
         if opts.include and not matches(name, opts.include):
             continue
         if matches(name, opts.exclude):
             skipped.append(Skipped(name, "excluded by pattern"))
             continue
-        spec = layer_spec(layer, opts.for_layer(name))
+        spec = layer_spec(kind, layer, opts.for_layer(name))
         if isinstance(spec, str):
             skipped.append(Skipped(name, spec))
             continue
-        chosen.append(Planned(name, layer, spec))
+        chosen.append(Planned(name, layer, spec, kind))
+    skipped += uncovered_skips(model, opts.include, opts.exclude)
     return chosen, skipped
 
 
-def layer_spec(layer: nn.Module, opts: ConvertOptions) -> DynSpec | str:
+def layer_spec(kind: LayerKind, layer: nn.Module, opts: ConvertOptions) -> DynSpec | str:
     """The spec ``layer`` converts at under ``opts`` (its per-layer options), or why it is not converted."""
-    if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):
+    if why := kind.why_not(layer):
         return why
     m, n = dense_matrix(layer).shape
     if m * n < opts.min_params:
@@ -130,6 +136,12 @@ def layer_spec(layer: nn.Module, opts: ConvertOptions) -> DynSpec | str:
         return spec
     spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
     return spec if spec is not None else f"no state budget fits ratio {opts.ratio}"
+
+
+def uncovered_skips(model: nn.Module, include=(), exclude=()) -> list[Skipped]:
+    """Matrix-like parameters no layer kind converts, as skipped entries (never silently dense)."""
+    return [Skipped(name, why) for name, why in uncovered_parameters(model)
+            if (not include or matches(name, include)) and not matches(name, exclude)]
 
 
 @dataclass
@@ -170,9 +182,13 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``; a layer that replaces a parameter (an MHA projection) installs itself."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    if hasattr(new, "install_into"):
+        new.install_into(parent, child)
+    else:
+        setattr(parent, child, new)
 
 
 def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +270,7 @@ def convert_model(
         set_submodule(model, item.name, new)
         m, n = matrix.shape
         s = LayerStats(
-            name=item.name, kind="linear" if isinstance(item.layer, nn.Linear) else "conv2d",
+            name=item.name, kind=item.kind.name,
             weight_shape=list(item.layer.weight.shape), matrix_shape=[m, n], spec=item.spec.to_dict(),
             dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
             svd_rel_error=svd_rel_error(matrix, item.spec.rank_budget), svd_rank=item.spec.rank_budget, steps=fit.steps,

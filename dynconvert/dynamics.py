@@ -296,37 +296,3 @@ def dense_matrix(layer: nn.Module) -> torch.Tensor:
     """The weight of a dense Linear/Conv2d as the (m, n) matrix the states reproduce."""
     w = layer.weight.detach()
     return w.reshape(w.shape[0], -1)
-
-
-def make_dynamic(layer: nn.Module, spec: DynSpec) -> DynamicsLayer:
-    """An (unfitted) dynamics-based replacement for a dense layer."""
-    if isinstance(layer, nn.Linear):
-        return DynLinear.from_dense(layer, spec)
-    if isinstance(layer, nn.Conv2d):
-        return DynConv2d.from_dense(layer, spec)
-    raise TypeError(f"cannot convert {type(layer).__name__}")
-
-
-def dynamic_from_meta(kind: str, config: dict, spec: DynSpec) -> DynamicsLayer:
-    """Rebuild an empty converted layer from the description stored in a .dyn file."""
-    if kind == "linear":
-        return DynLinear(config["in_features"], config["out_features"], config["bias"], spec)
-    if kind == "conv2d":
-        return DynConv2d(
-            config["in_channels"], config["out_channels"], config["kernel_size"], config["stride"],
-            config["padding"], config["dilation"], config["groups"], config["bias"], spec,
-        )
-    raise ValueError(f"unknown layer kind {kind!r}")
-
-
-def layer_config(layer: DynamicsLayer) -> tuple[str, dict]:
-    """(kind, constructor arguments) of a converted layer, for the .dyn metadata."""
-    if isinstance(layer, DynLinear):
-        return "linear", dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, DynConv2d):
-        return "conv2d", dict(
-            in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
-            stride=list(layer.stride), padding=list(layer.padding) if isinstance(layer.padding, tuple) else layer.padding,
-            dilation=list(layer.dilation), groups=layer.conv_groups, bias=layer.bias is not None,
-        )
-    raise TypeError(type(layer).__name__)

@@ -7,6 +7,7 @@ disagreeing with PyTorch) leaves no file behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import time
@@ -29,6 +30,18 @@ from .weightfree import to_weight_free
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """nn.MultiheadAttention's eval-mode fast path (``aten::_native_multi_head_attention``) has no
+    ONNX export; with it off, the exporter traces the same attention as plain ops."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 @dataclass
@@ -111,7 +124,7 @@ def export_onnx(
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
     with atomic_path(out) as tmp:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_off():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],

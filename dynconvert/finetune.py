@@ -36,6 +36,7 @@ from .errors import DynError, first_line
 from .evaluation import batches, evaluate, output_classes
 from .fileio import check_output_path, sha256_file
 from .fit import rel_error
+from .layers import dense_target
 from .quant import round_to_storage
 from .rebuild import load_any
 from .train_checkpoint import load_checkpoint, save_checkpoint, state_digest
@@ -318,7 +319,7 @@ def finetune_file(
         }
         if teacher_model is not None:  # how far fine-tuning moved each layer from the original weights
             new_meta["finetune"]["rel_error_vs_original"] = {
-                name: rel_error(dense_matrix(teacher_model.get_submodule(name)), layer.weight_matrix().detach().cpu())
+                name: rel_error(dense_matrix(dense_target(teacher_model, name)), layer.weight_matrix().detach().cpu())
                 for name, layer in dyn_layers(model).items()
             }
         # a byte-budgeted file stays at its bytes: what was stored quantized is rounded back onto its grid

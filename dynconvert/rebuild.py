@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import Source, build_torchvision, check_weights, load_model, load_weights, rebuild
-from .dynamics import DynamicsLayer, DynSpec, dynamic_from_meta
+from .dynamics import DynamicsLayer, DynSpec
 from .dynfile import read_dyn
 from .errors import DynError
 from .fileio import sha256_file
+from .layers import dense_target, dynamic_from_meta
 from .safetensors_io import read_safetensors
 from .weightfree import to_weight_free
 from .convert import set_submodule
@@ -94,7 +95,7 @@ def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path
     real = not any(p.is_meta for p in net.parameters())
     for name, info in meta["layers"].items():
         try:
-            old = net.get_submodule(name)
+            old = dense_target(net, name)
         except AttributeError:
             raise DynError(f"{path}: converted layer {name!r} does not exist in the rebuilt model") from None
         try:

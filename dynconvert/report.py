@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import with_module_calls
 from .dynamics import DynamicsLayer
 from .dynfile import STATE_SUFFIXES
 from .errors import DynError, first_line
@@ -54,7 +55,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int], watch: list[
 
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in watch]
+    modules = dict(model.named_modules())  # a converted MHA projection is a parameter again here: no hook
+    hooks = [modules[name].register_forward_hook(recorder(name)) for name in watch if name in modules]
     x = torch.zeros(1, *input_size)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -109,7 +111,7 @@ def build_report(
         raise DynError(f"input size {size!r} must be three positive integers C,H,W")
 
     converted = {n: m for n, m in net.named_modules() if isinstance(m, DynamicsLayer)}
-    flops = count_flops(materialized(net), size, list(converted))
+    flops = count_flops(with_module_calls(materialized(net)), size, list(converted))
     layer_meta = meta.get("layers", {})
 
     layers = []

@@ -22,6 +22,7 @@ element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``O
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -29,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .attention import WeightFreeAttention, weight_free_attention_unsupported
 from .convert import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
+from .layers import kind_of
 
 PATHS = ("l1", "sql2")
 
@@ -317,20 +320,50 @@ class WeightFreeConv2d(nn.Module):
 
 
 def weight_free_module(layer: DynamicsLayer) -> nn.Module:
-    return WeightFreeConv2d(layer) if isinstance(layer, DynConv2d) else WeightFreeLinear(layer)
+    """The weight-free module of a converted layer, as its kind (``layers.KINDS``) names it."""
+    return globals()[kind_of(layer).weight_free](layer)
+
+
+def _reads_weight(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s forward reads ``child``'s ``.weight`` itself (torchvision's Swin
+    attention passes ``self.qkv.weight`` to a function): a weight-free child, which has no weight,
+    cannot sit there."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    return f".{child}.weight" in source
 
 
 def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Swap every converted layer that has a weight-free path for its weight-free module, in place.
+    An ``nn.MultiheadAttention`` holding converted layers becomes a ``WeightFreeAttention`` (its
+    forward reads weights; this one calls modules).
 
     Returns the model (eval mode) and ``(name, reason)`` for the layers that stay materialized.
     """
-    kept = []
+    kept, attention = [], {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
         if weight_free_path(layer) is None:
             kept.append((name, why_materialized(layer)))
             continue
-        set_submodule(model, name, weight_free_module(layer))
+        if isinstance(parent, nn.MultiheadAttention):
+            if why := weight_free_attention_unsupported(parent):
+                kept.append((name, why))
+                continue
+            attention[parent_name] = parent
+        elif _reads_weight(parent, child):
+            kept.append((name, f"{type(parent).__name__}.forward reads {child}.weight itself"))
+            continue
+        wf = weight_free_module(layer)
+        if parent_name in attention:
+            parent._modules[child] = wf  # the MHA is replaced below; its forward is not run again
+        else:
+            set_submodule(model, name, wf)
+    for name, mha in attention.items():
+        set_submodule(model, name, WeightFreeAttention(mha))
     return model.eval(), kept
 
 

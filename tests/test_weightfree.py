@@ -129,7 +129,7 @@ def _mixed_model(gen):
     )
     specs = {"0": DynSpec(2, 2, "l1"), "2": DynSpec(2, 2, "sql2"), "4": DynSpec(1, 3, "l2"), "7": DynSpec(3, 2, "l1")}
     from dynconvert.convert import set_submodule
-    from dynconvert.dynamics import make_dynamic
+    from dynconvert.layers import make_dynamic
 
     for name, spec in specs.items():
         set_submodule(model, name, _fill(make_dynamic(model.get_submodule(name), spec), gen))
