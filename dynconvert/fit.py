@@ -18,6 +18,7 @@ import torch
 from .dynamics import DynSpec, materialize, relations, sql2_lowrank
 from .errors import DynError
 from .fit_full import fit_full
+from .metrics import kernel, low_rank
 
 ProgressFn = Callable[[int, int, float], None]
 """Called as ``on_step(step, total_steps, relative_error)``."""
@@ -62,7 +63,7 @@ def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None
 
 def _project(x, y, target, spec: DynSpec):
     """Closed-form couplings/offset for the current positions, and the matrix they give."""
-    if spec.metric == "sql2" and spec.kernel == "linear":
+    if low_rank(spec.metric, spec.kernel):
         with torch.no_grad():
             coupling, offset = solve_coupling_sql2(x, y, target)
         return coupling, offset, sql2_lowrank(x, y, coupling, offset)
@@ -202,8 +203,8 @@ def fit_weight(
     if not torch.isfinite(target).all():
         raise DynError(f"layer {name}: weights contain NaN or Inf; fix the checkpoint before converting")
     m, n = target.shape
-    start = sql2_svd_init(target.cpu(), spec) if init == "svd" and spec.kernel == "linear" else None
-    if not (spec.metric == "sql2" and spec.kernel == "linear"):
+    start = sql2_svd_init(target.cpu(), spec) if init == "svd" and kernel(spec.kernel).linear else None
+    if not low_rank(spec.metric, spec.kernel):
         # full-rank kernels: row blocks and hand-made gradients, never the (H, m, n) tensor
         # (fit_full.py); the SVD states are their warm start too (l1 gains most from it)
         if start is None:

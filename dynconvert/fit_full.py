@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .dynamics import INVERSE_EPS, DynSpec, relations
+from .dynamics import DynSpec, relations
+from .metrics import kernel, metric
 from .errors import DynError
 
 TILE_ELEMENTS = 1 << 22
@@ -85,30 +86,21 @@ def exact_error(x, y, coupling, offset, target, spec: DynSpec) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def _distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "sql2":
-        return torch.cdist(x, y).pow(2)
-    return torch.cdist(x, y, p=1 if metric == "l1" else 2)
-
-
 def block_step(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, spec: DynSpec):
     """On one block (x: its rows' states (H, b, d), y (H, n, d), w (b, n)): the block's squared
     relative error and its gradient on x and y, with the couplings at their block optimum."""
-    dist = _distances(x, y, spec.metric)
-    rel = dist if spec.kernel == "linear" else 1.0 / (dist.clamp_min(0) + INVERSE_EPS)
+    met, ker = metric(spec.metric), kernel(spec.kernel)
+    dist = met.distance(x, y)
+    rel = ker.phi(dist)
     coupling, offset = _solve(*_normal_equations(rel, w), x.dtype)
     resid = torch.mm(coupling[None], rel.reshape(rel.shape[0], -1)).reshape(w.shape).add_(offset - w)
     scale = 1.0 / float(w.pow(2).sum().clamp_min(1e-30))
     loss = float(resid.pow(2).sum()) * scale
     g = resid.unsqueeze(0) * (2 * scale * coupling)[:, None, None]  # dL/d rel, (H, b, n)
-    if spec.kernel == "inverse":
-        g = g.mul_(rel.pow(2).neg_())  # d phi / d dist = -phi^2
-    if spec.metric == "l1":  # d|x - y|_1 / dx_t = sign(x_t - y_t), one coordinate at a time
-        gx, gy = torch.empty_like(x), torch.empty_like(y)
-        for t in range(x.shape[-1]):
-            part = torch.sub(x[..., t : t + 1], y[..., t].unsqueeze(1)).sign_().mul_(g)
-            gx[..., t], gy[..., t] = part.sum(-1), part.sum(1).neg_()
-        return loss, gx, gy
+    if not ker.linear:
+        g = g.mul_(ker.dphi(dist, rel))
+    gx, gy = met.pull(x, y, dist, g)
+    return loss, gx, gy
     if spec.metric == "l2":
         g = g.div_(dist.clamp_min_(1e-12))  # d|x - y| = (x - y) / |x - y|
     else:

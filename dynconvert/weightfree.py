@@ -23,23 +23,23 @@ element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``O
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import fused
+from . import fused, metrics
 from .convert import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
 
-PATHS = ("l1", "sql2")
-
 
 def weight_free_path(layer: DynamicsLayer) -> str | None:
-    """The weight-free path of a converted layer, or None when it must run materialized."""
-    spec = layer.spec
-    return spec.metric if spec.kernel == "linear" and spec.metric in PATHS else None
+    """The weight-free path of a converted layer (a key of ``PATHS``), or None when it must run
+    materialized; the metric/kernel registry decides."""
+    return metrics.weight_free_path(layer.spec.metric, layer.spec.kernel)
 
 
 def why_materialized(layer: DynamicsLayer) -> str:
@@ -79,8 +79,7 @@ def weightfree_flops(layer: DynamicsLayer, vectors: int) -> int | None:
         return None
     m, n = layer.matrix_shape
     g = getattr(layer, "conv_groups", 1)
-    fn = l1_flops if path == "l1" else sql2_flops
-    return fn(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
+    return PATHS[path].flops(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
 
 
 # ---------------------------------------------------------------- the two paths
@@ -242,14 +241,14 @@ class WeightFreeCore(nn.Module):
         self.g = getattr(layer, "conv_groups", 1)
         self.channels = layer.spec.groups * layer.spec.dim
         args = (layer.states_out.detach(), layer.states_in.detach(), layer.coupling.detach(), layer.offset.detach())
+        impl = PATHS[self.path]
         with torch.no_grad():
-            tables = _l1_tables(*args) if self.path == "l1" else _sql2_tables(*args, self.g)
+            tables = impl.tables(*args, self.g)
             for k, t in tables.items():
                 self.register_buffer(k, t)
-            if self.path == "l1":
-                for k, t in _l1_expand(tables, self.m, self.n, self.g).items():
+            if impl.expand is not None:
+                for k, t in impl.expand(tables, self.m, self.n, self.g).items():
                     self.register_buffer("_e_" + k, t, persistent=False)
-
 
     def _expanded(self) -> dict:
         if torch.onnx.is_in_onnx_export():
@@ -265,20 +264,39 @@ class WeightFreeCore(nn.Module):
         return self._fused[1]
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.path == "l1":
-            exporting = torch.onnx.is_in_onnx_export()
-            reuse = not exporting and not (torch.is_grad_enabled() and v.requires_grad)
-            if reuse and _use_fused(v):
-                return fused.l1_fused(v, self._fused_tables(), self.m, self.n, self.g)
-            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g, reuse)
-        return sql2_matvec(v, self.xa, self.ya, self.m, self.n, self.g)
+        return PATHS[self.path].forward(self, v)
 
     def flops(self, vectors: int) -> int:
-        fn = l1_flops if self.path == "l1" else sql2_flops
-        return fn(vectors, self.m, self.n, self.channels, self.g)
+        return PATHS[self.path].flops(vectors, self.m, self.n, self.channels, self.g)
 
     def extra_repr(self) -> str:
         return f"{self.path}, m={self.m}, n={self.n}, channels={self.channels}, conv_groups={self.g}"
+
+
+def _l1_forward(core: WeightFreeCore, v: torch.Tensor) -> torch.Tensor:
+    reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
+    if reuse and _use_fused(v):
+        return fused.l1_fused(v, core._fused_tables(), core.m, core.n, core.g)
+    return l1_matvec(v, core._expanded(), core.lam, core.m, core.n, core.g, reuse)
+
+
+@dataclass(frozen=True)
+class WeightFreePath:
+    """One weight-free forward: its load-time tables (persistent buffers), the derived tensors
+    (non-persistent, or None), the forward and its FLOP count."""
+
+    tables: Callable[..., dict]
+    expand: Callable[..., dict] | None
+    forward: Callable[[WeightFreeCore, torch.Tensor], torch.Tensor]
+    flops: Callable[..., int]
+
+
+PATHS: dict[str, WeightFreePath] = {
+    "l1": WeightFreePath(lambda x, y, c, o, g: _l1_tables(x, y, c, o), _l1_expand, _l1_forward, l1_flops),
+    "sql2": WeightFreePath(_sql2_tables, None, lambda core, v: sql2_matvec(v, core.xa, core.ya, core.m, core.n, core.g),
+                           sql2_flops),
+}
+"""Weight-free paths by name; ``metrics.weight_free_path`` names the one a layer uses."""
 
 
 class WeightFreeLinear(nn.Module):
