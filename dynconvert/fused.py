@@ -129,3 +129,15 @@ def pick_path(m: int, n: int, channels: int, g: int = 1, vectors: int = 1, fused
     """"weightfree" when the cost model says it is clearly faster than the dense product, else "dense"."""
     wf, dense = predicted_seconds(m, n, channels, g, vectors, fused)
     return "weightfree" if wf < MARGIN * dense and math.isfinite(wf) else "dense"
+
+
+def layer_path(layer, vectors: int) -> str:
+    """``pick_path`` for a converted layer (``dynamics.DynamicsLayer``) run on ``vectors`` input
+    vectors per call (batch, times output positions for a conv): "weightfree" only where it has an
+    L1 weight-free path and the cost model says it is clearly faster."""
+    from .metrics import weight_free_path
+
+    if weight_free_path(layer.spec.metric, layer.spec.kernel) != "l1":
+        return "dense"
+    m, n = layer.matrix_shape
+    return pick_path(m, n, layer.spec.groups * layer.spec.dim, getattr(layer, "conv_groups", 1), vectors)

@@ -72,3 +72,30 @@ def test_fit_weight_routes_full_rank_kernels():
     res = fit_weight(w, DynSpec(2, 3, "l2"), steps=50, seed=0)
     approx = materialize(res.states_out, res.states_in, res.coupling, res.offset, "l2", "linear")
     assert res.rel_error == pytest.approx(float((approx - w).norm() / w.norm()), rel=1e-4) and res.rel_error < 1
+
+
+def test_registry_answers_what_names_used_to():
+    """One table decides: which pairs are thin factors, which have a weight-free path, and a bad
+    name is a ValueError naming the choices (the CLI turns it into one error line)."""
+    from dynconvert import metrics
+
+    assert [(m, k) for m in metrics.METRICS for k in metrics.KERNELS if metrics.low_rank(m, k)] == [("sql2", "linear")]
+    assert {(m, k): metrics.weight_free_path(m, k) for m in ("l1", "l2", "sql2") for k in ("linear", "inverse")} == {
+        ("l1", "linear"): "l1", ("sql2", "linear"): "sql2", ("l1", "inverse"): None, ("l2", "linear"): None,
+        ("l2", "inverse"): None, ("sql2", "inverse"): None}
+    with pytest.raises(ValueError, match="unknown metric 'cos'; choose one of l1, l2, sql2"):
+        DynSpec(1, 1, "cos")
+    with pytest.raises(ValueError, match="unknown kernel 'exp'"):
+        relations(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), "l1", "exp")
+    # every registered pair materializes what its distance and phi say
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand(2, 5, 3, generator=gen, dtype=torch.float64), torch.rand(2, 4, 3, generator=gen, dtype=torch.float64)
+    for m in metrics.METRICS:
+        p = {"l1": 1, "l2": 2, "sql2": 2}[m]
+        dist = (x[:, :, None] - y[:, None]).abs().pow(p).sum(-1)
+        dist = dist if m == "sql2" else dist.pow(1 / p)
+        for k in metrics.KERNELS:
+            phi = dist if k == "linear" else 1 / (dist + metrics.INVERSE_EPS)
+            want = torch.einsum("h,hmn->mn", torch.tensor([0.5, -1.0], dtype=torch.float64), phi) + 0.25
+            got = materialize(x, y, torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64), m, k)
+            torch.testing.assert_close(got, want)

@@ -243,3 +243,7 @@ def test_pick_path_rule():
             assert slow > fast
             if pick_path(*shape, 16, 1, vectors, fused=False) == "weightfree":
                 assert pick_path(*shape, 16, 1, vectors, fused=True) == "weightfree"
+    from dynconvert.fused import layer_path
+
+    assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "l1")), 1) == pick_path(8192, 8192, 16, 1, 1)
+    assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "sql2")), 1) == "dense"  # no L1 path
