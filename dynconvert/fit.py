@@ -210,6 +210,11 @@ def fit_weight(
         if start is None:
             gen = torch.Generator().manual_seed(seed)
             start = torch.rand(spec.groups, m, spec.dim, generator=gen), torch.rand(spec.groups, n, spec.dim, generator=gen)
+        else:
+            # l1/l2 distances scale with the states and the couplings absorb it: give the SVD
+            # states the spread of the authors' uniform start, the scale fine-tuning's steps assume
+            spread = torch.cat([start[0].reshape(-1), start[1].reshape(-1)]).std().clamp_min(1e-12)
+            start = tuple(t * (0.2887 / spread) for t in start)
         x, y, coupling, offset, err = fit_full(target, spec, start, steps=steps, lr=lr, seed=seed, name=name, on_step=on_step)
         return FitResult(x.cpu(), y.cpu(), coupling.cpu(), offset.cpu(), err, steps)
     if start is not None:
