@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from .metrics import weight_free_path
+
 try:  # optional: the default install runs the eager path
     from numba import njit
 except ImportError:  # pragma: no cover - exercised where numba is absent
@@ -135,8 +137,6 @@ def layer_path(layer, vectors: int) -> str:
     """``pick_path`` for a converted layer (``dynamics.DynamicsLayer``) run on ``vectors`` input
     vectors per call (batch, times output positions for a conv): "weightfree" only where it has an
     L1 weight-free path and the cost model says it is clearly faster."""
-    from .metrics import weight_free_path
-
     if weight_free_path(layer.spec.metric, layer.spec.kernel) != "l1":
         return "dense"
     m, n = layer.matrix_shape
