@@ -22,15 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METRICS = ("l1", "l2", "sql2")
-"""``l1``: sum |x - y| (the paper's metric). ``l2``: Euclidean distance. ``sql2``: squared
-Euclidean distance, whose relation matrix has rank <= H*d + 2 (see docs/method.md)."""
+from . import metrics
 
-KERNELS = ("linear", "inverse")
-"""``linear``: phi(t) = t (the authors' general fit). ``inverse``: phi(t) = 1 / (t + INVERSE_EPS)
-(the authors' LeNet toy)."""
-
-INVERSE_EPS = 1e-2
+METRICS = tuple(metrics.METRICS)
+"""Metric names; what each one is lives in the registry (``metrics.py``)."""
+KERNELS = tuple(metrics.KERNELS)
 
 
 @dataclass(frozen=True)
@@ -45,10 +41,7 @@ class DynSpec:
     def __post_init__(self) -> None:
         if self.groups < 1 or self.dim < 1:
             raise ValueError(f"groups and dim must be >= 1, got groups={self.groups} dim={self.dim}")
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        metrics.metric(self.metric), metrics.kernel(self.kernel)  # ValueError naming the choices
 
     @property
     def rank_budget(self) -> int:
@@ -88,34 +81,19 @@ def choose_spec(m: int, n: int, ratio: float, max_dim: int, metric: str, kernel:
 
 def distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     """Pairwise distances per group: ``x`` (H, m, d), ``y`` (H, n, d) -> (H, m, n)."""
-    if metric == "l1":
-        return torch.cdist(x, y, p=1)
-    if metric == "l2":
-        return torch.cdist(x, y, p=2)
-    if metric == "sql2":
-        return (
-            x.pow(2).sum(-1, keepdim=True)
-            + y.pow(2).sum(-1).unsqueeze(-2)
-            - 2 * torch.matmul(x, y.transpose(-1, -2))
-        )
-    raise ValueError(f"unknown metric {metric!r}")
+    return metrics.metric(metric).distance(x, y)
 
 
 def relations(x: torch.Tensor, y: torch.Tensor, metric: str, kernel: str) -> torch.Tensor:
     """phi(dist): the relation of every output state to every input state, (H, m, n)."""
-    dist = distances(x, y, metric)
-    if kernel == "linear":
-        return dist
-    if kernel == "inverse":
-        return 1.0 / (dist.clamp_min(0) + INVERSE_EPS)
-    raise ValueError(f"unknown kernel {kernel!r}")
+    return metrics.kernel(kernel).phi(distances(x, y, metric))
 
 
 def materialize(
     x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor, metric: str, kernel: str
 ) -> torch.Tensor:
     """The (m, n) weight matrix the states stand for."""
-    if metric == "sql2" and kernel == "linear":
+    if metrics.low_rank(metric, kernel):
         return sql2_lowrank(x, y, coupling, offset)
     rel = relations(x, y, metric, kernel)
     return torch.einsum("h,hmn->mn", coupling, rel) + offset

@@ -24,24 +24,25 @@ from __future__ import annotations
 
 import inspect
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import fused, metrics
 from .attention import WeightFreeAttention, weight_free_attention_unsupported
 from .convert import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
 from .layers import kind_of
 
-PATHS = ("l1", "sql2")
-
 
 def weight_free_path(layer: DynamicsLayer) -> str | None:
-    """The weight-free path of a converted layer, or None when it must run materialized."""
-    spec = layer.spec
-    return spec.metric if spec.kernel == "linear" and spec.metric in PATHS else None
+    """The weight-free path of a converted layer (a key of ``PATHS``), or None when it must run
+    materialized; the metric/kernel registry decides."""
+    return metrics.weight_free_path(layer.spec.metric, layer.spec.kernel)
 
 
 def why_materialized(layer: DynamicsLayer) -> str:
@@ -81,8 +82,7 @@ def weightfree_flops(layer: DynamicsLayer, vectors: int) -> int | None:
         return None
     m, n = layer.matrix_shape
     g = getattr(layer, "conv_groups", 1)
-    fn = l1_flops if path == "l1" else sql2_flops
-    return fn(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
+    return PATHS[path].flops(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
 
 
 # ---------------------------------------------------------------- the two paths
@@ -216,6 +216,16 @@ def sql2_matvec(v: torch.Tensor, xa: torch.Tensor, ya: torch.Tensor, m: int, n: 
 
 # ---------------------------------------------------------------- modules
 
+_eager_only = threading.local()
+
+
+def _use_fused(v: torch.Tensor) -> bool:
+    """The fused L1 kernel serves CPU float32 inference when numba is installed; ``count`` measures
+    the eager ops instead (the kernel's work is invisible to torch's dispatcher)."""
+    return fused.available() and v.device.type == "cpu" and v.dtype == torch.float32 and not getattr(
+        _eager_only, "on", False)
+
+
 
 class WeightFreeCore(nn.Module):
     """The matrix-vector product of one converted layer from its states (inference only).
@@ -234,14 +244,14 @@ class WeightFreeCore(nn.Module):
         self.g = getattr(layer, "conv_groups", 1)
         self.channels = layer.spec.groups * layer.spec.dim
         args = (layer.states_out.detach(), layer.states_in.detach(), layer.coupling.detach(), layer.offset.detach())
+        impl = PATHS[self.path]
         with torch.no_grad():
-            tables = _l1_tables(*args) if self.path == "l1" else _sql2_tables(*args, self.g)
+            tables = impl.tables(*args, self.g)
             for k, t in tables.items():
                 self.register_buffer(k, t)
-            if self.path == "l1":
-                for k, t in _l1_expand(tables, self.m, self.n, self.g).items():
+            if impl.expand is not None:
+                for k, t in impl.expand(tables, self.m, self.n, self.g).items():
                     self.register_buffer("_e_" + k, t, persistent=False)
-
 
     def _expanded(self) -> dict:
         if torch.onnx.is_in_onnx_export():
@@ -249,18 +259,47 @@ class WeightFreeCore(nn.Module):
             return _l1_expand(tables, self.m, self.n, self.g)
         return {k: getattr(self, "_e_" + k) for k in ("order_p", "ysl", "gidx", "w", "ca", "half")}
 
+    def _fused_tables(self) -> tuple:
+        """The fused kernel's arrays, built on first use (tables are fixed at inference)."""
+        key = (self.order.data_ptr(), self.pos.data_ptr(), self.xs.data_ptr(), self.lam.data_ptr())
+        if getattr(self, "_fused", None) is None or self._fused[0] != key:
+            self._fused = (key, fused.fused_tables(self.order, self.ys, self.xs, self.pos, self.lam, self.offset))
+        return self._fused[1]
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.path == "l1":
-            reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
-            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g, reuse)
-        return sql2_matvec(v, self.xa, self.ya, self.m, self.n, self.g)
+        return PATHS[self.path].forward(self, v)
 
     def flops(self, vectors: int) -> int:
-        fn = l1_flops if self.path == "l1" else sql2_flops
-        return fn(vectors, self.m, self.n, self.channels, self.g)
+        return PATHS[self.path].flops(vectors, self.m, self.n, self.channels, self.g)
 
     def extra_repr(self) -> str:
         return f"{self.path}, m={self.m}, n={self.n}, channels={self.channels}, conv_groups={self.g}"
+
+
+def _l1_forward(core: WeightFreeCore, v: torch.Tensor) -> torch.Tensor:
+    reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
+    if reuse and _use_fused(v):
+        return fused.l1_fused(v, core._fused_tables(), core.m, core.n, core.g)
+    return l1_matvec(v, core._expanded(), core.lam, core.m, core.n, core.g, reuse)
+
+
+@dataclass(frozen=True)
+class WeightFreePath:
+    """One weight-free forward: its load-time tables (persistent buffers), the derived tensors
+    (non-persistent, or None), the forward and its FLOP count."""
+
+    tables: Callable[..., dict]
+    expand: Callable[..., dict] | None
+    forward: Callable[[WeightFreeCore, torch.Tensor], torch.Tensor]
+    flops: Callable[..., int]
+
+
+PATHS: dict[str, WeightFreePath] = {
+    "l1": WeightFreePath(lambda x, y, c, o, g: _l1_tables(x, y, c, o), _l1_expand, _l1_forward, l1_flops),
+    "sql2": WeightFreePath(_sql2_tables, None, lambda core, v: sql2_matvec(v, core.xa, core.ya, core.m, core.n, core.g),
+                           sql2_flops),
+}
+"""Weight-free paths by name; ``metrics.weight_free_path`` names the one a layer uses."""
 
 
 class WeightFreeLinear(nn.Module):
@@ -436,11 +475,16 @@ class OpCounter(TorchDispatchMode):
 def count(fn, *args) -> OpCounter:
     """Run ``fn(*args)`` without gradients under an OpCounter and return the counter.
 
-    The L1 scratch buffer is dropped first, so the peak includes it.
+    The L1 scratch buffer is dropped first, so the peak includes it. The eager L1 path runs
+    (the fused kernel, when installed, allocates less: two (n+1) rows and the output).
     """
     clear_workspace()
-    with torch.no_grad(), OpCounter() as c:
-        fn(*args)
+    _eager_only.on = True
+    try:
+        with torch.no_grad(), OpCounter() as c:
+            fn(*args)
+    finally:
+        _eager_only.on = False
     return c
 
 
