@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from .dynamics import DynLinear, DynSpec
 from .fused import pick_path
-from .weightfree import WeightFreeCore, count
+from .opcount import count
+from .weightfree import WeightFreeCore
 
 SQUARE_SIZES = (1024, 2048, 4096, 8192, 16384)
 RESNET50_LAYERS = ((1000, 2048, "resnet50 fc"), (512, 4608, "resnet50 layer4 3x3 conv"))

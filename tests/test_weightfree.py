@@ -9,9 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynconvert
 from dynconvert.export import export_onnx
 from dynconvert.dynamics import DynConv2d, DynLinear, DynSpec
-from dynconvert.weightfree import (
-    WeightFreeConv2d, WeightFreeLinear, count, to_weight_free, weightfree_flops,
-)
+from dynconvert.opcount import count
+from dynconvert.weightfree import WeightFreeConv2d, WeightFreeLinear, to_weight_free, weightfree_flops
 
 
 def _fill(layer, gen, grid=None):
