@@ -6,15 +6,19 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch/torchvision pinned: served from local disk here; an unpinned torch may pull a multi-GB build.
 	$(VENV)/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test,timm]"
 	touch $@
 
-.PHONY: demo test bench bench-real
+.PHONY: demo test test-slow bench bench-real
 demo: $(VENV)/.installed
 	$(VENV)/bin/dynconvert demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The long end-to-end tier (`@pytest.mark.slow`); CI runs it after `make test`.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.convert_resnet50

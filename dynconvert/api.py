@@ -11,16 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from .checkpoint import Source, build_torchvision, check_weights, load_weights, rebuild
-from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, set_submodule
-from .dynamics import DynSpec, dynamic_from_meta, layer_config
-from .dynfile import read_dyn, write_dyn
+from . import resume as rs
+from .budget import convert_to_budget, model_bytes
+from .checkpoint import Source, load_model, source_of
+from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
+from .data import calibration_batches
+from .dynfile import write_dyn
 from .errors import DynError
+from .export import export_onnx, export_pth, export_safetensors
+from .fileio import check_output_path, sha256_file
 from .fit import FitResult
+from .layers import layer_config
+from .rebuild import load, read_meta, verify
+from .report import build_report
+from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 
+
+# what users call; the exports, the report and the reader live in their own modules
+__all__ = ["Conversion", "convert", "save", "load", "read_meta", "verify", "convert_checkpoint", "dyn_metadata",
+           "build_report", "export_onnx", "export_pth", "export_safetensors"]
 
 @dataclass
 class Conversion:
@@ -74,19 +85,28 @@ def convert(
     if unknown:
         raise TypeError(f"convert() got an unknown option {unknown[0]!r}")
     opts = replace(opts, **overrides)
+    _check_include(model, opts.include)
+    source = source or source_of(model)  # before any layer is replaced
     if size is None and target_bytes is None:
         if data_free:
             raise DynError("data-free conversion needs a byte budget (--size or --target-bytes)")
         model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
-        return Conversion(model.eval(), layers, skipped, opts, source or Source("module"), input_size=tuple(input_size))
+        return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
                               tuple(input_size), "ratio" in overrides, on_progress, on_note)
 
 
+def _check_include(model: nn.Module, patterns: list[str]) -> None:
+    """Every --include pattern names at least one Linear/Conv2d layer: a typo must not convert nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for p in patterns:
+        if not any(matches(n, [p]) for n in names):
+            some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise DynError(f"--include {p!r} matches no Linear/Conv2d layer of {type(model).__name__} (its layers: {some})")
+
+
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,
                        ratio_given, on_progress, on_note) -> Conversion:
-    from .budget import convert_to_budget, model_bytes
-
     if size is not None and target_bytes is not None:
         raise DynError("give --size or --target-bytes, not both")
     if ratio_given:
@@ -97,8 +117,6 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
     if calib is not None and data_free:
         raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
     if calib is None:
-        from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size
-
         if not has_batchnorm(model):
             raise DynError(f"{type(model).__name__} has no BatchNorm layers, so data-free calibration cannot synthesize "
                            "inputs; pass calibration images (--calib DIR)")
@@ -118,7 +136,7 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
         mode = "images"
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
                                min_params=opts.min_params, on_progress=on_progress)
-    conv = Conversion(model.eval(), result.layers, result.skipped, opts, source or Source("module"),
+    conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv
 
@@ -145,102 +163,6 @@ def dyn_metadata(conv: Conversion) -> dict:
 def save(conv: Conversion, path: str | Path) -> None:
     """Write the conversion as a .dyn file (atomically)."""
     write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized)
-
-
-def read_meta(path: str | Path) -> dict:
-    return read_dyn(path)[1]
-
-
-def load(
-    path: str | Path,
-    *,
-    model: nn.Module | None = None,
-    factory: str | None = None,
-    verify: bool = True,
-    weight_free: bool = False,
-    on_note=None,
-) -> nn.Module:
-    """A ready nn.Module (eval mode) from a .dyn file.
-
-    ``model``: an instance of the original architecture (needed for files converted from a
-    pickled module). ``factory``: the ``pkg.module:factory`` the file was converted with; a
-    factory is never imported on the file's word alone. ``weight_free``: run converted layers
-    from their states (``weightfree.to_weight_free``, inference only); layers whose metric/kernel
-    has no weight-free path stay materialized and ``on_note`` (e.g. ``print``) is told which.
-    """
-    tensors, meta = read_dyn(path, verify=verify)
-    net = build_from(tensors, meta, model=model, factory=factory, path=path)
-    if weight_free:
-        from .weightfree import to_weight_free
-
-        net, kept = to_weight_free(net)
-        for name, reason in kept:
-            if on_note:
-                on_note(f"{name}: runs materialized ({reason})")
-    return net
-
-
-def build_from(tensors: dict[str, torch.Tensor], meta: dict, *, model=None, factory=None, path="file") -> nn.Module:
-    try:
-        source = Source.from_dict(meta["source"])
-    except (KeyError, TypeError, AttributeError):
-        raise DynError(f"{path}: metadata 'source' is malformed (corrupt file)") from None
-    if model is None and source.kind == "torchvision":
-        n = source.num_classes
-        if not isinstance(source.arch, str) or not (n is None or (type(n) is int and n >= 1)):
-            raise DynError(f"{path}: metadata 'source' is malformed (corrupt file)")
-        # Rehearse on the meta device first: a file's metadata cannot make us allocate a model
-        # bigger than the tensors the file really holds.
-        _assemble(build_torchvision(source.arch, n, device="meta"), tensors, meta, path)
-    return _assemble(rebuild(source, model=model, factory=factory), tensors, meta, path).eval()
-
-
-def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path) -> nn.Module:
-    """Swap in the recorded converted layers and load the tensors; every shape is checked first."""
-    real = not any(p.is_meta for p in net.parameters())
-    for name, info in meta["layers"].items():
-        try:
-            old = net.get_submodule(name)
-        except AttributeError:
-            raise DynError(f"{path}: converted layer {name!r} does not exist in the rebuilt model") from None
-        try:
-            with torch.device("meta"):  # shapes from the metadata are checked before anything is allocated
-                new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RuntimeError) as e:
-            raise DynError(f"{path}: layer {name!r} has invalid metadata ({e})") from None
-        want = tuple(getattr(old, "weight", torch.empty(0)).shape)
-        if want != tuple(new.weight_shape):
-            raise DynError(f"{path}: layer {name!r} has shape {tuple(new.weight_shape)} but the model's is {want}")
-        if real:
-            new = dynamic_from_meta(info["kind"], info["config"], DynSpec.from_dict(info["spec"]))
-        set_submodule(net, name, new)
-    (load_weights if real else check_weights)(net, tensors, f"the model rebuilt from {path}")
-    return net
-
-
-def verify(path: str | Path, *, factory: str | None = None) -> dict:
-    """Check a .dyn completely: header, metadata, layer shapes, checksum, finite states, and (when
-    the architecture can be rebuilt without running code from elsewhere) that the tensors fit it.
-
-    Returns a summary; raises DynError naming the first problem.
-    """
-    tensors, meta = read_dyn(path, verify=True)
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise DynError(f"{path}: tensor {name} contains NaN or Inf")
-    source = meta["source"]
-    rebuilt = None
-    if source.get("kind") == "torchvision" or (source.get("kind") == "factory" and factory is not None):
-        build_from(tensors, meta, factory=factory, path=path)
-        rebuilt = source.get("arch") or source.get("factory")
-    return {
-        "format_version": meta["format_version"],
-        "layers": len(meta["layers"]),
-        "tensors": len(tensors),
-        "tensors_sha256": meta["tensors_sha256"],
-        "rebuilt": rebuilt,
-        "source": source,
-    }
 
 
 def convert_checkpoint(
@@ -270,11 +192,6 @@ def convert_checkpoint(
     the fits an interrupted run saved there. Without ``resume`` an existing partial folder is
     refused unless ``force`` (which discards it).
     """
-    from . import resume as rs
-    from .checkpoint import load_model
-    from .convert import plan
-    from .fileio import check_output_path, sha256_file
-
     out = check_output_path(out, force)
     options.validate()
     budgeted = size is not None or target_bytes is not None
@@ -292,8 +209,6 @@ def convert_checkpoint(
         on_note(note)
     batches = None
     if calib is not None:
-        from .data import calibration_batches
-
         batches = calibration_batches(calib, loaded.source.to_dict(), input_size, calib_images)
         on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
     source_sha256 = sha256_file(checkpoint)
@@ -322,35 +237,3 @@ def convert_checkpoint(
     save(conv, out)
     rs.remove(folder)
     return conv
-
-
-# Exports and the report live in export.py / report.py (they build on this module); these are the
-# API names users call.
-
-
-def build_report(source, **kwargs) -> dict:
-    """The report dictionary of a .dyn path (see docs/report.md); kwargs as report.build_report."""
-    from .report import build_report as run
-
-    return run(source, **kwargs)
-
-
-def export_onnx(source, out, **kwargs):
-    """Materialized ONNX graph, verified in ONNX Runtime; kwargs as export.export_onnx."""
-    from .export import export_onnx as run
-
-    return run(source, out, **kwargs)
-
-
-def export_pth(source, out, **kwargs):
-    """Plain state dict the original architecture loads; kwargs as export.export_pth."""
-    from .export import export_pth as run
-
-    return run(source, out, **kwargs)
-
-
-def export_safetensors(source, out, **kwargs):
-    """Compact .dyn with states at another precision; kwargs as export.export_safetensors."""
-    from .export import export_safetensors as run
-
-    return run(source, out, **kwargs)

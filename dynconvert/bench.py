@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .dynamics import DynLinear, DynSpec
-from .weightfree import WeightFreeCore, count
+from .fused import pick_path
+from .opcount import count
+from .weightfree import WeightFreeCore
 
 SQUARE_SIZES = (1024, 2048, 4096, 8192, 16384)
 RESNET50_LAYERS = ((1000, 2048, "resnet50 fc"), (512, 4608, "resnet50 layer4 3x3 conv"))
@@ -45,6 +47,8 @@ class Row:
     weightfree_peak_bytes: int | None
     sql2_peak_bytes: int | None
     weightfree_largest_bytes: int | None
+    rule: str = ""
+    """``fused.pick_path``'s choice for this layer and batch: "weightfree" or "dense"."""
 
 
 def _loadavg() -> list[float] | None:
@@ -132,6 +136,7 @@ def bench_row(m: int, n: int, batch: int, device: str, groups: int, dim: int, re
     return Row(
         m, n, batch, device, rank, layer, med["dense"], med["svd"], med["weightfree"], med["sql2"],
         spread["dense"], spread["svd"], spread["weightfree"], spread["sql2"], {k: v[1] for k, v in runs.items()}, m * n * 4, wf_peak, sq_peak, wf_largest,
+        pick_path(m, n, rank, 1, batch) if device == "cpu" else "",
     )
 
 

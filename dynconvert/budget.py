@@ -11,7 +11,7 @@
    moves a network differently from a rounding error of the same size.
 3. **Allocate.** Minimize the summed measured network errors under the byte budget (a
    multiple-choice knapsack: Lagrangian relaxation, then a greedy fill of what is left), as HAWQ
-   and Sony MCT's mixed-precision search do.
+   and Sony MCT's mixed-precision search do (allocation.py).
 4. **Fit sequentially.** In execution order, a stage of layers at a time, each chosen layer is
    fitted to the *original* network's outputs from the inputs of the network *compressed so far*
    (``outputs.corrected_target``), so errors do not compound.
@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .convert import LayerStats, Skipped, matches, set_submodule
-from .dynamics import DynConv2d, DynSpec, dense_matrix, make_dynamic, sql2_lowrank
+from .allocation import Candidate, allocate, why
+from .convert import LayerStats, Skipped, matches, set_submodule, uncovered_skips
+from .dynamics import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
+from .layers import find_targets, make_dynamic
 from .errors import DynError
 from .outputs import (
     STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
@@ -48,19 +50,6 @@ HEADER_BYTES_PER_LAYER = 700
 """The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
 HEADER_BYTES_PER_TENSOR = 160
 """The safetensors header entry and the metadata's storage entry of one stored tensor."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    kind: str  # "fp32" | "int8" | "int4" | "dyn"
-    bytes: int
-    spec: DynSpec | None = None
-
-    @property
-    def label(self) -> str:
-        if self.kind == "dyn":
-            return f"states H={self.spec.groups} d={self.spec.dim} int8"
-        return "fp32 (kept)" if self.kind == "fp32" else f"dense {self.kind}"
 
 
 @dataclass
@@ -112,7 +101,10 @@ def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], li
         units.append(Unit(name, layer, m, n, why_not))
     if not units:
         raise DynError("no Linear or Conv2d layer to compress (check --include/--exclude)")
-    return units, skipped
+    skipped += [Skipped(name, "attention projection: the byte-budget conversion covers Linear/Conv2d only; left dense")
+                for name, kind, _ in find_targets(model) if kind.name == "mha_proj"
+                and (not include or matches(name, include)) and not matches(name, exclude)]
+    return units, skipped + uncovered_skips(model, include, exclude)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -193,61 +185,6 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     return options, sensitivity
 
 
-# ---------------------------------------------------------------- allocation
-
-
-def allocate(options: dict[str, list[tuple[Candidate, float]]], budget: int) -> dict[str, int] | None:
-    """Index of the chosen candidate per layer minimizing the summed error within ``budget`` bytes.
-
-    Lagrangian relaxation (each layer minimizes error + lam * bytes; lam bisected to the largest
-    choice that fits), then a greedy fill: the upgrade with the best error saved per extra byte
-    that still fits, until none does. ``None`` when even the cheapest choices do not fit.
-    """
-    cheapest = sum(min(c.bytes for c, _ in opts) for opts in options.values())
-    if cheapest > budget:
-        return None
-
-    def choose(lam: float) -> dict[str, int]:
-        return {name: min(range(len(opts)), key=lambda i: (opts[i][1] + lam * opts[i][0].bytes, opts[i][0].bytes))
-                for name, opts in options.items()}
-
-    def total(choice) -> int:
-        return sum(options[n][i][0].bytes for n, i in choice.items())
-
-    lo, hi = 0.0, 1.0
-    while total(choose(hi)) > budget:
-        hi *= 4
-        if hi > 1e30:
-            break
-    for _ in range(100):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6 if hi > 1e-300 else 0.0
-        if total(choose(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-        if lo > 0 and hi / lo < 1 + 1e-9:
-            break
-    choice = choose(hi)
-    if total(choice) > budget:  # hi can overshoot only through ties; fall back to the cheapest
-        choice = {n: min(range(len(o)), key=lambda i: o[i][0].bytes) for n, o in options.items()}
-    spent = total(choice)
-    while True:
-        best = None
-        for name, opts in options.items():
-            cur_c, cur_e = opts[choice[name]]
-            for i, (c, e) in enumerate(opts):
-                extra = c.bytes - cur_c.bytes
-                if e < cur_e and extra > 0 and spent + extra <= budget:
-                    gain = (cur_e - e) / extra
-                    if best is None or gain > best[0]:
-                        best = (gain, name, i, extra)
-        if best is None:
-            return choice
-        _, name, i, extra = best
-        choice[name] = i
-        spent += extra
-
-
 # ---------------------------------------------------------------- the whole conversion
 
 
@@ -315,6 +252,17 @@ def convert_to_budget(
     images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
     fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
     moments = collect_moments({u.name: u.layer for u in units}, fitting.split(32), model)
+    # a layer whose owner reads its .weight instead of calling it (an MHA's out_proj, Swin's qkv)
+    # shows no inputs: it stays fp32 and is listed; its bytes come out of the room
+    unreached = [u for u in units if u.name not in moments]
+    for u in unreached:
+        skipped.append(Skipped(u.name, "never called as a module (its owner reads .weight), so its outputs cannot "
+                                       "be measured: left fp32"))
+        room -= 4 * u.m * u.n
+    units = [u for u in units if u.name in moments]
+    if not units or room < sum(min(c.bytes for c in u.candidates(min_params)) for u in units):
+        raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
+                       f"({', '.join(u.name for u in unreached[:3])}...); ask for a larger --size")
     # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
     # steered by that and rounding to nearest is safer; the upstream correction likewise
     trusted = calibration == "images"
@@ -367,7 +315,7 @@ def convert_to_budget(
         rows.append(dict(
             name=u.name, shape=[u.m, u.n], choice=cand.label, kind=cand.kind, bytes=cand.bytes,
             fp32_bytes=4 * u.m * u.n, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
-            why=_why(options[u.name], choice[u.name]),
+            why=why(options[u.name], choice[u.name]),
             states_possible=u.convertible is None,
         ))
     summary = dict(
@@ -377,47 +325,3 @@ def convert_to_budget(
         stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows,
     )
     return BudgetResult(layers, skipped, quantized, summary)
-
-
-def _why(opts: list[tuple[Candidate, float]], chosen: int) -> str:
-    """One line: the choice against its cheaper and dearer neighbours."""
-    c, e = opts[chosen]
-    cheaper = [(o, oe) for o, oe in opts if o.bytes < c.bytes]
-    if not cheaper:
-        return "cheapest option"
-    o, oe = max(cheaper, key=lambda t: t[0].bytes)
-    return f"{o.label} would save {c.bytes - o.bytes:,} B for +{oe - e:.3g} measured error"
-
-
-def parse_size(text: str) -> float:
-    """``1/8``, ``0.125`` or ``12.5%`` -> 0.125."""
-    t = text.strip()
-    try:
-        if t.endswith("%"):
-            value = float(t[:-1]) / 100
-        elif "/" in t:
-            a, b = t.split("/", 1)
-            value = float(a) / float(b)
-        else:
-            value = float(t)
-    except (ValueError, ZeroDivisionError):
-        raise DynError(f"--size {text!r}: give a fraction of the original bytes such as 1/8, 0.125 or 12.5%") from None
-    if not 0 < value < 1:
-        raise DynError(f"--size {text!r} must be between 0 and 1 (a fraction of the original's bytes)")
-    return value
-
-
-def parse_bytes(text: str) -> int:
-    """``5MB``, ``800kB``, ``1.5MiB`` or a plain byte count."""
-    units = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-    t = text.strip().lower().replace(" ", "")
-    i = len(t)
-    while i and not t[i - 1].isdigit() and t[i - 1] != ".":
-        i -= 1
-    try:
-        value = float(t[:i]) * units[t[i:]]
-    except (ValueError, KeyError):
-        raise DynError(f"--target-bytes {text!r}: give a size such as 5MB, 800kB or 1500000") from None
-    if not value >= 1:
-        raise DynError(f"--target-bytes {text!r} must be positive")
-    return int(value)

@@ -7,8 +7,8 @@ files loaded, because unpickling can run arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib
 import pickle
 import warnings
 import zipfile
@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from .errors import DynError, first_line
+from .factories import TIMM, cwd_importable, import_factory
+from .fileio import sniff
 from .safetensors_io import read_safetensors
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -33,13 +35,36 @@ class Source:
     arch: str | None = None
     num_classes: int | None = None
     factory: str | None = None
+    module_class: str | None = None  # "module" sources: the class, named in messages only (never imported)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Source":
-        return cls(d["kind"], d.get("arch"), d.get("num_classes"), d.get("factory"))
+        cls_name = d.get("module_class")
+        return cls(d["kind"], d.get("arch"), d.get("num_classes"), d.get("factory"),
+                   cls_name if isinstance(cls_name, str) else None)
+
+
+def source_of(model: nn.Module) -> Source:
+    """How an in-memory model can be rebuilt: by its torchvision builder when it is a torchvision
+    model (matched by its keys and shapes, so the .dyn rebuilds with no extra argument), else as a
+    "module" that needs the original (or an instance) to rebuild."""
+    cls = type(model)
+    if cls.__module__.startswith("torchvision.models."):
+        try:
+            arch, num_classes = infer_arch(model.state_dict(), module=cls.__module__)
+        except DynError:
+            arch = None  # built with other arguments than any builder's: rebuild needs the module
+        # the same keys and shapes are not enough: a swapped activation or block must not be rebuilt away
+        if arch and _layout(build_torchvision(arch, num_classes, device="meta")) == _layout(model):
+            return Source("torchvision", arch=arch, num_classes=num_classes)
+    return Source("module", module_class=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _layout(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in model.named_modules()]
 
 
 @dataclass
@@ -49,13 +74,27 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> str | None:
+    """Refuse what is not a checkpoint, saying what it is; returns fileio.sniff's kind."""
     if not path.exists():
         raise DynError(f"{path}: no such file")
     if path.is_dir():
         raise DynError(f"{path} is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise DynError(f"{path} is empty; it is not a checkpoint")
+    kind = sniff(path) if path.suffix != ".safetensors" else "safetensors"
+    if kind == "onnx":
+        raise DynError(f"{path} is an ONNX model; dynconvert converts PyTorch checkpoints: give the .pth/.safetensors "
+                       "it was exported from (ONNX graphs cannot be turned back into a PyTorch module)")
+    if kind == "dyn":
+        raise DynError(f"{path} is a .dyn file, already converted; use report, eval, finetune or export on it")
+    if kind == "text":
+        raise DynError(f"{path} is a text file, not a readable PyTorch checkpoint; give a state dict saved with "
+                       "torch.save (.pth/.pt) or a .safetensors file")
+    if kind is None:
+        raise DynError(f"{path} is not a readable PyTorch checkpoint: neither a zip archive nor a pickle (what "
+                       "torch.save writes) nor safetensors")
+    return kind
 
 
 def _check_zip(path: Path) -> None:
@@ -88,8 +127,7 @@ def _is_torchscript(path: Path) -> bool:
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
     """A state dict (weights-only) or, with ``trust_pickle``, possibly a whole module."""
     path = Path(path)
-    _check_file(path)
-    if path.suffix == ".safetensors":
+    if _check_file(path) == "safetensors":  # also under another suffix
         tensors, _ = read_safetensors(path)
         return unwrap_state_dict(tensors)
     if zipfile.is_zipfile(path):
@@ -104,11 +142,15 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our error says what matters
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+            with cwd_importable() if trust_pickle else contextlib.nullcontext():  # a pickle names its classes' modules
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "weights_only" in str(e):
             raise DynError(f"{path} holds pickled Python objects (for example a whole nn.Module); {TRUST_HINT}") from None
         raise DynError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    except ModuleNotFoundError as e:
+        raise DynError(f"{path}: the pickled module needs {e.name!r}, which cannot be imported; run from the folder "
+                       "that holds it or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise DynError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or corrupt ({first_line(e)})") from None
     if isinstance(obj, nn.Module):
@@ -179,13 +221,19 @@ def _signature(arch: str) -> dict[str, tuple[int, ...]] | None:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+def infer_arch(state: dict[str, torch.Tensor], module: str | None = None) -> tuple[str, int]:
     """(arch, num_classes) of the torchvision classifier whose keys and shapes match ``state``.
 
     Only the classifier's output size may differ from the builder's default, which gives the class count.
+    ``module``: only try builders defined there (e.g. ``torchvision.models.resnet``), which is quicker.
     """
+    import torchvision.models as tvm
+
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for arch in torchvision_archs():
+    archs = torchvision_archs()
+    if module is not None:
+        archs = [a for a in archs if tvm.get_model_builder(a).__module__ == module]
+    for arch in archs:
         sig = _signature(arch)
         if sig is None or sig.keys() != shapes.keys():
             continue
@@ -207,24 +255,6 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
 def _num_classes(model: nn.Module) -> int:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else 0
-
-
-def import_factory(spec: str) -> nn.Module:
-    """Call ``package.module:factory`` and check it returns an nn.Module."""
-    if ":" not in spec:
-        raise DynError(f"--model {spec!r} must look like package.module:factory")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise DynError(f"--model {spec}: cannot import {mod_name} ({first_line(e)})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise DynError(f"--model {spec}: {mod_name} has no callable {attr!r}")
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise DynError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -255,14 +285,19 @@ def load_model(
 ) -> Loaded:
     """Load a checkpoint into a ready nn.Module (eval mode), recording how to rebuild it."""
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, torch.jit.ScriptModule):
+        # compiled code has no nn.Linear/Conv2d to replace: convert its weights in an eager twin
+        obj = _eager_state(obj, path, arch, model)
+    elif isinstance(obj, nn.Module):
         check_finite(obj.state_dict(), path)
-        return Loaded(obj.eval(), Source("module"))
+        return Loaded(obj.eval(), source_of(obj))
     check_finite(obj, path)
     if model is not None:
-        net = import_factory(model)
+        net = import_factory(model, state=obj)
         load_weights(net, obj, f"--model {model}")
-        return Loaded(net.eval(), Source("factory", factory=model))
+        # a timm model's class count is part of its architecture; a factory's own code fixes it
+        classes = getattr(net, "num_classes", None) if model.startswith(TIMM) else None
+        return Loaded(net.eval(), Source("factory", factory=model, num_classes=classes))
     if arch is not None:
         if arch not in torchvision_archs():
             build_torchvision(arch)  # raises the unknown-architecture error
@@ -275,6 +310,20 @@ def load_model(
     net = build_torchvision(arch, num_classes)
     load_weights(net, obj, arch)
     return Loaded(net.eval(), Source("torchvision", arch=arch, num_classes=num_classes), [f"architecture inferred: {arch}, {num_classes} classes"])
+
+
+def _eager_state(script: torch.jit.ScriptModule, path, arch: str | None, factory: str | None) -> dict:
+    """The state dict of a TorchScript file, for an eager architecture to load (--arch, --model, or
+    a torchvision one inferred from the keys and shapes)."""
+    state = {k: v for k, v in script.state_dict().items()}
+    if arch is None and factory is None:
+        try:
+            infer_arch(state)
+        except DynError:
+            raise DynError(f"{path} is TorchScript, whose compiled layers cannot be rewritten, and its weights match no "
+                           "torchvision architecture; pass --model pkg.module:factory that builds the same model in "
+                           "Python") from None
+    return state
 
 
 def _classes_from(default: dict, state: dict, arch: str) -> int | None:
@@ -300,5 +349,8 @@ def rebuild(source: Source, model: nn.Module | None = None, factory: str | None 
             raise DynError(f"this file was converted from --model {source.factory}; pass --model {source.factory} to load it (importing runs that code)")
         if factory != source.factory:
             raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
-        return import_factory(factory)
-    raise DynError("this file was converted from a pickled module; load it in Python with dynconvert.load(path, model=your_module)")
+        return import_factory(factory, num_classes=source.num_classes)
+    what = f"a {source.module_class} module" if source.module_class else "a pickled module"
+    raise DynError(f"this file was converted from {what}, which a .dyn cannot rebuild alone; pass --original FILE "
+                   "(the file it was converted from, with --trust-pickle if that is a pickle), or in Python "
+                   "dynconvert.load(path, model=an_instance_of_the_original)")

@@ -1,20 +1,87 @@
-"""The command line: parses flags, calls the API, renders with rich. No logic of its own."""
+"""The command line: parses flags, calls the API, renders with rich. No logic of its own.
+
+Over ~350 lines because it declares every command's flags with their help in one place; each
+command's body only checks flags, calls the owning module and prints.
+"""
 
 from __future__ import annotations
 
 import functools
 import signal
+import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
+from .convert import ConvertOptions
+from .demo import DemoSettings
 from .errors import DynError
+from .finetune import FinetuneOptions
+from .version import __version__
+
+
+class Commands(TyperGroup):
+    """Usage errors (a missing argument, an unknown command or option) end in one `error:` line
+    and exit 2, like every other error, instead of typer's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = _optional_value(list(sys.argv[1:] if args is None else args), "export", "--onnx")
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare `dynconvert`: the help, as before
+            typer.echo(e.format_message())
+            rc = 0
+        except click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "dynconvert"
+            if where == "dynconvert" and args[:1] and args[0] in self.commands:  # errors raised while parsing options
+                where += f" {args[0]}"
+            msg = e.format_message().rstrip(".")
+            typer.echo(f"error: {msg[:1].lower() + msg[1:]}; see `{where} --help`", err=True)
+            rc = 2
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {e.format_message()}", err=True)
+            rc = e.exit_code
+        except typer.Abort:  # end of input while a prompt waited
+            typer.echo("error: aborted", err=True)
+            rc = 1
+        if standalone_mode:
+            sys.exit(rc or 0)
+        return rc
+
+
+def _optional_value(args: list[str], command: str, option: str) -> list[str]:
+    """Let ``command``'s ``option`` stand without its value (click options cannot): an empty value
+    then asks for the default, derived from the input's name."""
+    if args[:1] == [command] and option in args:
+        i = args.index(option)
+        if i + 1 == len(args) or args[i + 1].startswith("-"):
+            args.insert(i + 1, "")
+    return args
+
+
+def default(options, name: str):
+    """A field's default in an options dataclass: the one source of the CLI's defaults."""
+    f = next(f for f in fields(options) if f.name == name)
+    return f.default
+
+
+def shown(options, name: str) -> str:
+    """The default, for the --help of a flag that stays None unless given (so that a recipe can fill it)."""
+    return f" [default: {default(options, name)}]"
+
 
 app = typer.Typer(
+    cls=Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -99,29 +166,29 @@ def convert(
     checkpoint: Path = typer.Argument(..., help="State dict (.pth/.pt/.safetensors), or with --trust-pickle a pickled module / TorchScript file."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Output .dyn file."),
     arch: Optional[str] = typer.Option(None, help="torchvision architecture (inferred from the keys when omitted)."),
-    model: Optional[str] = typer.Option(None, help="Your own architecture: an importable package.module:factory returning the nn.Module."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (see recipes/) or .toml path; flags override its values."),
-    ratio: Optional[float] = typer.Option(None, help="State parameters at most RATIO x each converted layer's dense parameters. [default: 0.25]"),
-    min_params: Optional[int] = typer.Option(None, help="Skip layers with fewer weights. [default: 10000]"),
+    model: Optional[str] = typer.Option(None, help="Your own architecture: package.module:factory returning the nn.Module (the current folder is searched too), or timm:NAME for a timm architecture (the [timm] extra)."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (resnet18, resnet50, mobilenet_v2, vgg16: dynconvert/recipes/) or a .toml path; flags override its values."),
+    ratio: Optional[float] = typer.Option(None, help="State parameters at most RATIO x each converted layer's dense parameters." + shown(ConvertOptions, "ratio")),
+    min_params: Optional[int] = typer.Option(None, help="Skip layers with fewer weights." + shown(ConvertOptions, "min_params")),
     include: Optional[List[str]] = typer.Option(None, help="Only convert layers whose name matches these glob patterns."),
     exclude: Optional[List[str]] = typer.Option(None, help="Never convert layers whose name matches these glob patterns."),
-    metric: Optional[str] = typer.Option(None, help="Distance between states: l1, l2 or sql2. [default: sql2]"),
-    kernel: Optional[str] = typer.Option(None, help="Relation kernel phi: linear (t) or inverse (1/t)."),
-    max_dim: Optional[int] = typer.Option(None, help="Largest state dimension d to consider when --ratio picks H and d."),
+    metric: Optional[str] = typer.Option(None, help="Distance between states: l1, l2 or sql2." + shown(ConvertOptions, "metric")),
+    kernel: Optional[str] = typer.Option(None, help="Relation kernel phi: linear (t) or inverse (1/t)." + shown(ConvertOptions, "kernel")),
+    max_dim: Optional[int] = typer.Option(None, help="Largest state dimension d to consider when --ratio picks H and d." + shown(ConvertOptions, "max_dim")),
     groups: Optional[int] = typer.Option(None, help="Fix the number of sub-model groups H (with --dim) instead of --ratio."),
     dim: Optional[int] = typer.Option(None, help="Fix the state dimension d (with --groups)."),
-    steps: Optional[int] = typer.Option(None, help="Fitting steps per layer."),
-    init: Optional[str] = typer.Option(None, help="Start of sql2 fits: svd (the truncated SVD, fast) or random (the authors' uniform [0, 1)). [default: svd]"),
-    lr: Optional[float] = typer.Option(None, help="Fitting step size."),
-    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn. [default: 0]"),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    steps: Optional[int] = typer.Option(None, help="Fitting steps per layer." + shown(ConvertOptions, "steps")),
+    init: Optional[str] = typer.Option(None, help="Start of sql2 fits: svd (the truncated SVD, fast) or random (the authors' uniform [0, 1))." + shown(ConvertOptions, "init")),
+    lr: Optional[float] = typer.Option(None, help="Fitting step size." + shown(ConvertOptions, "lr")),
+    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn." + shown(ConvertOptions, "seed")),
+    device: str = typer.Option(default(ConvertOptions, "device"), help="cpu, cuda or cuda:N."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
     calib: Optional[str] = typer.Option(None, help="Calibrated conversion: also fit each layer's outputs on images from this source (an image folder, 'digits', 'fake')."),
     calib_images: Optional[int] = typer.Option(None, help="How many calibration images to use. [default: 256 with --size, else 512]"),
     size: Optional[str] = typer.Option(None, "--size", help="Byte budget as a fraction of the original's fp32 bytes (1/8, 0.125, 12.5%): each layer's representation (states, int8/int4, fp32) is chosen by measured sensitivity. Replaces --ratio."),
     target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Byte budget as a size (5MB, 800kB): like --size."),
     data_free: bool = typer.Option(False, "--data-free", help="With --size: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
-    calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib. [default: 300]"),
+    calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib." + shown(ConvertOptions, "calib_steps")),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
@@ -143,7 +210,7 @@ def convert(
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
         calib_steps=calib_steps, init=init,
     ))
-    from .budget import parse_bytes, parse_size
+    from .allocation import parse_bytes, parse_size
 
     fraction = parse_size(size) if size is not None else None
     budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None
@@ -168,6 +235,8 @@ def convert(
         if partial_dir(out_path).is_dir():
             console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
         raise
+    for s in conv.skipped:  # every layer left as it was, with the reason
+        out.print(f"  skipped {s.name}: {s.reason}", highlight=False, soft_wrap=True)
     if conv.budget is not None:
         b = conv.budget
         from collections import Counter
@@ -186,10 +255,14 @@ def convert(
     mean_err = sum(s.rel_error for s in conv.layers) / max(len(conv.layers), 1)
     mean_svd = sum(s.svd_rel_error for s in conv.layers) / max(len(conv.layers), 1)
     out.print(
-        f"wrote {out_path}: {len(conv.layers)} layers converted ({len(conv.skipped)} skipped), "
+        f"wrote {out_path}: {_plural(len(conv.layers), 'layer')} converted ({len(conv.skipped)} skipped), "
         f"{n_dense:,} -> {n_state:,} parameters in converted layers ({n_dense / max(n_state, 1):.2f}x), "
         f"mean weight error {mean_err:.4f} vs truncated SVD {mean_svd:.4f} at the same budget"
     )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
@@ -208,22 +281,23 @@ def report(
     model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for the FLOP counts. [default: the file's]"),
     data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
-    original: Optional[Path] = typer.Option(None, help="With --data: the original checkpoint, evaluated side by side."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python. With --data it is also evaluated side by side."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
     latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export (see `bench --onnx`)."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
+    from .fileio import expect_dyn
     from .report import build_report, render_json, render_markdown, render_rich
 
     if markdown and json_out:
         raise DynError("choose one of --markdown and --json")
-    if original is not None and data is None:
-        raise DynError("--original needs --data to evaluate on")
     size = _parse_size(input_size) if input_size else None
-    rep = build_report(dyn, factory=model, input_size=size)
+    expect_dyn(dyn)
+    rep = build_report(dyn, factory=model, original=original, trust_pickle=trust_pickle, input_size=size)
     if data is not None:
-        from .finetune import evaluate_file
+        from .evaluation import evaluate_file
 
-        kw = dict(factory=model, input_size=tuple(rep["input_size"]))
+        kw = dict(factory=model, original=original, trust_pickle=trust_pickle, input_size=tuple(rep["input_size"]))
         rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
         if original is not None:
             rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
@@ -245,7 +319,7 @@ def report(
 @command
 def export(
     dyn: Path = typer.Argument(..., help="A .dyn file."),
-    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="Write an ONNX graph (materialized weights unless --weight-free), verified in ONNX Runtime."),
+    onnx_arg: Optional[str] = typer.Option(None, "--onnx", show_default=False, help="Write an ONNX graph (materialized weights unless --weight-free), verified in ONNX Runtime; `--onnx` alone writes DYN's name with .onnx."),
     weight_free: bool = typer.Option(False, "--weight-free", help="With --onnx: carry the states and sort orders instead of weight matrices (Gather, CumSum, MatMul)."),
     pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
     st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),
@@ -255,12 +329,17 @@ def export(
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the ONNX batch axis to 1 (default: dynamic)."),
     tolerance: float = typer.Option(1e-4, help="Allowed ONNX Runtime max abs diff, relative to the output's max magnitude."),
     model: Optional[str] = typer.Option(None, help="The package.module:factory the file was converted with (needed for --model conversions)."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W of the ONNX input. [default: the file's]"),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
 ):
     """Export for deployment: ONNX (checked against PyTorch), .pth, or a compact fp16 .dyn."""
     from . import export as ex
-    from .fileio import check_output_path
+    from .fileio import check_output_path, expect_dyn
+
+    expect_dyn(dyn)
+    onnx_path = None if onnx_arg is None else Path(onnx_arg) if onnx_arg else dyn.with_suffix(".onnx")
 
     targets = [p for p in (onnx_path, pth_path, st_path) if p is not None]
     if not targets:
@@ -276,7 +355,7 @@ def export(
     # ONNX first: it is the export that can fail its own check
     if onnx_path is not None:
         res = ex.export_onnx(
-            dyn, onnx_path, factory=model, input_size=_parse_size(input_size) if input_size else None, opset=opset,
+            dyn, onnx_path, factory=model, original=original, trust_pickle=trust_pickle, input_size=_parse_size(input_size) if input_size else None, opset=opset,
             dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, weight_free=weight_free,
         )
         for name, reason in res.kept:
@@ -292,7 +371,7 @@ def export(
         ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
         out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")
     if pth_path is not None:
-        ex.export_pth(dyn, pth_path, factory=model, force=force)
+        ex.export_pth(dyn, pth_path, factory=model, original=original, trust_pickle=trust_pickle, force=force)
         out.print(f"wrote {pth_path} ({pth_path.stat().st_size:,} bytes, materialized state dict)")
 
 
@@ -382,13 +461,17 @@ def bench(
 def verify(
     file: Path = typer.Argument(..., help="A .dyn file."),
     model: Optional[str] = typer.Option(None, help="For files converted with --model: the same package.module:factory, to check the tensors fit it (imports it)."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python. Checks the tensors fit it."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
 ):
     """Check a .dyn file completely: header, metadata, layer shapes, checksum, and that it rebuilds."""
-    from .api import verify as verify_file
+    from .fileio import expect_dyn
+    from .rebuild import verify as verify_file
 
-    info = verify_file(file, factory=model)
+    expect_dyn(file)
+    info = verify_file(file, factory=model, original=original, trust_pickle=trust_pickle)
     rebuilt = f"rebuilds as {info['rebuilt']}" if info["rebuilt"] else "architecture not rebuilt (needs --model)" \
-        if info["source"].get("kind") == "factory" else "architecture not rebuilt (converted from a pickled module)"
+        if info["source"].get("kind") == "factory" else "architecture not rebuilt (needs --original, the file it was converted from)"
     out.print(
         f"OK {file}: format v{info['format_version']}, {info['layers']} converted layers, {info['tensors']} tensors, "
         f"checksum sha256:{info['tensors_sha256']} verified, {rebuilt}", highlight=False, soft_wrap=True,
@@ -414,37 +497,41 @@ def finetune(
     dyn: Path = typer.Argument(..., help="The converted model (.dyn) whose states are trained."),
     data: str = typer.Option(..., help="ImageFolder tree (DIR/train + DIR/val, or DIR/<class>/*), a folder of unlabeled images (needs --teacher), 'digits' or 'fake'."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Output .dyn (written atomically at the end)."),
-    epochs: int = typer.Option(1, help="Passes over the training images."),
+    epochs: int = typer.Option(default(FinetuneOptions, "epochs"), help="Passes over the training images."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    batch_size: int = typer.Option(64, help="Images per step (per process under torchrun)."),
-    lr: float = typer.Option(0.1, help="Step size for the state positions; couplings get a scaled one (see docs/finetune.md)."),
-    optimizer: str = typer.Option("sgd", help="sgd (damped dynamics: momentum) or adam."),
-    momentum: float = typer.Option(0.9, help="SGD momentum (1 - damping)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay."),
-    schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step (x0.1 at 1/2 and 3/4) or constant."),
-    train: str = typer.Option("states", help="What trains: states (positions, couplings, offsets), states+bias (also biases and norm parameters) or all."),
-    clip_grad: float = typer.Option(5.0, help="Clip the gradient norm (0: off)."),
+    batch_size: int = typer.Option(default(FinetuneOptions, "batch_size"), help="Images per step (per process under torchrun)."),
+    lr: float = typer.Option(default(FinetuneOptions, "lr"), help="Step size for the state positions; couplings get a scaled one (see docs/finetune.md)."),
+    optimizer: str = typer.Option(default(FinetuneOptions, "optimizer"), help="sgd (damped dynamics: momentum) or adam."),
+    momentum: float = typer.Option(default(FinetuneOptions, "momentum"), help="SGD momentum (1 - damping)."),
+    weight_decay: float = typer.Option(default(FinetuneOptions, "weight_decay"), help="Weight decay."),
+    schedule: str = typer.Option(default(FinetuneOptions, "schedule"), help="Learning-rate schedule: cosine, step (x0.1 at 1/2 and 3/4) or constant."),
+    train: str = typer.Option(default(FinetuneOptions, "train"), help="What trains: states (positions, couplings, offsets), states+bias (also biases and norm parameters) or all."),
+    clip_grad: float = typer.Option(default(FinetuneOptions, "clip_grad"), help="Clip the gradient norm (0: off)."),
     teacher: Optional[Path] = typer.Option(None, help="The original checkpoint: distill from its logits (KL)."),
-    distill_weight: float = typer.Option(0.5, help="With --teacher: weight of the KL term; 1 - it weighs the labels."),
-    temperature: float = typer.Option(4.0, help="Distillation temperature."),
+    distill_weight: float = typer.Option(default(FinetuneOptions, "distill_weight"), help="With --teacher: weight of the KL term; 1 - it weighs the labels."),
+    temperature: float = typer.Option(default(FinetuneOptions, "temperature"), help="Distillation temperature."),
     unlabeled: bool = typer.Option(False, "--unlabeled", help="Ignore the labels (distillation only)."),
-    stop_tol: float = typer.Option(1e-6, help="Stop early when the states' mean movement per step, over the last 20 steps, falls below this (0: never)."),
-    checkpoint_every: int = typer.Option(200, help="Write a checkpoint every N steps (and after each epoch)."),
+    stop_tol: float = typer.Option(default(FinetuneOptions, "stop_tol"), help="Stop early when the states' mean movement per step, over the last 20 steps, falls below this (0: never)."),
+    checkpoint_every: int = typer.Option(default(FinetuneOptions, "checkpoint_every"), help="Write a checkpoint every N steps (and after each epoch)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file. [default: OUT.ckpt]"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the output is written."),
     model: Optional[str] = typer.Option(None, help="The package.module:factory the .dyn was converted with (for your own architectures)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled --teacher: this RUNS CODE from the file."),
-    seed: int = typer.Option(0, help="Random seed (data order, augmentation)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (under torchrun: cuda uses each process's LOCAL_RANK)."),
-    workers: int = typer.Option(0, help="Data-loading worker processes."),
-    augment: bool = typer.Option(True, help="Random crops and flips on ImageFolder training images."),
+    original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled --teacher/--original: this RUNS CODE from the file."),
+    seed: int = typer.Option(default(FinetuneOptions, "seed"), help="Random seed (data order, augmentation)."),
+    device: str = typer.Option(default(FinetuneOptions, "device"), help="cpu, cuda or cuda:N (under torchrun: cuda uses each process's LOCAL_RANK)."),
+    workers: int = typer.Option(default(FinetuneOptions, "workers"), help="Data-loading worker processes."),
+    augment: bool = typer.Option(default(FinetuneOptions, "augment"), help="Random crops and flips on ImageFolder training images."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
     """Fine-tune the states on the task loss (entropy reduction), optionally distilling from the original."""
     import os
 
-    from .finetune import FinetuneOptions, finetune_file
+    from .fileio import expect_dyn
+    from .finetune import finetune_file
+
+    expect_dyn(dyn)
 
     opts = FinetuneOptions(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
@@ -454,7 +541,7 @@ def finetune(
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     result = finetune_file(
-        dyn, out_path, data, opts, teacher=teacher, factory=model, trust_pickle=trust_pickle, unlabeled=unlabeled,
+        dyn, out_path, data, opts, teacher=teacher, factory=model, original=original, trust_pickle=trust_pickle, unlabeled=unlabeled,
         resume=resume, checkpoint=checkpoint, force=force, keep_checkpoint=keep_checkpoint, log=_render_log,
     )
     if main_rank:
@@ -483,7 +570,7 @@ def _render_log(row: dict) -> None:
 def eval(
     path: Path = typer.Argument(..., help="A .dyn, or an original checkpoint (.pth/.pt/.safetensors)."),
     data: str = typer.Option(..., help="ImageFolder tree (its val/ split is used when present), 'digits' (its test split) or 'fake'."),
-    original: Optional[Path] = typer.Option(None, help="Also evaluate this original checkpoint and show both side by side."),
+    original: Optional[Path] = typer.Option(None, help="Also evaluate this original checkpoint and show both side by side; for a .dyn, the file it was converted from (also rebuilds files converted from a pickled module)."),
     model: Optional[str] = typer.Option(None, help="package.module:factory for your own architecture."),
     arch: Optional[str] = typer.Option(None, help="torchvision architecture of an original checkpoint (inferred when omitted)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for an original checkpoint's preprocessing. [default: the .dyn's, else 3,224,224]"),
@@ -496,15 +583,15 @@ def eval(
     """Top-1/top-5 accuracy of a .dyn or an original checkpoint on a dataset."""
     import json
 
-    from .finetune import evaluate_file
+    from .evaluation import evaluate_file
 
     size = _parse_size(input_size) if input_size else None
     if size is None and original is not None and path.suffix == ".dyn":
-        from .api import read_meta
+        from .rebuild import read_meta
 
         size = tuple(read_meta(path).get("input_size", (3, 224, 224)))
     kw = dict(factory=model, arch=arch, trust_pickle=trust_pickle, input_size=size, batch_size=batch_size, device=device, workers=workers)
-    rows = {str(path): evaluate_file(path, data, **kw)}
+    rows = {str(path): evaluate_file(path, data, original=original, **kw)}
     if original is not None:
         rows = {str(original): evaluate_file(original, data, **kw), **rows}
     if json_out:
@@ -518,15 +605,15 @@ def eval(
 def demo(
     json_out: bool = typer.Option(False, "--json", help="End with one JSON line of the figures."),
     out_dir: Optional[Path] = typer.Option(None, help="Keep the files (lenet5.pth, .dyn, fine-tuned .dyn, .onnx) in this folder."),
-    finetune_epochs: int = typer.Option(40, help="Fine-tuning epochs (for both the states and the SVD baseline)."),
-    train_epochs: int = typer.Option(30, help="Epochs to train the original LeNet-5."),
-    fit_steps: int = typer.Option(300, help="State-fitting steps per converted layer."),
-    seed: int = typer.Option(0, help="Random seed."),
+    finetune_epochs: int = typer.Option(default(DemoSettings, "finetune_epochs"), help="Fine-tuning epochs (for both the states and the SVD baseline)."),
+    train_epochs: int = typer.Option(default(DemoSettings, "train_epochs"), help="Epochs to train the original LeNet-5."),
+    fit_steps: int = typer.Option(default(DemoSettings, "fit_steps"), help="State-fitting steps per converted layer."),
+    seed: int = typer.Option(default(DemoSettings, "seed"), help="Random seed."),
 ):
     """Train LeNet-5 on digits, convert conv2 + FC layers, fine-tune, compare with SVD, export to ONNX."""
     import json
 
-    from .demo import DemoSettings, run_demo
+    from .demo import run_demo
 
     r = run_demo(out_dir, DemoSettings(train_epochs=train_epochs, finetune_epochs=finetune_epochs, fit_steps=fit_steps, seed=seed), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     out.print(

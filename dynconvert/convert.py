@@ -5,21 +5,23 @@ from __future__ import annotations
 import fnmatch
 import functools
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from .dynamics import DynConv2d, DynamicsLayer, DynSpec, choose_spec, dense_matrix, make_dynamic, materialize
+from .dynamics import DynSpec, choose_spec, dense_matrix, materialize
 from .errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
+from .layers import LayerKind, dense_kind, find_targets, make_dynamic, uncovered_parameters
 from .workers import in_order, one_thread
 from .workers import threads as worker_threads
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertOptions:
-    """Everything that decides a conversion; recipes and CLI flags fill it."""
+    """Everything that decides a conversion; recipes and CLI flags fill it. The one source of the
+    defaults: the CLI and recipes only override them (``dataclasses.replace``)."""
 
     ratio: float = 0.25
     min_params: int = 10_000
@@ -36,8 +38,28 @@ class ConvertOptions:
     init: str = "svd"
     seed: int = 0
     device: str = "cpu"
+    layers: dict = field(default_factory=dict)
+    """Per-layer overrides: glob pattern on layer names -> {field: value} for the fields in
+    LAYER_FIELDS (what a layer becomes and how it is fitted); where several patterns match a layer,
+    later ones win. Recipes (``[layers."fc"]``) and ``--layer`` fill it."""
+
+    def for_layer(self, name: str) -> "ConvertOptions":
+        """The options that apply to layer ``name``: these, with the matching overrides applied."""
+        merged = {}
+        for pattern, values in self.layers.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                merged.update(values)
+        return replace(self, layers={}, **merged) if merged else self
 
     def validate(self) -> None:
+        if not isinstance(self.layers, dict):
+            raise DynError("per-layer options must map a layer-name pattern to {option: value}")
+        for pattern, values in self.layers.items():
+            unknown = [k for k in values if k not in LAYER_FIELDS] if isinstance(values, dict) else ["(not a table)"]
+            if unknown:
+                raise DynError(f"per-layer options for {pattern!r}: {unknown[0]} cannot be set per layer "
+                               f"(these can: {', '.join(LAYER_FIELDS)})")
+            replace(self, layers={}, **values).validate()
         if not 0 < self.ratio <= 1:
             raise DynError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.steps < 0 or self.max_dim < 1 or self.min_params < 0 or self.lr <= 0:
@@ -57,11 +79,20 @@ class ConvertOptions:
         return asdict(self)
 
 
+LAYER_FIELDS = ("ratio", "min_params", "metric", "kernel", "max_dim", "groups", "dim", "steps", "lr", "calib_steps",
+                "init")
+
+
 @dataclass
 class Planned:
     name: str
-    layer: nn.Module
+    layer: nn.Module  # the dense layer (or MHA projection, layers.ProjTarget) to convert
     spec: DynSpec
+    kind: LayerKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = dense_kind(self.layer)
 
 
 @dataclass
@@ -76,35 +107,44 @@ def matches(name: str, patterns) -> bool:
 
 
 def plan(model: nn.Module, opts: ConvertOptions) -> tuple[list[Planned], list[Skipped]]:
-    """Which Linear/Conv2d layers get converted, with which spec, and why the others do not."""
+    """Which weights get converted (every kind in ``layers.KINDS``), with which spec, and why the
+    others do not: each skipped weight, and each matrix-like parameter no kind covers, is listed."""
     chosen, skipped = [], []
-    for name, layer in model.named_modules():
-        if isinstance(layer, DynamicsLayer) or not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            continue
+    for name, kind, layer in find_targets(model):
         if opts.include and not matches(name, opts.include):
             continue
         if matches(name, opts.exclude):
             skipped.append(Skipped(name, "excluded by pattern"))
             continue
-        if isinstance(layer, nn.Conv2d) and (why := DynConv2d.convertible(layer)):
-            skipped.append(Skipped(name, why))
+        spec = layer_spec(kind, layer, opts.for_layer(name))
+        if isinstance(spec, str):
+            skipped.append(Skipped(name, spec))
             continue
-        m, n = dense_matrix(layer).shape
-        if m * n < opts.min_params:
-            skipped.append(Skipped(name, f"{m * n} weights < min_params {opts.min_params}"))
-            continue
-        if opts.groups is not None:
-            spec = DynSpec(opts.groups, opts.dim, opts.metric, opts.kernel)
-            if spec.state_params(m, n) >= m * n:
-                skipped.append(Skipped(name, f"H={opts.groups}, d={opts.dim} would not save parameters"))
-                continue
-        else:
-            spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
-            if spec is None:
-                skipped.append(Skipped(name, f"no state budget fits ratio {opts.ratio}"))
-                continue
-        chosen.append(Planned(name, layer, spec))
+        chosen.append(Planned(name, layer, spec, kind))
+    skipped += uncovered_skips(model, opts.include, opts.exclude)
     return chosen, skipped
+
+
+def layer_spec(kind: LayerKind, layer: nn.Module, opts: ConvertOptions) -> DynSpec | str:
+    """The spec ``layer`` converts at under ``opts`` (its per-layer options), or why it is not converted."""
+    if why := kind.why_not(layer):
+        return why
+    m, n = dense_matrix(layer).shape
+    if m * n < opts.min_params:
+        return f"{m * n} weights < min_params {opts.min_params}"
+    if opts.groups is not None:
+        spec = DynSpec(opts.groups, opts.dim, opts.metric, opts.kernel)
+        if spec.state_params(m, n) >= m * n:
+            return f"H={opts.groups}, d={opts.dim} would not save parameters"
+        return spec
+    spec = choose_spec(m, n, opts.ratio, opts.max_dim, opts.metric, opts.kernel)
+    return spec if spec is not None else f"no state budget fits ratio {opts.ratio}"
+
+
+def uncovered_skips(model: nn.Module, include=(), exclude=()) -> list[Skipped]:
+    """Matrix-like parameters no layer kind converts, as skipped entries (never silently dense)."""
+    return [Skipped(name, why) for name, why in uncovered_parameters(model)
+            if (not include or matches(name, include)) and not matches(name, exclude)]
 
 
 @dataclass
@@ -145,9 +185,13 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``; a layer that replaces a parameter (an MHA projection) installs itself."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    if hasattr(new, "install_into"):
+        new.install_into(parent, child)
+    else:
+        setattr(parent, child, new)
 
 
 def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -254,8 +298,8 @@ def convert_model(
     workers = 1 if opts.device != "cpu" else (threads or worker_threads())
     with one_thread():  # the calibration pass too: its sums must not depend on the thread count
         moments = input_moments(model, {c.name: c.layer for c in chosen}, calib) if calib is not None else {}
-    jobs = [LayerJob(c.name, dense_matrix(c.layer).detach(), c.spec, opts, moments.get(c.name), (done or {}).get(c.name))
-            for c in chosen]
+    jobs = [LayerJob(c.name, dense_matrix(c.layer).detach(), c.spec, opts.for_layer(c.name), moments.get(c.name),
+                     (done or {}).get(c.name)) for c in chosen]
     fitter = functools.partial(fit_layer, on_step=cb.step) if workers <= 1 else fit_layer
     stats = []
     with in_order(fitter, jobs, workers) as results:
@@ -267,7 +311,7 @@ def convert_model(
             set_submodule(model, item.name, new)
             m, n = job.matrix.shape
             s = LayerStats(
-                name=item.name, kind="linear" if isinstance(item.layer, nn.Linear) else "conv2d",
+                name=item.name, kind=item.kind.name,
                 weight_shape=list(item.layer.weight.shape), matrix_shape=[m, n], spec=item.spec.to_dict(),
                 dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
                 svd_rel_error=figures["svd_rel_error"], svd_rank=item.spec.rank_budget, steps=fit.steps,

@@ -20,11 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .api import convert, save
+from .checkpoint import Source
+from .convert import set_submodule
 from .data import digits, preprocess_for
 from .dynamics import dense_matrix
 from .errors import DynError
-from .finetune import FinetuneOptions, evaluate, finetune, finetune_file
+from .evaluation import evaluate
+from .export import export_onnx
+from .finetune import FinetuneOptions, finetune, finetune_file
 from .fit import svd_truncate
+from .rebuild import load
 
 FACTORY = "dynconvert.demo:lenet5"
 INPUT_SIZE = (1, 32, 32)
@@ -54,7 +60,8 @@ def _named(items):
 
 
 class LowRank(nn.Module):
-    """The equal-budget baseline: a Linear/Conv2d whose weight is the product of two thin SVD factors."""
+    """The equal-budget baseline: a Linear/Conv2d whose weight is the product of two thin SVD factors
+    (a ``trainable.Factorized``: fine-tuning trains the factors like states)."""
 
     def __init__(self, layer: nn.Module, rank: int):
         super().__init__()
@@ -124,12 +131,9 @@ def threads(n: int):
 
 def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = None, log=print) -> dict:
     """Run the demo; returns the figures printed by ``dynconvert demo --json``."""
-    import dynconvert
-    from .api import save
-    from .checkpoint import Source
-
     s = settings or DemoSettings()
     start = time.perf_counter()
+    keep = out_dir is not None
     with contextlib.ExitStack() as stack:
         stack.enter_context(threads(1))
         if out_dir is None:
@@ -148,14 +152,10 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
         log(f"original LeNet-5: test accuracy {acc_orig:.4f} ({len(data.train)} train / {len(data.val)} test images)")
 
         model = copy.deepcopy(original)
-        layers, skipped = [], []
-        for name, ratio in LAYER_RATIOS.items():
-            conv = dynconvert.convert(model, ratio=ratio, include=[name], min_params=0, metric=s.metric,
-                                      steps=s.fit_steps, seed=s.seed)
-            layers += conv.layers
-            skipped += conv.skipped
-        conv.layers, conv.skipped = layers, skipped
-        conv.source, conv.input_size = Source("factory", factory=FACTORY), INPUT_SIZE
+        conv = convert(model, include=list(LAYER_RATIOS), layers={n: {"ratio": r} for n, r in LAYER_RATIOS.items()},
+                       min_params=0, metric=s.metric, steps=s.fit_steps, seed=s.seed,
+                       source=Source("factory", factory=FACTORY), input_size=INPUT_SIZE)
+        layers = conv.layers
         dyn_path = out / "lenet5.dyn"
         save(conv, dyn_path)
         acc_conv = evaluate(model, data.val)["top1"]
@@ -167,13 +167,11 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
         opts = s.finetune_options()
         ft_path = out / "lenet5-ft.dyn"
         finetune_file(dyn_path, ft_path, "digits", opts, teacher=out / "lenet5.pth", factory=FACTORY, force=True)
-        tuned = dynconvert.load(ft_path, factory=FACTORY)
+        tuned = load(ft_path, factory=FACTORY)
         acc_ft = evaluate(tuned, data.val)["top1"]
         log(f"fine-tuned states: test accuracy {acc_ft:.4f}")
 
         svd = copy.deepcopy(original)
-        from .convert import set_submodule
-
         for l in layers:
             set_submodule(svd, l.name, LowRank(svd.get_submodule(l.name), l.svd_rank))
         svd_p = sum(m.num_params() for m in svd.modules() if isinstance(m, LowRank))
@@ -182,11 +180,11 @@ def run_demo(out_dir: str | Path | None = None, settings: DemoSettings | None = 
         acc_svd = evaluate(svd, data.val)["top1"]
         log(f"truncated SVD at the same budget ({svd_p:,} parameters): {acc_svd0:.4f} before, {acc_svd:.4f} after the same fine-tuning")
 
-        from .export import export_onnx
-
         onnx = export_onnx(tuned, out / "lenet5-ft.onnx", input_size=tuple(x_test.shape[1:]), force=True)
         diff = onnx.max_abs_diff
-        log(f"ONNX Runtime vs PyTorch: max |diff| {diff:.2e} ({onnx.path})")
+        # a temporary folder is gone when the demo ends: name a file only when it is kept
+        where = f"wrote {onnx.path}" if keep else "pass --out-dir DIR to keep the files"
+        log(f"ONNX Runtime vs PyTorch: max |diff| {diff:.2e} ({where})")
 
         total_orig = sum(p.numel() for p in original.parameters())
         total_conv = sum(p.numel() for p in tuned.parameters())

@@ -22,15 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METRICS = ("l1", "l2", "sql2")
-"""``l1``: sum |x - y| (the paper's metric). ``l2``: Euclidean distance. ``sql2``: squared
-Euclidean distance, whose relation matrix has rank <= H*d + 2 (see docs/method.md)."""
+from . import metrics
 
-KERNELS = ("linear", "inverse")
-"""``linear``: phi(t) = t (the authors' general fit). ``inverse``: phi(t) = 1 / (t + INVERSE_EPS)
-(the authors' LeNet toy)."""
-
-INVERSE_EPS = 1e-2
+METRICS = tuple(metrics.METRICS)
+"""Metric names; what each one is lives in the registry (``metrics.py``)."""
+KERNELS = tuple(metrics.KERNELS)
 
 
 @dataclass(frozen=True)
@@ -45,10 +41,7 @@ class DynSpec:
     def __post_init__(self) -> None:
         if self.groups < 1 or self.dim < 1:
             raise ValueError(f"groups and dim must be >= 1, got groups={self.groups} dim={self.dim}")
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        metrics.metric(self.metric), metrics.kernel(self.kernel)  # ValueError naming the choices
 
     @property
     def rank_budget(self) -> int:
@@ -88,34 +81,19 @@ def choose_spec(m: int, n: int, ratio: float, max_dim: int, metric: str, kernel:
 
 def distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     """Pairwise distances per group: ``x`` (H, m, d), ``y`` (H, n, d) -> (H, m, n)."""
-    if metric == "l1":
-        return torch.cdist(x, y, p=1)
-    if metric == "l2":
-        return torch.cdist(x, y, p=2)
-    if metric == "sql2":
-        return (
-            x.pow(2).sum(-1, keepdim=True)
-            + y.pow(2).sum(-1).unsqueeze(-2)
-            - 2 * torch.matmul(x, y.transpose(-1, -2))
-        )
-    raise ValueError(f"unknown metric {metric!r}")
+    return metrics.metric(metric).distance(x, y)
 
 
 def relations(x: torch.Tensor, y: torch.Tensor, metric: str, kernel: str) -> torch.Tensor:
     """phi(dist): the relation of every output state to every input state, (H, m, n)."""
-    dist = distances(x, y, metric)
-    if kernel == "linear":
-        return dist
-    if kernel == "inverse":
-        return 1.0 / (dist.clamp_min(0) + INVERSE_EPS)
-    raise ValueError(f"unknown kernel {kernel!r}")
+    return metrics.kernel(kernel).phi(distances(x, y, metric))
 
 
 def materialize(
     x: torch.Tensor, y: torch.Tensor, coupling: torch.Tensor, offset: torch.Tensor, metric: str, kernel: str
 ) -> torch.Tensor:
     """The (m, n) weight matrix the states stand for."""
-    if metric == "sql2" and kernel == "linear":
+    if metrics.low_rank(metric, kernel):
         return sql2_lowrank(x, y, coupling, offset)
     rel = relations(x, y, metric, kernel)
     return torch.einsum("h,hmn->mn", coupling, rel) + offset
@@ -296,37 +274,3 @@ def dense_matrix(layer: nn.Module) -> torch.Tensor:
     """The weight of a dense Linear/Conv2d as the (m, n) matrix the states reproduce."""
     w = layer.weight.detach()
     return w.reshape(w.shape[0], -1)
-
-
-def make_dynamic(layer: nn.Module, spec: DynSpec) -> DynamicsLayer:
-    """An (unfitted) dynamics-based replacement for a dense layer."""
-    if isinstance(layer, nn.Linear):
-        return DynLinear.from_dense(layer, spec)
-    if isinstance(layer, nn.Conv2d):
-        return DynConv2d.from_dense(layer, spec)
-    raise TypeError(f"cannot convert {type(layer).__name__}")
-
-
-def dynamic_from_meta(kind: str, config: dict, spec: DynSpec) -> DynamicsLayer:
-    """Rebuild an empty converted layer from the description stored in a .dyn file."""
-    if kind == "linear":
-        return DynLinear(config["in_features"], config["out_features"], config["bias"], spec)
-    if kind == "conv2d":
-        return DynConv2d(
-            config["in_channels"], config["out_channels"], config["kernel_size"], config["stride"],
-            config["padding"], config["dilation"], config["groups"], config["bias"], spec,
-        )
-    raise ValueError(f"unknown layer kind {kind!r}")
-
-
-def layer_config(layer: DynamicsLayer) -> tuple[str, dict]:
-    """(kind, constructor arguments) of a converted layer, for the .dyn metadata."""
-    if isinstance(layer, DynLinear):
-        return "linear", dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, DynConv2d):
-        return "conv2d", dict(
-            in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
-            stride=list(layer.stride), padding=list(layer.padding) if isinstance(layer.padding, tuple) else layer.padding,
-            dilation=list(layer.dilation), groups=layer.conv_groups, bias=layer.bias is not None,
-        )
-    raise TypeError(type(layer).__name__)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from . import quant
 from .dynamics import DynSpec
 from .errors import DynError

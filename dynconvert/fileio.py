@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -65,3 +66,46 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """What a file holds, from its first bytes: 'zip' (what torch.save writes), 'pickle' (legacy
+    torch.save), 'dyn', 'safetensors', 'onnx', 'text', or None when it is none of these."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 10 and head[8:9] == b"{":  # before the pickle test: a header length may start with 0x80
+        (n,) = struct.unpack("<Q", head[:8])
+        with open(path, "rb") as f:
+            f.seek(8)
+            raw = f.read(min(n, 1 << 26))
+        return "dyn" if b'"format\\":\\"dynconvert\\"' in raw else "safetensors"  # possibly truncated
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode + version
+        return "pickle"
+    # an ONNX ModelProto opens with field 1 (ir_version, a small varint) then producer_name or graph
+    if path.suffix.lower() == ".onnx" or (len(head) >= 3 and head[0] == 8 and 1 <= head[1] < 32 and head[2:3] in (b"\x12", b"\x3a", b"\x42")):
+        return "onnx"
+    try:
+        text = (head[:-4] if len(head) == 1 << 16 else head).decode("utf-8")  # a full read may split a character
+    except UnicodeDecodeError:
+        return None
+    return "text" if text and all(c.isprintable() or c in "\t\r\n\f" for c in text) else None
+
+
+KIND_NAMES = {
+    "zip": "a PyTorch checkpoint", "pickle": "a PyTorch checkpoint (legacy pickle format)", "dyn": "a .dyn file",
+    "safetensors": "a safetensors file", "onnx": "an ONNX model", "text": "a text file",
+}
+
+
+def expect_dyn(path: str | os.PathLike) -> None:
+    """Refuse, with what the file really is, anything but a .dyn given where a .dyn is expected."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # the reader says what is wrong with it
+    kind = sniff(path)
+    if kind in ("zip", "pickle", "onnx", "text"):  # the others: the .dyn reader says what is wrong
+        hint = f"; convert it first: dynconvert convert {path} --out model.dyn" if kind in ("zip", "pickle") else ""
+        raise DynError(f"{path} is {KIND_NAMES[kind]}, not a .dyn{hint}")

@@ -7,11 +7,13 @@ KL divergence between softened logits, so unlabeled images are enough to recover
 
 Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone
 logs and writes checkpoints and the output.
+
+This module holds the options, the loop and the file-level command; what trains is trainable.py,
+evaluation evaluation.py, the process group distributed.py, resumable snapshots train_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,12 +23,24 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+from torch.utils.data.distributed import DistributedSampler
 
-from .data import Data
-from .dynamics import DynamicsLayer, relations
+from .checkpoint import load_model
+from .data import Data, check_classes, open_data, preprocess_for
+from .distributed import all_sum, finish, init_distributed
+from .dynamics import dense_matrix
+from .dynfile import write_dyn
 from .errors import DynError, first_line
-from .fileio import atomic_path
+from .evaluation import batches, evaluate, output_classes
+from .fileio import check_output_path, sha256_file
+from .fit import rel_error
+from .layers import dense_target
+from .quant import round_to_storage
+from .rebuild import load_any
+from .train_checkpoint import load_checkpoint, save_checkpoint, state_digest
+from .trainable import distill_loss, dyn_layers, lr_factor, param_groups, structural_entropy
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
@@ -36,8 +50,10 @@ TRACE_ENV = "DYNCONVERT_STATE_TRACE"
 ``<prefix>.rank<R>`` after every step (used to test that DDP ranks stay identical)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneOptions:
+    """How fine-tuning runs; the one source of the defaults (the CLI only overrides them)."""
+
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 64
@@ -48,7 +64,7 @@ class FinetuneOptions:
     schedule: str = "cosine"
     train: str = "states"
     clip_grad: float | None = 5.0
-    distill_weight: float = 0.0
+    distill_weight: float = 0.5  # used only with a teacher: giving one means distilling from it
     temperature: float = 4.0
     stop_tol: float = 1e-6
     stop_window: int = 20
@@ -82,174 +98,6 @@ class FinetuneResult:
     stopped_early: bool
     resumed_from: int | None
     history: list[dict] = field(default_factory=list)
-
-
-def dyn_layers(model: nn.Module) -> dict[str, DynamicsLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, DynamicsLayer)}
-
-
-@torch.no_grad()
-def structural_entropy(layer: DynamicsLayer) -> float:
-    """Normalized Shannon entropy of the relation magnitudes ``|lambda_k phi(dist(x_ki, y_kj))|``.
-
-    p = magnitudes / their sum over all (k, i, j); S = -sum p log p / log(H m n), in [0, 1]:
-    1 when every relation carries the same weight, lower when a few relations dominate.
-    """
-    s = layer.spec
-    rel = relations(layer.states_out.float(), layer.states_in.float(), s.metric, s.kernel)
-    a = (layer.coupling.float().view(-1, 1, 1) * rel).abs().flatten()
-    total = a.sum()
-    if a.numel() < 2 or total <= 0:
-        return 0.0
-    p = a / total
-    return float(-(p * torch.log(p.clamp_min(1e-30))).sum() / math.log(a.numel()))
-
-
-def param_groups(model: nn.Module, opts: FinetuneOptions) -> list[dict]:
-    """What trains, with per-tensor step sizes that keep couplings from swamping the positions.
-
-    A coupling (and the offset) scales every relation of its layer, so its gradient is a sum over
-    all m*n weights. With SGD its step is divided by m*n (the mean stress force per relation);
-    with Adam, whose steps are O(lr) whatever the gradient, by the coupling-to-position scale.
-    """
-    groups, seen = [], set()
-    for layer in dyn_layers(model).values():
-        m, n = layer.matrix_shape
-        if opts.optimizer == "sgd":
-            scale = 1.0 / (m * n)
-        else:
-            pos = torch.cat([layer.states_out.detach().flatten(), layer.states_in.detach().flatten()]).abs().mean()
-            scale = float((layer.coupling.detach().abs().mean() / pos.clamp_min(1e-12)).clamp(1e-4, 1.0))
-        groups.append(dict(params=[layer.states_out, layer.states_in], lr_scale=1.0, kind="states"))
-        groups.append(dict(params=[layer.coupling, layer.offset], lr_scale=scale, kind="coupling"))
-        seen.update(id(p) for p in layer.state_parameters())
-    for layer in model.modules():  # other factorized layers (e.g. the truncated-SVD baseline) train like states
-        if hasattr(layer, "trainable_factors"):
-            factors = layer.trainable_factors()
-            groups.append(dict(params=factors, lr_scale=1.0, kind="states"))
-            seen.update(id(p) for p in factors)
-    if not groups and opts.train == "states":  # a byte-budgeted file may hold only quantized dense layers
-        raise DynError("the model has no converted (dynamics-based) layers to fine-tune; train other parameters "
-                       "with --train all or --train states+bias")
-    extra = []
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        is_bias_or_norm = name.endswith("bias") or p.ndim <= 1
-        if opts.train == "all" or (opts.train == "states+bias" and is_bias_or_norm):
-            extra.append(p)
-    if extra:
-        groups.append(dict(params=extra, lr_scale=1.0, kind="other"))
-    trained = {id(p) for g in groups for p in g["params"]}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trained)
-    return groups
-
-
-def lr_factor(step: int, total: int, schedule: str) -> float:
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    if schedule == "step":  # x0.1 at half and at three quarters of the run
-        return 0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4))
-    return 1.0
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on logits softened by ``temperature``, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean") * t * t
-
-
-# ---------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _all_sum(values: list[float], d: Dist, device) -> list[float]:
-    if d.world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device="cpu", workers: int = 0) -> dict:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` on a labeled dataset."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    for x, y in _loader(dataset, batch_size, workers):
-        x, y = x.to(device), y.to(device)
-        if (y < 0).any():
-            raise DynError("evaluation needs labeled images; this data has none (use an ImageFolder tree with class subfolders)")
-        out = model(x)
-        top = out.topk(min(5, out.shape[-1]), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(1).sum())
-        total += len(y)
-    model.train(was_training)
-    if total == 0:
-        raise DynError("the evaluation set is empty")
-    return {"top1": correct1 / total, "top5": correct5 / total, "n": total}
-
-
-def _loader(dataset: Dataset, batch_size: int, workers: int):
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    try:
-        yield from loader
-    except DynError as e:  # raised in a worker: keep only its one-line message
-        raise DynError(str(e).strip().splitlines()[-1].split("DynError: ", 1)[-1]) from None
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def state_digest(params: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise DynError(f"--resume: no checkpoint at {path}; run without --resume to start from the beginning")
-    try:  # weights_only: a checkpoint never runs code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DynError(f"--resume: {path} is not a readable checkpoint ({first_line(e, 160)}); delete it to start over") from None
 
 
 # ---------------------------------------------------------------- the loop
@@ -286,7 +134,7 @@ def finetune(
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    groups = param_groups(model, opts)
+    groups = param_groups(model, opts.optimizer, opts.train)
     trained = [p for g in groups for p in g["params"]]
     # how far the states move decides the early stop; a file without states watches what trains
     positions = [p for g in groups if g["kind"] == "states" for p in g["params"]] or trained
@@ -329,9 +177,7 @@ def finetune(
 
     net: nn.Module = model
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trace = os.environ.get(TRACE_ENV)
 
     def write_checkpoint() -> None:
@@ -344,8 +190,6 @@ def finetune(
         })
 
     stopped = False
-    from torch.utils.data.distributed import DistributedSampler
-
     while epoch < opts.epochs and step < total and not stopped:
         sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=opts.seed)
         sampler.set_epoch(epoch)
@@ -353,7 +197,7 @@ def finetune(
         indices = list(sampler)[epoch_step * opts.batch_size:]
         net.train()
         sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, labeled n, n
-        for x, y in _loader(Subset(data.train, indices), opts.batch_size, opts.workers):
+        for x, y in batches(Subset(data.train, indices), opts.batch_size, opts.workers):
             x, y = x.to(device), y.to(device)
             before = [p.detach().clone() for p in positions]
             out = net(x)
@@ -393,7 +237,7 @@ def finetune(
                 stopped = True  # all ranks hold identical states, so they stop together
             if step >= total or stopped:
                 break
-        loss_sum, correct, n_labeled, seen = _all_sum(sums, d, device)
+        loss_sum, correct, n_labeled, seen = all_sum(sums, d, device)
         epoch_done = epoch_step >= steps_per_epoch
         row = {
             "event": "epoch", "epoch": epoch + 1, "epochs": opts.epochs, "step": step, "total_steps": total,
@@ -421,51 +265,6 @@ def finetune(
 # ---------------------------------------------------------------- files: what the CLI calls
 
 
-def output_classes(model: nn.Module, input_size) -> int:
-    """How many logits the model produces (one dummy forward)."""
-    with torch.no_grad():
-        was = model.training
-        out = model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
-        model.train(was)
-    return int(out.shape[-1])
-
-
-def load_any(path: str | Path, *, factory: str | None = None, arch: str | None = None, trust_pickle: bool = False,
-             input_size=None) -> tuple[nn.Module, dict | None, dict, tuple]:
-    """(model, .dyn metadata or None, source dict, input size) of a .dyn or an original checkpoint."""
-    from .api import build_from
-    from .checkpoint import load_model
-    from .dynfile import read_dyn
-    from .safetensors_io import read_safetensors
-
-    path = Path(path)
-    is_dyn = path.suffix == ".dyn"
-    if not is_dyn and path.suffix == ".safetensors" and path.is_file():
-        is_dyn = "dynconvert" in read_safetensors(path)[1]
-    if is_dyn:
-        if not path.is_file():
-            raise DynError(f"{path}: no such file")
-        tensors, meta = read_dyn(path)
-        model = build_from(tensors, meta, factory=factory, path=path)
-        return model, meta, meta["source"], tuple(input_size or meta.get("input_size", (3, 224, 224)))
-    loaded = load_model(path, arch=arch, model=factory, trust_pickle=trust_pickle)
-    return loaded.model, None, loaded.source.to_dict(), tuple(input_size or (3, 224, 224))
-
-
-def evaluate_file(path, data: str, *, factory=None, arch=None, trust_pickle=False, input_size=None,
-                  batch_size: int = 256, device: str = "cpu", workers: int = 0) -> dict:
-    """Top-1/top-5 of a .dyn or an original checkpoint on ``data`` (its val split, or the test split)."""
-    from .data import check_classes, open_data, preprocess_for
-
-    model, _, source, size = load_any(path, factory=factory, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
-    d = open_data(data, preprocess_for(source, size), num_classes=output_classes(model, size))
-    if not d.labeled:
-        raise DynError(f"--data {data} has no labels; evaluation needs class subfolders ({data}/<class>/<image>)")
-    check_classes(d, output_classes(model, size))
-    dataset = d.val if d.val is not None else d.train
-    return evaluate(model.to(device), dataset, batch_size=batch_size, device=device, workers=workers)
-
-
 def finetune_file(
     path: str | Path,
     out: str | Path,
@@ -474,6 +273,7 @@ def finetune_file(
     *,
     teacher: str | Path | None = None,
     factory: str | None = None,
+    original: str | Path | None = None,
     trust_pickle: bool = False,
     unlabeled: bool = False,
     resume: bool = False,
@@ -483,17 +283,12 @@ def finetune_file(
     log: LogFn | None = None,
 ) -> FinetuneResult:
     """.dyn -> fine-tuned .dyn: what ``dynconvert finetune`` does. The output is written atomically."""
-    from .checkpoint import load_model
-    from .data import check_classes, open_data, preprocess_for
-    from .dynfile import write_dyn
-    from .fileio import check_output_path, sha256_file
-
     opts.validate()
     out = check_output_path(out, force or resume)
     path = Path(path)
     if not path.is_file():
         raise DynError(f"{path}: no such file; give the .dyn written by `dynconvert convert`")
-    model, meta, source, size = load_any(path, factory=factory)
+    model, meta, source, size = load_any(path, factory=factory, original=original, trust_pickle=trust_pickle)
     if meta is None:
         raise DynError(f"{path} is not a .dyn file; convert it first with `dynconvert convert`")
     classes = output_classes(model, size)
@@ -523,23 +318,14 @@ def finetune_file(
             "final": {k: v for k, v in last.items() if k not in ("event",)},
         }
         if teacher_model is not None:  # how far fine-tuning moved each layer from the original weights
-            from .dynamics import dense_matrix
-            from .fit import rel_error
-
             new_meta["finetune"]["rel_error_vs_original"] = {
-                name: rel_error(dense_matrix(teacher_model.get_submodule(name)), layer.weight_matrix().detach().cpu())
+                name: rel_error(dense_matrix(dense_target(teacher_model, name)), layer.weight_matrix().detach().cpu())
                 for name, layer in dyn_layers(model).items()
             }
-        from .quant import round_to_storage
-
         # a byte-budgeted file stays at its bytes: what was stored quantized is rounded back onto its grid
         quantized = round_to_storage(model.cpu(), meta.get("quantized") or {})
         write_dyn(out, model.cpu().state_dict(), new_meta, quantized=quantized)
         if not keep_checkpoint:
             ckpt.unlink(missing_ok=True)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # the output exists before any process exits
-        dist.destroy_process_group()
+    finish()
     return result

@@ -17,6 +17,8 @@ import torch
 
 from .dynamics import DynSpec, materialize, relations, sql2_lowrank
 from .errors import DynError
+from .fit_full import fit_full
+from .metrics import kernel, low_rank
 
 ProgressFn = Callable[[int, int, float], None]
 """Called as ``on_step(step, total_steps, relative_error)``."""
@@ -61,7 +63,7 @@ def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None
 
 def _project(x, y, target, spec: DynSpec):
     """Closed-form couplings/offset for the current positions, and the matrix they give."""
-    if spec.metric == "sql2" and spec.kernel == "linear":
+    if low_rank(spec.metric, spec.kernel):
         with torch.no_grad():
             coupling, offset = solve_coupling_sql2(x, y, target)
         return coupling, offset, sql2_lowrank(x, y, coupling, offset)
@@ -189,8 +191,9 @@ def fit_weight(
 ) -> FitResult:
     """Fit ``spec``'s states so that they materialize to ``matrix`` (m x n).
 
-    ``init``: "svd" starts sql2 states at the truncated SVD (``sql2_svd_init``); "random" (and
-    every other metric) starts uniform in [0, 1) as the authors do.
+    ``init``: "svd" starts the states at the truncated SVD (``sql2_svd_init``; for the inverse
+    kernel too it is random); "random" starts uniform in [0, 1) as the authors do. Metrics other
+    than sql2 (and the inverse kernel) are fitted by ``fit_full.fit_full``.
 
     Deterministic for a given seed and device. Raises DynError naming the layer if the fit
     diverges to NaN/Inf.
@@ -200,7 +203,20 @@ def fit_weight(
     if not torch.isfinite(target).all():
         raise DynError(f"layer {name}: weights contain NaN or Inf; fix the checkpoint before converting")
     m, n = target.shape
-    start = sql2_svd_init(target.cpu(), spec) if init == "svd" and spec.metric == "sql2" and spec.kernel == "linear" else None
+    start = sql2_svd_init(target.cpu(), spec) if init == "svd" and kernel(spec.kernel).linear else None
+    if not low_rank(spec.metric, spec.kernel):
+        # full-rank kernels: row blocks and hand-made gradients, never the (H, m, n) tensor
+        # (fit_full.py); the SVD states are their warm start too (l1 gains most from it)
+        if start is None:
+            gen = torch.Generator().manual_seed(seed)
+            start = torch.rand(spec.groups, m, spec.dim, generator=gen), torch.rand(spec.groups, n, spec.dim, generator=gen)
+        else:
+            # l1/l2 distances scale with the states and the couplings absorb it: give the SVD
+            # states the spread of the authors' uniform start, the scale fine-tuning's steps assume
+            spread = torch.cat([start[0].reshape(-1), start[1].reshape(-1)]).std().clamp_min(1e-12)
+            start = tuple(t * (0.2887 / spread) for t in start)
+        x, y, coupling, offset, err = fit_full(target, spec, start, steps=steps, lr=lr, seed=seed, name=name, on_step=on_step)
+        return FitResult(x.cpu(), y.cpu(), coupling.cpu(), offset.cpu(), err, steps)
     if start is not None:
         # states from the SVD start are not in [0, 1): step sizes relative to each tensor's spread
         scales = [float(t.std().clamp_min(1e-6)) for t in start]

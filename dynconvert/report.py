@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .api import build_from
+from .attention import with_module_calls
 from .dynamics import DynamicsLayer
 from .dynfile import STATE_SUFFIXES
 from .errors import DynError, first_line
-from .export import materialized, open_dyn
+from .rebuild import materialized, open_converted
 from .weightfree import weightfree_flops
 
 REPORT_FORMAT = "dynconvert-report"
@@ -54,7 +55,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int], watch: list[
 
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in watch]
+    modules = dict(model.named_modules())  # a converted MHA projection is a parameter again here: no hook
+    hooks = [modules[name].register_forward_hook(recorder(name)) for name in watch if name in modules]
     x = torch.zeros(1, *input_size)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -85,12 +87,14 @@ def build_report(
     meta: dict | None = None,
     model: nn.Module | None = None,
     factory: str | None = None,
+    original: str | Path | None = None,
+    trust_pickle: bool = False,
     input_size: tuple[int, int, int] | None = None,
 ) -> dict:
     """The report of a .dyn file (path), or of a converted module with its ``meta`` (api.dyn_metadata).
 
-    ``model``/``factory``: as for ``dynconvert.load`` (needed for files converted from a factory or
-    a pickled module).
+    ``model``/``factory``/``original``/``trust_pickle``: as for ``dynconvert.load`` (needed for files
+    converted from a factory or a pickled module).
     """
     dyn_bytes = None
     path = None
@@ -100,15 +104,14 @@ def build_report(
         net = source.eval()
     else:
         path = Path(source)
-        tensors, meta = open_dyn(path)
-        net = build_from(tensors, meta, model=model, factory=factory, path=path)
+        net, meta = open_converted(path, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
         dyn_bytes = path.stat().st_size
     size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
     if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
         raise DynError(f"input size {size!r} must be three positive integers C,H,W")
 
     converted = {n: m for n, m in net.named_modules() if isinstance(m, DynamicsLayer)}
-    flops = count_flops(materialized(net), size, list(converted))
+    flops = count_flops(with_module_calls(materialized(net)), size, list(converted))
     layer_meta = meta.get("layers", {})
 
     layers = []
@@ -235,34 +238,60 @@ def _accuracy_lines(rep: dict) -> list[tuple[str, str]]:
     return [("accuracy", f"{text} on {acc['data']} ({conv['n']} images)")]
 
 
+NARROW = 120  # below this many columns the per-layer tables keep only what fits without cutting cells
+NARROW_COLUMNS = ("layer", "H x d", "dense -> states", "ratio", "err", "SVD err")
+
+
+def _narrow_row(r: dict) -> list[str]:
+    return [r["name"], f"{r['groups']}x{r['dim']} {r['metric']}", f"{human(r['dense_params'])} -> {human(r['state_params'])}",
+            f"{r['ratio']:.3f}", _err(r["weight_rel_error"]), _err(r["svd_rel_error"])]
+
+
 def render_rich(rep: dict, console) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    if not console.is_terminal:  # files and pipes: wide enough for every column instead of 80
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # files and pipes: every column, unless told a width
         console = Console(file=console.file, width=160)
+    narrow = console.width < NARROW
 
-    table = Table(title=f"dynconvert report: {rep['file'] or 'model'}", show_lines=False)
-    for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i == 0)
-    for r in rep["layers"]:
-        table.add_row(*_row(r))
     t = rep["totals"]
-    table.add_section()
-    table.add_row(
-        "total (converted layers)", "", "", human(t["converted_dense_params"]), human(t["converted_state_params"]),
-        f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}", _err(t["mean_weight_rel_error"]),
-        _err(t["mean_svd_rel_error"]), "", "", style="bold",
-    )
+    title = f"dynconvert report: {rep['file'] or 'model'}"
+    if narrow:
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+        for i, col in enumerate(NARROW_COLUMNS):
+            table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+        for r in rep["layers"]:
+            table.add_row(*_narrow_row(r))
+        table.add_section()
+        table.add_row("total", "", f"{human(t['converted_dense_params'])} -> {human(t['converted_state_params'])}",
+                      f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}",
+                      _err(t["mean_weight_rel_error"]), _err(t["mean_svd_rel_error"]), style="bold")
+    else:
+        table = Table(title=title, show_lines=False)
+        for i, col in enumerate(COLUMNS):
+            table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i == 0)
+        for r in rep["layers"]:
+            table.add_row(*_row(r))
+        table.add_section()
+        table.add_row(
+            "total (converted layers)", "", "", human(t["converted_dense_params"]), human(t["converted_state_params"]),
+            f"{t['converted_state_params'] / max(t['converted_dense_params'], 1):.3f}", _err(t["mean_weight_rel_error"]),
+            _err(t["mean_svd_rel_error"]), "", "", style="bold",
+        )
     console.print(table)
     summary = Table(show_header=False, box=None, padding=(0, 2))
-    summary.add_column(style="bold")
+    summary.add_column(style="bold", no_wrap=True)
     summary.add_column()
     for label, value in summary_lines(rep):
         summary.add_row(label, value)
     console.print(summary)
     if rep.get("budget"):
         render_budget_rich(rep, console)
+    if narrow:
+        console.print(f"(narrow terminal, {console.width} columns: shapes and per-layer FLOPs left out; --markdown and --json "
+                      "have every column)", highlight=False)
 
 
 BUDGET_COLUMNS = ("layer", "matrix", "chosen", "bytes", "fp32 bytes", "sensitivity", "measured err", "why")
@@ -281,13 +310,15 @@ def _budget_title(rep: dict) -> str:
 
 
 def render_budget_rich(rep: dict, console) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=_budget_title(rep))
-    for i, col in enumerate(BUDGET_COLUMNS):
-        table.add_column(col, justify="right" if 3 <= i <= 6 else "left", no_wrap=i == 0)
+    keep = (0, 2, 3, 6, 7) if console.width < NARROW else range(len(BUDGET_COLUMNS))  # narrow: no matrix/fp32/sensitivity
+    table = Table(title=_budget_title(rep), box=box.SIMPLE_HEAD if console.width < NARROW else box.HEAVY_HEAD)
+    for i in keep:
+        table.add_column(BUDGET_COLUMNS[i], justify="right" if 3 <= i <= 6 else "left", overflow="fold")
     for row in _budget_rows(rep):
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
 
 

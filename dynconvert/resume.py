@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .convert import ConvertCallbacks, ConvertOptions, Planned
 from .dynamics import dense_matrix
 from .errors import DynError

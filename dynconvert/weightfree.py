@@ -16,28 +16,35 @@ for inference: sort orders and positions are fixed when the module is built.
 
 Other metrics and kernels keep the materialized weight. The FLOP counts here (``l1_flops``,
 ``sql2_flops``) are the element operations the two path functions execute, one per output
-element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``OpCounter``);
+element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``opcount.OpCounter``);
 ``report`` prints them.
+
+(Over ~350 lines on purpose: the FLOP formulas mirror the kernels line by line and the modules
+only wrap them; kept in one file, a change to a kernel shows its formula next to it.)
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import fused, metrics
+from .attention import WeightFreeAttention, weight_free_attention_unsupported
+from .convert import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
-
-PATHS = ("l1", "sql2")
+from .layers import kind_of
 
 
 def weight_free_path(layer: DynamicsLayer) -> str | None:
-    """The weight-free path of a converted layer, or None when it must run materialized."""
-    spec = layer.spec
-    return spec.metric if spec.kernel == "linear" and spec.metric in PATHS else None
+    """The weight-free path of a converted layer (a key of ``PATHS``), or None when it must run
+    materialized; the metric/kernel registry decides."""
+    return metrics.weight_free_path(layer.spec.metric, layer.spec.kernel)
 
 
 def why_materialized(layer: DynamicsLayer) -> str:
@@ -77,8 +84,7 @@ def weightfree_flops(layer: DynamicsLayer, vectors: int) -> int | None:
         return None
     m, n = layer.matrix_shape
     g = getattr(layer, "conv_groups", 1)
-    fn = l1_flops if path == "l1" else sql2_flops
-    return fn(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
+    return PATHS[path].flops(vectors, m, n, layer.spec.groups * layer.spec.dim, g)
 
 
 # ---------------------------------------------------------------- the two paths
@@ -212,6 +218,16 @@ def sql2_matvec(v: torch.Tensor, xa: torch.Tensor, ya: torch.Tensor, m: int, n: 
 
 # ---------------------------------------------------------------- modules
 
+_eager_only = threading.local()
+
+
+def _use_fused(v: torch.Tensor) -> bool:
+    """The fused L1 kernel serves CPU float32 inference when numba is installed; ``count`` measures
+    the eager ops instead (the kernel's work is invisible to torch's dispatcher)."""
+    return fused.available() and v.device.type == "cpu" and v.dtype == torch.float32 and not getattr(
+        _eager_only, "on", False)
+
+
 
 class WeightFreeCore(nn.Module):
     """The matrix-vector product of one converted layer from its states (inference only).
@@ -230,14 +246,14 @@ class WeightFreeCore(nn.Module):
         self.g = getattr(layer, "conv_groups", 1)
         self.channels = layer.spec.groups * layer.spec.dim
         args = (layer.states_out.detach(), layer.states_in.detach(), layer.coupling.detach(), layer.offset.detach())
+        impl = PATHS[self.path]
         with torch.no_grad():
-            tables = _l1_tables(*args) if self.path == "l1" else _sql2_tables(*args, self.g)
+            tables = impl.tables(*args, self.g)
             for k, t in tables.items():
                 self.register_buffer(k, t)
-            if self.path == "l1":
-                for k, t in _l1_expand(tables, self.m, self.n, self.g).items():
+            if impl.expand is not None:
+                for k, t in impl.expand(tables, self.m, self.n, self.g).items():
                     self.register_buffer("_e_" + k, t, persistent=False)
-
 
     def _expanded(self) -> dict:
         if torch.onnx.is_in_onnx_export():
@@ -245,18 +261,47 @@ class WeightFreeCore(nn.Module):
             return _l1_expand(tables, self.m, self.n, self.g)
         return {k: getattr(self, "_e_" + k) for k in ("order_p", "ysl", "gidx", "w", "ca", "half")}
 
+    def _fused_tables(self) -> tuple:
+        """The fused kernel's arrays, built on first use (tables are fixed at inference)."""
+        key = (self.order.data_ptr(), self.pos.data_ptr(), self.xs.data_ptr(), self.lam.data_ptr())
+        if getattr(self, "_fused", None) is None or self._fused[0] != key:
+            self._fused = (key, fused.fused_tables(self.order, self.ys, self.xs, self.pos, self.lam, self.offset))
+        return self._fused[1]
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.path == "l1":
-            reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
-            return l1_matvec(v, self._expanded(), self.lam, self.m, self.n, self.g, reuse)
-        return sql2_matvec(v, self.xa, self.ya, self.m, self.n, self.g)
+        return PATHS[self.path].forward(self, v)
 
     def flops(self, vectors: int) -> int:
-        fn = l1_flops if self.path == "l1" else sql2_flops
-        return fn(vectors, self.m, self.n, self.channels, self.g)
+        return PATHS[self.path].flops(vectors, self.m, self.n, self.channels, self.g)
 
     def extra_repr(self) -> str:
         return f"{self.path}, m={self.m}, n={self.n}, channels={self.channels}, conv_groups={self.g}"
+
+
+def _l1_forward(core: WeightFreeCore, v: torch.Tensor) -> torch.Tensor:
+    reuse = not torch.onnx.is_in_onnx_export() and not (torch.is_grad_enabled() and v.requires_grad)
+    if reuse and _use_fused(v):
+        return fused.l1_fused(v, core._fused_tables(), core.m, core.n, core.g)
+    return l1_matvec(v, core._expanded(), core.lam, core.m, core.n, core.g, reuse)
+
+
+@dataclass(frozen=True)
+class WeightFreePath:
+    """One weight-free forward: its load-time tables (persistent buffers), the derived tensors
+    (non-persistent, or None), the forward and its FLOP count."""
+
+    tables: Callable[..., dict]
+    expand: Callable[..., dict] | None
+    forward: Callable[[WeightFreeCore, torch.Tensor], torch.Tensor]
+    flops: Callable[..., int]
+
+
+PATHS: dict[str, WeightFreePath] = {
+    "l1": WeightFreePath(lambda x, y, c, o, g: _l1_tables(x, y, c, o), _l1_expand, _l1_forward, l1_flops),
+    "sql2": WeightFreePath(_sql2_tables, None, lambda core, v: sql2_matvec(v, core.xa, core.ya, core.m, core.n, core.g),
+                           sql2_flops),
+}
+"""Weight-free paths by name; ``metrics.weight_free_path`` names the one a layer uses."""
 
 
 class WeightFreeLinear(nn.Module):
@@ -316,103 +361,54 @@ class WeightFreeConv2d(nn.Module):
 
 
 def weight_free_module(layer: DynamicsLayer) -> nn.Module:
-    return WeightFreeConv2d(layer) if isinstance(layer, DynConv2d) else WeightFreeLinear(layer)
+    """The weight-free module of a converted layer, as its kind (``layers.KINDS``) names it."""
+    return globals()[kind_of(layer).weight_free](layer)
+
+
+def _reads_weight(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s forward reads ``child``'s ``.weight`` itself (torchvision's Swin
+    attention passes ``self.qkv.weight`` to a function): a weight-free child, which has no weight,
+    cannot sit there."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    return f".{child}.weight" in source
 
 
 def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Swap every converted layer that has a weight-free path for its weight-free module, in place.
+    An ``nn.MultiheadAttention`` holding converted layers becomes a ``WeightFreeAttention`` (its
+    forward reads weights; this one calls modules).
 
     Returns the model (eval mode) and ``(name, reason)`` for the layers that stay materialized.
     """
-    from .convert import set_submodule
-
-    kept = []
+    kept, attention = [], {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
         if weight_free_path(layer) is None:
             kept.append((name, why_materialized(layer)))
             continue
-        set_submodule(model, name, weight_free_module(layer))
+        if isinstance(parent, nn.MultiheadAttention):
+            if why := weight_free_attention_unsupported(parent):
+                kept.append((name, why))
+                continue
+            attention[parent_name] = parent
+        elif _reads_weight(parent, child):
+            kept.append((name, f"{type(parent).__name__}.forward reads {child}.weight itself"))
+            continue
+        wf = weight_free_module(layer)
+        if parent_name in attention:
+            parent._modules[child] = wf  # the MHA is replaced below; its forward is not run again
+        else:
+            set_submodule(model, name, wf)
+    for name, mha in attention.items():
+        set_submodule(model, name, WeightFreeAttention(mha))
     return model.eval(), kept
 
 
-# ---------------------------------------------------------------- measuring what runs
-
-_FREE = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze",
-         "squeeze", "index_select", "cat", "stack", "constant_pad_nd", "clone", "contiguous", "copy_", "empty", "zeros",
-         "detach", "alias", "as_strided", "im2col", "_to_copy", "lift_fresh", "fill_", "new_zeros", "zero_"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts what a forward executes: FLOPs by the rule of ``l1_flops``/``sql2_flops`` (one per
-    output element of each elementwise op, n-1 adds per row of a cumsum, in - out adds for a sum,
-    2*M*K*N for a matrix product), the peak bytes of live tensors it allocates and the largest one.
-
-    Unknown arithmetic ops raise, so a count never silently misses work.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-        self.peak_bytes = 0
-        self.largest_bytes = 0
-        self._live: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        self.flops += self._flops(name, args, out)
-        self._track([*args, *kwargs.values()], out)
-        return out
-
-    @staticmethod
-    def _flops(name, args, out) -> int:
-        if name in _FREE:
-            return 0
-        if name in ("mul", "add", "sub", "div", "neg", "mul_", "add_"):
-            return out.numel()
-        if name in ("addcmul", "addcmul_"):
-            return 2 * out.numel()
-        if name in ("cumsum", "cumsum_"):
-            x, dim = args[0], args[1]
-            return x.numel() - (x.numel() // x.shape[dim] if x.numel() else 0)
-        if name == "sum":
-            return args[0].numel() - out.numel()
-        if name in ("mm", "bmm", "addmm", "mv", "dot"):
-            a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
-            k = a.shape[-1]
-            return 2 * k * out.numel() + (out.numel() if name == "addmm" else 0)
-        raise NotImplementedError(f"OpCounter has no FLOP rule for aten.{name}")
-
-    def _track(self, args, out) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in inputs:
-                continue  # a view or in-place result allocates nothing
-            size = t.untyped_storage().nbytes()
-            self.largest_bytes = max(self.largest_bytes, size)
-            self._live.append((StorageWeakRef(t.untyped_storage()), size))
-        self._live = [(r, s) for r, s in self._live if not r.expired()]
-        self.peak_bytes = max(self.peak_bytes, sum(s for _, s in self._live))
-
-
-# ---------------------------------------------------------------- ONNX
-
-
-def count(fn, *args) -> OpCounter:
-    """Run ``fn(*args)`` without gradients under an OpCounter and return the counter.
-
-    The L1 scratch buffer is dropped first, so the peak includes it.
-    """
-    clear_workspace()
-    with torch.no_grad(), OpCounter() as c:
-        fn(*args)
-    return c
-
-
 __all__ = [
-    "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear", "OpCounter", "count",
+    "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear",
     "l1_flops", "l1_matvec", "sql2_flops", "sql2_matvec", "to_weight_free", "weight_free_path", "weightfree_flops",
 ]

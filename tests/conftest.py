@@ -1,9 +1,14 @@
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run small models, fastest on one thread; on a shared machine more threads only spin
+    against each other. A test about threads sets its own count."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

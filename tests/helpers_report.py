@@ -83,10 +83,3 @@ def convert_tiny(cli, tmp, module_name):
     return model, pth, dyn, factory
 
 
-def one_line_error(code, out, err):
-    """The CLI failed the user-facing way: non-zero exit, one 'error:' line, no traceback."""
-    assert code != 0
-    assert "Traceback" not in out + err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]

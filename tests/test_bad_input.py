@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torchvision
+from helpers import one_line_error
 
 
 @pytest.fixture
@@ -17,13 +18,7 @@ def sq(tmp_path):
 
 def run_convert(cli, tmp_path, ckpt, *extra, out=None):
     out = out or tmp_path / "out.dyn"
-    code, stdout, stderr = cli("convert", ckpt, "--out", out, "--steps", "1", *extra)
-    assert code != 0
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert "Traceback" not in stdout + stderr
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
-    return lines[0]
+    return one_line_error(*cli("convert", ckpt, "--out", out, "--steps", "1", *extra), out=out)
 
 
 def test_missing_file(tmp_path, cli):

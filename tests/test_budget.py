@@ -5,10 +5,11 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.budget import Candidate, allocate, parse_bytes, parse_size
+from dynconvert.allocation import Candidate, allocate, parse_bytes, parse_size
 from dynconvert.errors import DynError
 from dynconvert.outputs import gptq_quantize, output_error
 from dynconvert.quant import fake_quant
+from helpers import one_line_error
 
 
 def bn_net(seed: int = 0) -> nn.Sequential:
@@ -89,6 +90,7 @@ def test_budgeted_conversion_file_fits_and_reads_back(tmp_path):
     assert agree >= 0.5
 
 
+@pytest.mark.slow
 def test_data_free_conversion_runs_and_says_so(tmp_path):
     conv = dynconvert.convert(bn_net(), size=0.3, data_free=True, synthetic_images=8, input_size=(3, 16, 16))
     assert conv.budget["calibration"].startswith("synthetic")
@@ -165,10 +167,7 @@ def test_cli_budget_errors(cli, budget_ckpt, ckpt, args, message):
     args = [a.replace("{tmp}", str(budget_ckpt)) for a in args]
     model = [] if "--model" in args else ["--model", "budgetnet:build"]
     code, stdout, stderr = cli("convert", budget_ckpt / ckpt, "--out", out, "--input-size", "3,16,16", *model, *args)
-    lines = stderr.splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
-    assert "Traceback" not in stdout + stderr
-    assert not out.exists() and not list(budget_ckpt.glob(".out.dyn*"))
+    assert code == 2 and message in one_line_error(code, stdout, stderr, out=out)
 
 
 def test_cli_budget_conversion_then_report(cli, budget_ckpt):
@@ -182,6 +181,7 @@ def test_cli_budget_conversion_then_report(cli, budget_ckpt):
     assert "allocation" in stdout.lower()
 
 
+@pytest.mark.slow
 def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     out, tuned = budget_ckpt / "out.dyn", budget_ckpt / "tuned.dyn"
     common = ["--model", "budgetnet:build"]

@@ -5,7 +5,6 @@ from PIL import Image
 
 from dynconvert.data import Preprocess, digits, open_data, preprocess_for
 from dynconvert.errors import DynError
-from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
 from finetune_helpers import FACTORY, lenet_files
 
 PRE = Preprocess(3, 32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -113,7 +112,7 @@ def test_finetune_and_eval_on_an_imagefolder_tree(cli, tmp_path):
 
 def test_decode_error_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
     import dynconvert.data as data_mod
-    from dynconvert.finetune import evaluate
+    from dynconvert.evaluation import evaluate
 
     write_images(tmp_path / "a", 2)
     (tmp_path / "a" / "zz_broken.png").write_bytes(b"not a png")

@@ -13,7 +13,8 @@ import torchvision
 import dynconvert
 from dynconvert.dynfile import FORMAT_VERSION, META_KEY
 from dynconvert.safetensors_io import read_safetensors, write_safetensors
-from helpers_report import convert_tiny, convert_torchvision, header, one_line_error
+from helpers import one_line_error
+from helpers_report import convert_tiny, convert_torchvision, header
 
 DIFF = re.compile(r"max abs diff (\S+) \((\S+) x max \|output\|")
 

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,12 @@ from dynconvert.demo import INPUT_SIZE
 from dynconvert.dynamics import DynLinear, DynSpec
 from dynconvert.dynfile import read_dyn
 from dynconvert.errors import DynError
-from dynconvert.finetune import FinetuneOptions, evaluate, finetune, finetune_file, structural_entropy
-from finetune_helpers import one_thread  # noqa: F401  (autouse fixture)
+from dynconvert.evaluation import evaluate
+from dynconvert.finetune import FinetuneOptions, finetune, finetune_file
+from dynconvert.trainable import structural_entropy
 from finetune_helpers import FACTORY, lenet_files
+from helpers import env, run
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
@@ -31,23 +31,6 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data():
     return digits(preprocess_for(None, INPUT_SIZE))
-
-
-def env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-
-
-def run(cmd, cwd, timeout=120, **extra):
-    """Run a command in its own process group, killed whole on timeout (torchrun has children)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_structural_entropy_bounds():
@@ -125,6 +108,7 @@ def test_cli_finetune_and_eval_side_by_side(cli, files, tmp_path):
     assert code == 2 and "already exists" in stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_checkpoint(files, tmp_path):
     _, dyn = files
     out, ckpt = tmp_path / "ft.dyn", tmp_path / "ft.dyn.ckpt"
@@ -164,6 +148,7 @@ def test_resume_with_other_settings_is_a_one_line_error(files, tmp_path):
                       resume=True)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_states(files, tmp_path):
     _, dyn = files
     trace = tmp_path / "trace"

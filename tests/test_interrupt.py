@@ -23,6 +23,8 @@ from _tiny import FACTORY, tiny_checkpoint, use_factory
 
 from dynconvert.safetensors_io import read_safetensors
 
+pytestmark = pytest.mark.slow  # real processes and signals: seconds each (CI runs this tier)
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 5  # 6 converted layers: enough for "after the third" to land mid-run
 STEPS = "20"

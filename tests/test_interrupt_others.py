@@ -11,30 +11,20 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from _tiny import FACTORY, tiny_checkpoint
 
-from dynconvert.cli import app
+from helpers import ROOT, run
 
-ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands}
-
-
-def needs(command):
-    return pytest.mark.skipif(command not in COMMANDS, reason=f"`{command}` is not on this branch yet")
+pytestmark = pytest.mark.slow  # real processes and signals: seconds each (CI runs this tier)
 
 
 @pytest.fixture
 def converted(tmp_path):
     ckpt = tiny_checkpoint(tmp_path, layers=2)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
-    done = subprocess.run(
-        [sys.executable, "-m", "dynconvert", "convert", ckpt, "--out", tmp_path / "m.dyn", "--model", FACTORY,
-         "--steps", "2", "--min-params", "100", "--input-size", "1,8,8"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = run(["dynconvert", "convert", ckpt, "--out", tmp_path / "m.dyn", "--model", FACTORY, "--steps", "2",
+                "--min-params", "100", "--input-size", "1,8,8"], cwd=tmp_path, paths=[tmp_path])
     assert done.returncode == 0, done.stderr
     return tmp_path / "m.dyn"
 
@@ -74,7 +64,6 @@ CASES = [("line-1", signal.SIGINT, False), ("line-3", signal.SIGTERM, True), ("d
 IDS = [f"{p}-{s.name}-{'overwrite' if o else 'fresh'}" for p, s, o in CASES]
 
 
-@needs("finetune")
 @pytest.mark.parametrize("point,sig,overwrite", CASES, ids=IDS)
 def test_interrupt_finetune(converted, point, sig, overwrite):
     from dynconvert.api import verify
@@ -86,7 +75,6 @@ def test_interrupt_finetune(converted, point, sig, overwrite):
     run_and_interrupt(work, args, out, point, sig, b"previous" if overwrite else None, lambda p: bool(verify(p)))
 
 
-@needs("export")
 @pytest.mark.parametrize("point,sig,overwrite", CASES, ids=IDS)
 def test_interrupt_export(converted, point, sig, overwrite):
     import onnx

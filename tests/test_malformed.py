@@ -5,10 +5,10 @@ no output file. The valid originals are built once per module; each case derives
 """
 
 import io
+import sys
 import json
 import struct
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ import dynconvert
 from dynconvert.checkpoint import Source
 from dynconvert.dynfile import META_KEY
 from dynconvert.safetensors_io import write_safetensors
+from helpers import ROOT, one_line_error, run
 
 
 # ------------------------------------------------------------------ valid originals
@@ -314,13 +315,7 @@ def test_corpus_is_large_enough():
 
 
 def check_error(code, stdout, stderr, out=None):
-    assert code != 0
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert "Traceback" not in stderr + stdout
-    if out is not None:
-        assert not out.exists()
-        assert not list(out.parent.glob(f".{out.name}*")), "a temporary file was left behind"
+    one_line_error(code, stdout, stderr, out=out)
 
 
 @pytest.mark.parametrize("case_id,original,mutate,command", CASES, ids=[c[0] for c in CASES])
@@ -362,12 +357,10 @@ HOSTILE_SIZES = ["pth-storage-size-lies", "pth-legacy-storage-size-lies", "pth-z
                  "dyn-header-length-2^63", "dyn-tv-num-classes-huge", "dyn-tv-huge-layer-config"]
 
 
+@pytest.mark.slow
 def test_bounded_memory(originals, tmp_path):
     """Files that declare huge sizes are refused without allocating them: peak memory stays near
     the interpreter's own (PyTorch alone is ~0.5 GB) although they declare tens of gigabytes."""
-    import subprocess
-    import sys
-
     paths = []
     for case_id, original, mutate, command in CASES:
         if case_id in HOSTILE_SIZES:
@@ -390,9 +383,7 @@ def test_bounded_memory(originals, tmp_path):
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
         "print(int(hwm.split()[1]) // 1024)\n"
     )
-    root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, cwd=root, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": root})
+    done = run([sys.executable, "-c", code, *paths], cwd=ROOT)
     assert done.returncode == 0 and "ACCEPTED" not in done.stdout, done.stdout + done.stderr
     print(f"peak memory reading {len(paths)} files that declare huge sizes: {done.stdout.split()[-1]} MB")
     assert int(done.stdout.split()[-1]) < 1500, f"peak memory {done.stdout.split()[-1]} MB"

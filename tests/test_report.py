@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynconvert.dynfile import FORMAT_VERSION, META_KEY
 from dynconvert.safetensors_io import read_safetensors, write_safetensors
-from helpers_report import convert_tiny, convert_torchvision, count_params, header, one_line_error
+from helpers import one_line_error
+from helpers_report import convert_tiny, convert_torchvision, count_params, header
 
 INCLUDE = ["layer1.0.conv1", "layer2.0.downsample.0", "fc"]
 

@@ -9,9 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynconvert
 from dynconvert.export import export_onnx
 from dynconvert.dynamics import DynConv2d, DynLinear, DynSpec
-from dynconvert.weightfree import (
-    WeightFreeConv2d, WeightFreeLinear, count, to_weight_free, weightfree_flops,
-)
+from dynconvert.opcount import count
+from dynconvert.weightfree import WeightFreeConv2d, WeightFreeLinear, to_weight_free, weightfree_flops
 
 
 def _fill(layer, gen, grid=None):
@@ -129,7 +128,7 @@ def _mixed_model(gen):
     )
     specs = {"0": DynSpec(2, 2, "l1"), "2": DynSpec(2, 2, "sql2"), "4": DynSpec(1, 3, "l2"), "7": DynSpec(3, 2, "l1")}
     from dynconvert.convert import set_submodule
-    from dynconvert.dynamics import make_dynamic
+    from dynconvert.layers import make_dynamic
 
     for name, spec in specs.items():
         set_submodule(model, name, _fill(make_dynamic(model.get_submodule(name), spec), gen))
@@ -203,3 +202,47 @@ def test_bench_json(cli):
     if not torch.cuda.is_available():
         code, _, err = cli("bench", "--device", "cuda")
         assert code == 2 and "no CUDA device" in err
+
+
+@pytest.mark.parametrize("cfg", [(40, 50, 1, 2, 2), (12, 7, 3, 1, 3), (64, 300, 1, 4, 4)])
+def test_fused_l1_matches_eager(cfg, monkeypatch):
+    """The numba kernel (when installed) and the eager ops give the same products, ties included."""
+    from dynconvert import fused
+    from dynconvert.weightfree import WeightFreeCore, l1_matvec
+
+    if not fused.available():
+        pytest.skip("numba not installed (optional extra 'fast'); the eager path is tested above")
+    m, n, g, h, d = cfg
+    gen = torch.Generator().manual_seed(m + n)
+    if g == 1:
+        layer = _fill(DynLinear(n, m, False, DynSpec(h, d, "l1")), gen, grid=4)
+    else:
+        layer = _fill(DynConv2d.from_dense(nn.Conv2d(g * n, m, 1, groups=g), DynSpec(h, d, "l1")), gen, grid=4)
+    core = WeightFreeCore(layer)
+    v = torch.randn(5, g * n, generator=gen)
+    eager = l1_matvec(v, core._expanded(), core.lam, core.m, core.n, core.g)
+    with torch.no_grad():
+        got = core(v)
+        _close(got, eager)
+        monkeypatch.setattr(fused, "available", lambda: False)  # the default install's path
+        assert torch.equal(core(v), eager)
+
+
+def test_pick_path_rule():
+    """The cost model picks weight-free for a big layer at batch 1 and dense where the batch amortizes
+    the weight read over many vectors; without numba it is more cautious, never less."""
+    from dynconvert.fused import pick_path, predicted_seconds
+
+    assert pick_path(16384, 16384, 16, vectors=1, fused=True) == "weightfree"
+    assert pick_path(1024, 1024, 16, vectors=32, fused=True) == "dense"
+    assert pick_path(512, 4608, 16, vectors=49 * 32, fused=True) == "dense"  # a conv over a 7x7 map
+    for shape in [(1024, 1024), (4096, 4096), (1000, 2048)]:
+        for vectors in (1, 8, 32):
+            fast, slow = predicted_seconds(*shape, 16, 1, vectors, True)[0], predicted_seconds(*shape, 16, 1, vectors, False)[0]
+            assert slow > fast
+            if pick_path(*shape, 16, 1, vectors, fused=False) == "weightfree":
+                assert pick_path(*shape, 16, 1, vectors, fused=True) == "weightfree"
+    from dynconvert.fused import layer_path
+
+    assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "l1")), 1) == pick_path(8192, 8192, 16, 1, 1)
+    assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "sql2")), 1) == "dense"  # no L1 path

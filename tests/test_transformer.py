@@ -1,0 +1,177 @@
+"""Vision transformers: nn.MultiheadAttention's projections converted, listed, saved, loaded,
+fine-tunable and exported (materialized and weight-free) on a tiny torchvision ViT."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import dynconvert
+from dynconvert.attention import ConvertedMultiheadAttention, WeightFreeAttention
+from dynconvert.dynfile import read_dyn
+from dynconvert.weightfree import to_weight_free
+
+VIT = ("import torch.nn as nn\nfrom torchvision.models import VisionTransformer\n\n\ndef build():\n"
+       "    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,\n"
+       "                             mlp_dim=64, num_classes=10)\n")
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=32, mlp_dim=64, num_classes=10)
+    nn.init.normal_(net.heads.head.weight, std=0.2)  # torchvision starts the head at zero: outputs would be 0
+    return net.eval()
+
+
+@pytest.fixture
+def vit_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "tinyvit.py").write_text(VIT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(_vit().state_dict(), tmp_path / "vit.pth")
+    return tmp_path / "vit.pth", "tinyvit:build"
+
+
+def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkpoint):
+    pth, factory = vit_checkpoint
+    dyn = tmp_path / "v.dyn"
+    code, out, err = cli("convert", pth, "--model", factory, "--out", dyn, "--min-params", 500, "--steps", 5,
+                         "--input-size", "3,32,32")
+    assert code == 0, err
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    assert f"{attn}.q_proj" in out + err  # the progress lists the in-projections like every other layer
+    meta = read_dyn(dyn)[1]
+    for block in (0, 1):
+        for child in QKV:
+            info = meta["layers"][f"encoder.layers.encoder_layer_{block}.self_attention.{child}"]
+            assert info["kind"] == "mha_proj" and info["matrix_shape"] == [32, 32]
+    skipped = {s["name"]: s["reason"] for s in meta["skipped"]}
+    assert "used directly by Encoder.forward" in skipped["encoder.pos_embedding"]  # never silently dense
+
+    # load: the packed parameter is gone, the MHA reads the states; the .pth export restores it
+    net = dynconvert.load(dyn, factory=factory)
+    mha = net.get_submodule(attn)
+    assert isinstance(mha, ConvertedMultiheadAttention) and "in_proj_weight" not in mha._parameters
+    assert torch.equal(mha.in_proj_weight, torch.cat([mha.get_submodule(c).weight for c in QKV]))
+    code, _, err = cli("export", dyn, "--model", factory, "--pth", tmp_path / "dense.pth")
+    assert code == 0, err
+    plain = _vit()
+    plain.load_state_dict(torch.load(tmp_path / "dense.pth", weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+        assert torch.allclose(plain(x), want, atol=1e-5)
+        wf, kept = to_weight_free(copy.deepcopy(net))
+        assert not kept and isinstance(wf.get_submodule(attn), WeightFreeAttention)
+        assert (wf(x) - want).abs().max() <= 1e-4 * want.abs().max()
+
+    code, out, err = cli("report", dyn, "--model", factory, "--json")
+    assert code == 0, err
+    v = {r["name"]: r for r in json.loads(out)["layers"]}[f"{attn}.v_proj"]
+    assert v["dense_flops"] == 2 * 17 * 32 * 32 and 0 < v["weightfree_flops"] < v["dense_flops"]  # 17 tokens
+
+    for extra in ((), ("--weight-free",)):
+        code, out, err = cli("export", dyn, "--model", factory, "--onnx", tmp_path / "v.onnx", "--force", *extra)
+        assert code == 0, err
+        assert "max abs diff" in out and (tmp_path / "v.onnx").exists()
+
+
+def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
+    from dynconvert.checkpoint import Source
+    from dynconvert.finetune import FinetuneOptions, finetune_file
+
+    pth, factory = vit_checkpoint
+    conv = dynconvert.convert(_vit(), steps=5, min_params=500, input_size=(3, 32, 32),
+                              source=Source("factory", factory=factory))
+    dyn, out = tmp_path / "v.dyn", tmp_path / "ft.dyn"
+    dynconvert.save(conv, dyn)
+    q = "encoder.layers.encoder_layer_0.self_attention.q_proj"
+    finetune_file(dyn, out, "digits", FinetuneOptions(max_steps=3, stop_tol=0), teacher=pth, factory=factory)
+    before = dynconvert.load(dyn, factory=factory).get_submodule(q).states_in
+    assert not torch.equal(before, dynconvert.load(out, factory=factory).get_submodule(q).states_in)
+    assert q in read_dyn(out)[1]["finetune"]["rel_error_vs_original"]  # compared with the teacher's q rows
+
+
+def test_vit_budget_conversion_lists_projections():
+    conv = dynconvert.convert(_vit(), size=1 / 2, calib=[torch.randn(4, 3, 32, 32)], input_size=(3, 32, 32))
+    reasons = {s.name: s.reason for s in conv.skipped}
+    assert "byte-budget" in reasons["encoder.layers.encoder_layer_0.self_attention.q_proj"]
+    assert "encoder.pos_embedding" in reasons
+
+
+class SeparateQKV(nn.Module):
+    """Attention whose key/value sizes differ from the query's: q/k/v weights are separate parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 2, kdim=24, vdim=40, batch_first=True)
+        self.kv = nn.Linear(32, 64)
+
+    def forward(self, x):
+        k, v = self.kv(x).split([24, 40], dim=-1)
+        return self.attn(x, k, v, need_weights=False)[0]
+
+
+def test_separate_qkv_weights_are_converted():
+    torch.manual_seed(0)
+    model = SeparateQKV().eval()
+    conv = dynconvert.convert(copy.deepcopy(model), steps=20, min_params=0, input_size=(3, 4, 4))
+    names = {s.name: s.matrix_shape for s in conv.layers}
+    assert names["attn.q_proj"] == [32, 32] and names["attn.k_proj"] == [32, 24] and names["attn.v_proj"] == [32, 40]
+    attn = conv.model.attn
+    assert not any(p in attn._parameters for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        got = conv.model(x)
+        dense = copy.deepcopy(model)  # the same attention with the materialized weights
+        for c in QKV:
+            getattr(dense.attn, f"{c}_weight").copy_(attn.get_submodule(c).weight)
+        dense.attn.out_proj.weight.copy_(attn.out_proj.weight)
+        dense.kv.weight.copy_(conv.model.kv.weight)
+        assert torch.allclose(got, dense(x), atol=1e-5)
+        wf, kept = to_weight_free(copy.deepcopy(conv.model))
+        assert not kept and torch.allclose(wf(x), got, atol=1e-4)
+
+
+class RawAttention(nn.Module):
+    """A custom attention that multiplies by raw parameters: nothing dynconvert can rewrite."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, d) / d**0.5) for _ in range(3))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = x @ self.wq, x @ self.wk, x @ self.wv
+        return self.out(torch.softmax(q @ k.transpose(-1, -2) / 32**0.5, -1) @ v)
+
+
+def test_raw_parameter_attention_is_listed_as_skipped():
+    conv = dynconvert.convert(RawAttention(), steps=5, min_params=0, input_size=(3, 4, 4))
+    assert [s.name for s in conv.layers] == ["out"]
+    reasons = {s.name: s.reason for s in conv.skipped}
+    assert set(reasons) == {"wq", "wk", "wv"}
+    assert all("used directly by RawAttention.forward" in r and "left dense" in r for r in reasons.values())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_weight_free_attention_matches_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    wf = WeightFreeAttention(copy.deepcopy(mha))
+    x, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    if not batch_first:
+        x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        for args, kwargs in (((x, x, x), {}), ((x, kv, kv), dict(key_padding_mask=pad, attn_mask=causal)),
+                             ((x, kv, kv), dict(attn_mask=torch.randn(12, 5, 7), average_attn_weights=False))):
+            want, want_w = mha(*args, **kwargs)
+            got, got_w = wf(*args, **kwargs)
+            assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_w, want_w, atol=1e-5)
