@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import load_model
 from .dynamics import DynLinear, DynSpec
+from .export import export_onnx, open_dyn
 from .fused import pick_path
 from .opcount import count
 from .weightfree import WeightFreeCore
@@ -205,9 +207,6 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
 
 def _exports(dyn, folder, original, factory, meta) -> dict:
     """kind -> (path, note): every ONNX export of the same model that ``onnx_latency`` times."""
-    from .checkpoint import load_model
-    from .export import export_onnx
-
     made = {}
     if original is not None:
         src = meta.get("source") or {}
@@ -240,8 +239,6 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
     """
     import tempfile
     from pathlib import Path
-
-    from .export import open_dyn
 
     _, meta = open_dyn(dyn)
     size = tuple(meta.get("input_size") or (3, 224, 224))

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .dynamics import DynSpec, materialize
+from .convert import set_submodule
+from .dynamics import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
 from .dynfile import STATE_SUFFIXES, write_dyn
 from .errors import DynError, first_line
 from .fileio import atomic_path, check_output_path
@@ -42,9 +43,6 @@ def factorized(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     a + offset, 1), and a Linear two Linears: (H*d + 2)(m + n) multiply-adds per output position
     instead of m n, in the runtime's own fast kernels. l1/l2 relations are full rank.
     """
-    from .convert import set_submodule
-    from .dynamics import DynamicsLayer, DynLinear, sql2_factors
-
     net, kept = copy.deepcopy(model).eval(), []
     for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, DynamicsLayer)]:
         spec, (m, n) = layer.spec, layer.matrix_shape
