@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import load_model
 from .dynamics import DynLinear, DynSpec
+from .export import export_onnx, open_dyn
 from .fused import pick_path
 from .opcount import count
 from .weightfree import WeightFreeCore
@@ -168,3 +170,119 @@ def run_bench(
         "groups_H": groups, "dim_d": dim, "threads": list(threads), "repeats": repeats, "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "loadavg_before": load, "loadavg_after": _loadavg(), "rows": rows,
     }
+
+
+# ---------------------------------------------------------------- ONNX Runtime latency of whole models
+
+ONNX_EXPORTS = ("original", "materialized", "factorized", "weight-free", "int8")
+
+
+def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budget_s: float = 20.0) -> dict:
+    """kind -> wall ms of ONNX Runtime runs at ``batch``, after 2 warm-up runs each.
+
+    The graphs take turns, one run each per round, so a load that comes and goes on a shared
+    machine falls on all of them alike. ``repeats`` rounds, fewer (at least 3) once a round's
+    share of ``budget_s`` per graph is spent."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    # idle pool threads would otherwise spin after each run, on the core the next graph needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch)).numpy()
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    times = {k: [] for k in paths}
+    start = time.perf_counter()
+    for rnd in range(repeats + 2):
+        if rnd >= 5 and time.perf_counter() - start > budget_s * len(paths):
+            break
+        for k, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feeds[k])
+            if rnd >= 2:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _exports(dyn, folder, original, factory, meta) -> dict:
+    """kind -> (path, note): every ONNX export of the same model that ``onnx_latency`` times."""
+    made = {}
+    if original is not None:
+        src = meta.get("source") or {}
+        net = load_model(original, arch=src.get("arch"), model=factory).model
+        made["original"] = (export_onnx(net, folder / "original.onnx", input_size=tuple(meta["input_size"])), "")
+    quantized = any(v.get("bits") in (4, 8) for v in (meta.get("quantized") or {}).values())
+    made["materialized"] = (export_onnx(dyn, folder / "materialized.onnx", factory=factory, quantize=False),
+                            "" if original is not None else "the original's graph: same layers and shapes")
+    made["factorized"] = (export_onnx(dyn, folder / "factorized.onnx", factory=factory, factorize=True, quantize=False), "")
+    made["weight-free"] = (export_onnx(dyn, folder / "weight-free.onnx", factory=factory, weight_free=True), "")
+    if quantized:  # the file's own integer grid: int8 initializers + DequantizeLinear
+        made["int8"] = (export_onnx(dyn, folder / "int8.onnx", factory=factory, quantize=True), "the file's int8 grid")
+    else:  # nothing stored as integers: ONNX Runtime's own int8 quantization of the materialized graph
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(folder / "materialized.onnx"), str(folder / "int8.onnx"), weight_type=QuantType.QInt8)
+        made["int8"] = (None, "materialized, ONNX Runtime dynamic int8 (outputs not checked)")
+    return made
+
+
+def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 32), threads=(2,), repeats: int = 10,
+                 on_row=None) -> dict:
+    """ONNX Runtime latency of every export of one converted model, side by side with file bytes.
+
+    Exports (each checked against PyTorch by ``export_onnx``, except ORT's own int8): the
+    ``original`` checkpoint when given, the materialized graph, the factorized one (sql2 layers
+    as two thin convs), the weight-free one and int8. They are timed in turns (``_ort_rounds``)
+    at every batch size with ``intra_op_num_threads`` set to each of ``threads``, each keeping
+    its best median (the row says which count).
+    """
+    import tempfile
+    from pathlib import Path
+
+    _, meta = open_dyn(dyn)
+    size = tuple(meta.get("input_size") or (3, 224, 224))
+    load = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="dynconvert-onnx-") as tmp:
+        made = _exports(dyn, Path(tmp), original, factory, meta)
+        paths = {kind: Path(tmp) / f"{kind}.onnx" for kind in made}
+        rows = {kind: {"export": kind, "bytes": paths[kind].stat().st_size, "note": note,
+                       "kept_materialized": len(res.kept) if res is not None else None}
+                for kind, (res, note) in made.items()}
+        for batch in batches:
+            runs = [(_ort_rounds(paths, batch, size, t, repeats), t) for t in threads]
+            for kind, row in rows.items():
+                times, t = min(((r[kind], t) for r, t in runs), key=lambda r: statistics.median(r[0]))
+                row[f"b{batch}_ms"] = round(statistics.median(times), 2)
+                row[f"b{batch}_spread_ms"] = [round(min(times), 2), round(max(times), 2)]
+                row[f"b{batch}_threads"] = t
+                if on_row and batch == batches[-1]:
+                    on_row(row)
+    rows = list(rows.values())
+    return {"file": str(dyn), "input_size": list(size), "batches": list(batches), "threads": list(threads),
+            "repeats": repeats, "onnxruntime": _ort_version(), "cpu_count": os.cpu_count(), "loadavg_before": load,
+            "loadavg_after": _loadavg(), "rows": rows}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def latency_markdown(res: dict) -> str:
+    """The ``onnx_latency`` rows as a Markdown table (ratios against the first row)."""
+    base = res["rows"][0]
+    head = ["export", "bytes"] + [f"batch {b} ms (x {base['export']})" for b in res["batches"]] + ["note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["rows"]:
+        cells = [r["export"], f"{r['bytes']:,}"]
+        for b in res["batches"]:
+            lo, hi = r[f"b{b}_spread_ms"]
+            cells.append(f"{r[f'b{b}_ms']:.1f} [{lo:.1f}-{hi:.1f}] ({r[f'b{b}_ms'] / base[f'b{b}_ms']:.2f}x)")
+        kept = f"{r['kept_materialized']} layers kept materialized" if r.get("kept_materialized") else ""
+        cells.append("; ".join(v for v in (r["note"], kept) if v))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nONNX Runtime {res['onnxruntime']}, intra-op threads: best of {res['threads']}; load average "
+                 f"before/after: {res['loadavg_before']} / {res['loadavg_after']} on {res['cpu_count']} CPUs")
+    return "\n".join(lines) + "\n"

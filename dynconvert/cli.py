@@ -192,9 +192,11 @@ def convert(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "--workers", help="CPU threads: layers are fitted THREADS at a time, each in a one-thread worker process; the output is the same for every value. [default: the cores this process may use, at most OMP_NUM_THREADS]"),
 ):
     """Convert a pretrained checkpoint into dynamics-based states (a .dyn file)."""
     from .api import convert_checkpoint
+    from .workers import using_threads
 
     rec = None
     if recipe:
@@ -218,7 +220,7 @@ def convert(
         raise DynError("--data-free needs a byte budget: add --size (e.g. --size 1/6)")
     shape = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
     try:
-        with progress_bar() as progress:
+        with progress_bar() as progress, using_threads(threads):
             phases = RichPhaseProgress(progress)
             conv = convert_checkpoint(
                 checkpoint, out_path, opts, arch=arch or (rec or {}).get("arch"), model=model,
@@ -281,6 +283,7 @@ def report(
     data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
     original: Optional[Path] = typer.Option(None, help="The checkpoint the .dyn was converted from (sha256-checked): needed to rebuild files converted from a pickled module, TorchScript or a module in Python. With --data it is also evaluated side by side."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
+    latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export (see `bench --onnx`)."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
     from .fileio import expect_dyn
@@ -298,12 +301,19 @@ def report(
         rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
         if original is not None:
             rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
+    if latency:
+        from .bench import latency_markdown, onnx_latency
+        from .workers import available_cores
+
+        rep["latency"] = onnx_latency(dyn, factory=model, batches=(1,), threads=(available_cores(),))
     if json_out:
         typer.echo(render_json(rep), nl=False)
     elif markdown:
         typer.echo(render_markdown(rep), nl=False)
     else:
         render_rich(rep, out)
+    if latency and not json_out:
+        typer.echo("\nONNX Runtime latency (batch 1)\n\n" + latency_markdown(rep["latency"]), nl=False)
 
 
 @command
@@ -377,13 +387,15 @@ def bench(
     threads: str = typer.Option("1,2", help="CPU thread counts to try; each method keeps its best median."),
     no_resnet50: bool = typer.Option(False, "--no-resnet50", help="Leave out ResNet-50's largest layers (fc, layer4 3x3 conv)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cpu, and cuda when present]"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Instead: time a .dyn's ONNX exports (materialized, factorized, weight-free, int8) in ONNX Runtime at --batches, intra-op threads from --threads, with file bytes."),
+    model: Optional[str] = typer.Option(None, help="With --onnx: the package.module:factory the file was converted with."),
 ):
     """Time weight-free inference against the dense layer and truncated SVD at the same budget."""
     import json
 
     import torch
 
-    from .bench import SQUARE_SIZES, run_bench
+    from .bench import SQUARE_SIZES, latency_markdown, onnx_latency, run_bench
 
     def ints(text, flag):
         try:
@@ -402,6 +414,11 @@ def bench(
     reps = repeats if repeats is not None else (5 if quick else 15)
     if reps < 1:
         raise DynError("--repeats must be >= 1")
+    if onnx is not None:
+        res = onnx_latency(onnx, factory=model, batches=ints(batches, "--batches"), threads=ints(threads, "--threads"),
+                           repeats=repeats or 10, on_row=None if json_out else (lambda r: console.print(f"  {r['export']}: done")))
+        typer.echo(json.dumps(res, indent=1) if json_out else latency_markdown(res), nl=not json_out)
+        return
     on_row = None if json_out else (lambda r: console.print(f"  {r['layer']} batch {r['batch']} {r['device']}: done"))
     res = run_bench(
         sizes=size_list, batches=ints(batches, "--batches"), devices=[device] if device else None, groups=groups,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from .dynamics import DynSpec, choose_spec, dense_matrix
+from .dynamics import DynSpec, choose_spec, dense_matrix, materialize
 from .errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
 from .layers import LayerKind, dense_kind, find_targets, make_dynamic, uncovered_parameters
+from .workers import in_order, one_thread
+from .workers import threads as worker_threads
 
 
 @dataclass(frozen=True)
@@ -233,54 +236,90 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> di
     return {name: (sums[name] / counts[name]).float() for name in sums}
 
 
+@dataclass
+class LayerJob:
+    """One layer's fit, as sent to a worker process: everything it needs, nothing it does not."""
+
+    name: str
+    matrix: torch.Tensor
+    spec: DynSpec
+    opts: ConvertOptions
+    moment: torch.Tensor | None = None
+    done: FitResult | None = None  # from an interrupted run: only its figures are computed
+
+
+def fit_layer(job: LayerJob, on_step=None) -> tuple[FitResult, dict]:
+    """Fit one layer (unless ``job.done``) and measure it against truncated SVD: (fit, figures).
+
+    Runs on one thread wherever it runs, so the result is the same in any process (workers.py).
+    """
+    opts, matrix, spec = job.opts, job.matrix, job.spec
+    fit = job.done
+    if fit is None:
+        fit = fit_weight(
+            matrix, spec, steps=opts.steps, lr=opts.lr, seed=layer_seed(opts.seed, job.name),
+            device=opts.device, name=job.name, on_step=on_step, init=opts.init,
+        )
+        if job.moment is not None:
+            fit = refine_on_outputs(
+                fit, matrix, spec, job.moment, steps=opts.calib_steps, device=opts.device, name=job.name, on_step=on_step,
+            )
+    figures = {"svd_rel_error": svd_rel_error(matrix, spec.rank_budget)}
+    if job.moment is not None:
+        whitener = input_whitener(job.moment)
+        left, right = svd_truncate(matrix, spec.rank_budget)
+        approx = materialize(fit.states_out, fit.states_in, fit.coupling, fit.offset, spec.metric, spec.kernel)
+        figures["output_rel_error"] = output_rel_error(matrix, approx, whitener)
+        figures["svd_output_rel_error"] = output_rel_error(matrix, left @ right, whitener)
+    return fit, figures
+
+
 def convert_model(
     model: nn.Module,
     opts: ConvertOptions,
     callbacks: ConvertCallbacks | None = None,
     done: dict[str, FitResult] | None = None,
     calib=None,
+    threads: int | None = None,
 ) -> tuple[nn.Module, list[LayerStats], list[Skipped]]:
     """Convert ``model`` in place. ``done`` holds fits from an interrupted run, reused as they are.
 
     ``calib``: an iterable of input batches (or (input, label) pairs). With it, each layer is
     fitted to its weights first and then to its outputs on these inputs (``refine_on_outputs``).
+
+    ``threads``: fit up to that many layers at once, each in a one-thread worker process
+    (default: ``workers.threads()``). The result is byte-for-byte the same for every count.
+    On a GPU the layers are fitted one after the other here. Callbacks: ``layer_start`` and
+    ``layer_done`` come in layer order; ``step`` only when fitting here (one worker).
     """
     opts.validate()
     cb = callbacks or ConvertCallbacks()
     chosen, skipped = plan(model, opts)
-    moments = input_moments(model, {c.name: c.layer for c in chosen}, calib) if calib is not None else {}
+    workers = 1 if opts.device != "cpu" else (threads or worker_threads())
+    with one_thread():  # the calibration pass too: its sums must not depend on the thread count
+        moments = input_moments(model, {c.name: c.layer for c in chosen}, calib) if calib is not None else {}
+    jobs = [LayerJob(c.name, dense_matrix(c.layer).detach(), c.spec, opts.for_layer(c.name), moments.get(c.name),
+                     (done or {}).get(c.name)) for c in chosen]
+    fitter = functools.partial(fit_layer, on_step=cb.step) if workers <= 1 else fit_layer
     stats = []
-    for i, item in enumerate(chosen):
-        cb.layer_start(i, len(chosen), item)
-        matrix = dense_matrix(item.layer)
-        fit = (done or {}).get(item.name)
-        if fit is None:
-            o = opts.for_layer(item.name)
-            fit = fit_weight(
-                matrix, item.spec, steps=o.steps, lr=o.lr, seed=layer_seed(o.seed, item.name),
-                device=o.device, name=item.name, on_step=cb.step, init=o.init,
+    with in_order(fitter, jobs, workers) as results:
+        for i, (item, job) in enumerate(zip(chosen, jobs)):
+            cb.layer_start(i, len(chosen), item)
+            fit, figures = next(results)
+            new = make_dynamic(item.layer, item.spec)
+            new.set_states(fit.states_out, fit.states_in, fit.coupling, fit.offset)
+            set_submodule(model, item.name, new)
+            m, n = job.matrix.shape
+            s = LayerStats(
+                name=item.name, kind=item.kind.name,
+                weight_shape=list(item.layer.weight.shape), matrix_shape=[m, n], spec=item.spec.to_dict(),
+                dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
+                svd_rel_error=figures["svd_rel_error"], svd_rank=item.spec.rank_budget, steps=fit.steps,
             )
-            if item.name in moments:
-                fit = refine_on_outputs(
-                    fit, matrix, item.spec, moments[item.name], steps=o.calib_steps, device=o.device,
-                    name=item.name, on_step=cb.step,
-                )
-        new = make_dynamic(item.layer, item.spec)
-        new.set_states(fit.states_out, fit.states_in, fit.coupling, fit.offset)
-        set_submodule(model, item.name, new)
-        m, n = matrix.shape
-        s = LayerStats(
-            name=item.name, kind=item.kind.name,
-            weight_shape=list(item.layer.weight.shape), matrix_shape=[m, n], spec=item.spec.to_dict(),
-            dense_params=m * n, state_params=new.num_state_params(), rel_error=fit.rel_error,
-            svd_rel_error=svd_rel_error(matrix, item.spec.rank_budget), svd_rank=item.spec.rank_budget, steps=fit.steps,
-        )
-        if item.name in moments:
-            whitener = input_whitener(moments[item.name])
-            left, right = svd_truncate(matrix, item.spec.rank_budget)
-            s.fit_mode = "calibrated"
-            s.output_rel_error = output_rel_error(matrix, new.weight_matrix().detach(), whitener)
-            s.svd_output_rel_error = output_rel_error(matrix, left @ right, whitener)
-        stats.append(s)
-        cb.layer_done(i, len(chosen), s, fit)
+            if job.moment is not None:
+                s.fit_mode = "calibrated"
+                s.output_rel_error = figures["output_rel_error"]
+                s.svd_output_rel_error = figures["svd_output_rel_error"]
+            stats.append(s)
+            cb.layer_done(i, len(chosen), s, fit)
     return model, stats, skipped

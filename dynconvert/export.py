@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .dynamics import DynSpec, materialize
+from .convert import set_submodule
+from .dynamics import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
 from .dynfile import STATE_SUFFIXES, write_dyn
 from .errors import DynError, first_line
 from .fileio import atomic_path, check_output_path
@@ -30,6 +31,47 @@ from .weightfree import to_weight_free
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def factorized(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """A copy of ``model`` with every sql2 layer as two thin layers, and ``(name, reason)`` for
+    the converted layers that stay materialized (dense).
+
+    Squared-L2 states are a rank-(H*d + 2) factorization (``sql2_factors``):
+    ``W x = L (R' x) + (a + offset) (1' x) + 1 (b' x)``. So a conv becomes a conv with H*d + 2
+    output channels (rows R', 1', b'; same kernel, stride and padding) and a 1x1 conv (columns L,
+    a + offset, 1), and a Linear two Linears: (H*d + 2)(m + n) multiply-adds per output position
+    instead of m n, in the runtime's own fast kernels. l1/l2 relations are full rank.
+    """
+    net, kept = copy.deepcopy(model).eval(), []
+    for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, DynamicsLayer)]:
+        spec, (m, n) = layer.spec, layer.matrix_shape
+        rank = spec.groups * spec.dim + 2
+        why = (f"{spec.metric}/{spec.kernel} relations are not a low-rank product" if (spec.metric, spec.kernel) != ("sql2", "linear")
+               else f"rank {rank} costs no less than the dense {m}x{n}" if rank * (m + n) >= m * n else None)
+        if why:
+            kept.append((name, why))
+            set_submodule(net, name, layer.to_dense())
+            continue
+        with torch.no_grad():
+            left, right, a, b = sql2_factors(layer.states_out, layer.states_in, layer.coupling)
+            inner = torch.cat([right.T, torch.ones(1, n), b[None]])  # (rank, n)
+            outer = torch.cat([left, (a + layer.offset)[:, None], torch.ones(m, 1)], 1)  # (m, rank)
+            has_bias = layer.bias is not None
+            if isinstance(layer, DynLinear):
+                first, second = nn.Linear(n, rank, bias=False), nn.Linear(rank, m, bias=has_bias)
+                first.weight.copy_(inner)
+                second.weight.copy_(outer)
+            else:
+                g = layer.conv_groups  # every group applies the same inner rows to its own inputs
+                first = nn.Conv2d(layer.in_channels, g * rank, layer.kernel_size, bias=False, **layer.conv_kwargs())
+                second = nn.Conv2d(g * rank, m, 1, groups=g, bias=has_bias)
+                first.weight.copy_(inner.reshape(rank, *layer.weight_shape[1:]).repeat(g, 1, 1, 1))
+                second.weight.copy_(outer.reshape(m, rank, 1, 1))
+            if has_bias:
+                second.bias.copy_(layer.bias)
+        set_submodule(net, name, nn.Sequential(first, second))
+    return net, kept
 
 
 @contextlib.contextmanager
@@ -84,6 +126,7 @@ def export_onnx(
     force: bool = False,
     weight_free: bool = False,
     quantize: bool | None = None,
+    factorize: bool = False,
 ) -> OnnxResult:
     """Materialize the weights into a standard ONNX graph, check it with ``onnx.checker`` and
     compare ONNX Runtime with the PyTorch model on random inputs.
@@ -91,6 +134,9 @@ def export_onnx(
     ``weight_free``: the graph carries the states (and L1 sort orders) instead of weight
     matrices and computes converted layers with Gather, CumSum and MatMul (weightfree.py); layers
     without a weight-free path stay materialized and are listed in ``kept``.
+
+    ``factorize``: sql2 layers as two thin convs / matmuls (``factorized``) instead of one dense
+    one; other converted layers stay materialized and are listed in ``kept``.
 
     ``quantize`` (default: on when the .dyn lists quantized tensors): weights that lie on an
     integer grid in the file go into the graph as int8 initializers with float32 scales and a
@@ -111,6 +157,8 @@ def export_onnx(
     kept: list[tuple[str, str]] = []
     if weight_free:
         dense, kept = to_weight_free(copy.deepcopy(net))
+    elif factorize:
+        dense, kept = factorized(net)
     else:
         dense = materialized(net)
     gen = torch.Generator().manual_seed(seed)
