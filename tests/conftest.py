@@ -3,9 +3,11 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(monkeypatch):
     """Tests run small models, fastest on one thread; on a shared machine more threads only spin
-    against each other. A test about threads sets its own count."""
+    against each other. OMP_NUM_THREADS=1 also makes `convert`'s default one worker, so in-process
+    tests (monkeypatched fits) see every fit, whatever the machine. A test about threads sets its own."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
