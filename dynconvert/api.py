@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import resume as rs
 from .budget import convert_to_budget, model_bytes
 from .checkpoint import Source, load_model, source_of
-from .convert import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
+from .conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
 from .data import calibration_batches
 from .dynfile import write_dyn
 from .errors import DynError

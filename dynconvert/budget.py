@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
-from .convert import LayerStats, Skipped, matches, set_submodule, uncovered_skips
+from .conversion import LayerStats, Skipped, matches, set_submodule, uncovered_skips
 from .dynamics import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
 from .layers import find_targets, make_dynamic
 from .errors import DynError

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .convert import ConvertOptions
+from .conversion import ConvertOptions
 from .demo import DemoSettings
 from .errors import DynError
 from .finetune import FinetuneOptions

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .api import convert, save
 from .checkpoint import Source
-from .convert import set_submodule
+from .conversion import set_submodule
 from .data import digits, preprocess_for
 from .dynamics import dense_matrix
 from .errors import DynError

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .convert import set_submodule
+from .conversion import set_submodule
 from .dynamics import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
 from .dynfile import STATE_SUFFIXES, write_dyn
 from .errors import DynError, first_line

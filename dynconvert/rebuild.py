@@ -29,7 +29,7 @@ from .fileio import sha256_file
 from .layers import dense_target, dynamic_from_meta
 from .safetensors_io import read_safetensors
 from .weightfree import to_weight_free
-from .convert import set_submodule
+from .conversion import set_submodule
 
 
 def open_dyn(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:

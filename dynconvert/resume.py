@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .version import __version__
-from .convert import ConvertCallbacks, ConvertOptions, Planned
+from .conversion import ConvertCallbacks, ConvertOptions, Planned
 from .dynamics import dense_matrix
 from .errors import DynError
 from .fit import FitResult

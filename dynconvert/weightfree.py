@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import fused, metrics
 from .attention import WeightFreeAttention, weight_free_attention_unsupported
-from .convert import set_submodule
+from .conversion import set_submodule
 from .dynamics import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
 from .layers import kind_of
 

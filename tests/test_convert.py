@@ -48,7 +48,7 @@ def test_convert_load_roundtrip(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     torch.save(model.state_dict(), tmp_path / "r18.pth")
     from dynconvert.api import convert_checkpoint
-    from dynconvert.convert import ConvertOptions
+    from dynconvert.conversion import ConvertOptions
 
     conv = convert_checkpoint(tmp_path / "r18.pth", tmp_path / "r18.dyn", ConvertOptions(steps=3, min_params=100_000))
     assert len(conv.layers) > 0
@@ -71,7 +71,7 @@ def test_calibrated_conversion_lowers_output_error(tmp_path, cli):
     from dynconvert.demo import lenet5
     from dynconvert.dynfile import read_dyn
     from dynconvert.fit import input_whitener, output_rel_error
-    from dynconvert.convert import input_moments
+    from dynconvert.conversion import input_moments
 
     torch.manual_seed(0)
     torch.save(lenet5().state_dict(), tmp_path / "lenet.pth")

@@ -113,7 +113,7 @@ def test_nan_fit_never_written(tmp_path, tiny, cli, monkeypatch):
 
     from dynconvert.fit import fit_weight
 
-    cv = importlib.import_module("dynconvert.convert")  # the package's `convert` attribute is the function
+    cv = importlib.import_module("dynconvert.conversion")
 
     def nan_fit(*a, **k):
         fit = fit_weight(*a, **k)

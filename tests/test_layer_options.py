@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.convert import ConvertOptions
+from dynconvert.conversion import ConvertOptions
 from dynconvert.errors import DynError
 from dynconvert.recipes import load_recipe, options_from
 

@@ -148,7 +148,7 @@ def test_help_shows_defaults_read_from_the_options():
     from typer.main import get_command
 
     from dynconvert.cli import app
-    from dynconvert.convert import ConvertOptions
+    from dynconvert.conversion import ConvertOptions
     from dynconvert.finetune import FinetuneOptions
 
     commands = get_command(app).commands
@@ -210,7 +210,7 @@ def test_recipes_ship_in_the_wheel(tmp_path):
 
 
 def test_docs_state_the_default_init():
-    from dynconvert.convert import ConvertOptions
+    from dynconvert.conversion import ConvertOptions
 
     method = (ROOT / "docs" / "method.md").read_text()
     assert f"`--init {ConvertOptions().init}`" in method and "(the default)" in method

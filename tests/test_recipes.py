@@ -2,7 +2,7 @@
 
 import pytest
 
-from dynconvert.convert import ConvertOptions
+from dynconvert.conversion import ConvertOptions
 from dynconvert.errors import DynError
 from dynconvert.recipes import RECIPE_DIR, find_recipe, load_recipe, options_from
 

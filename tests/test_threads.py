@@ -13,7 +13,7 @@ import torch.nn as nn
 from _tiny import FACTORY, tiny_checkpoint, use_factory
 
 from dynconvert import workers
-from dynconvert.convert import ConvertCallbacks, ConvertOptions, convert_model
+from dynconvert.conversion import ConvertCallbacks, ConvertOptions, convert_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import torch
 import dynconvert
 from dynconvert.api import convert_checkpoint
 from dynconvert.factories import import_factory
-from dynconvert.convert import ConvertOptions
+from dynconvert.conversion import ConvertOptions
 from dynconvert.errors import DynError
 from dynconvert.rebuild import read_meta
 

@@ -127,7 +127,7 @@ def _mixed_model(gen):
         nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
     )
     specs = {"0": DynSpec(2, 2, "l1"), "2": DynSpec(2, 2, "sql2"), "4": DynSpec(1, 3, "l2"), "7": DynSpec(3, 2, "l1")}
-    from dynconvert.convert import set_submodule
+    from dynconvert.conversion import set_submodule
     from dynconvert.layers import make_dynamic
 
     for name, spec in specs.items():

@@ -19,7 +19,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from ..convert import ConvertOptions
+from ..conversion import ConvertOptions
 from ..errors import DynError
 
 RECIPE_DIR = Path(__file__).resolve().parent
