@@ -16,7 +16,7 @@ import json
 import torch
 
 import dynconvert
-from dynconvert.convert import input_moments
+from dynconvert.conversion import input_moments
 from dynconvert.fit import input_whitener, output_rel_error
 from benchmarks.fit_quality import digits_tensors, train_cnn
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynconvert.convert import input_moments
+from dynconvert.conversion import input_moments
 from dynconvert.synth import synthesize
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -213,7 +213,7 @@ def build_int4(bench: Bench, stem: Path) -> Built:
     point below int8's bytes (stored as packed int4 in a .dyn, the only int4 file format at hand)."""
     import dynconvert
     from dynconvert.api import Conversion
-    from dynconvert.convert import ConvertOptions
+    from dynconvert.conversion import ConvertOptions
     from dynconvert.quant import fake_quant
 
     model = copy.deepcopy(bench.family.original)
