@@ -315,7 +315,7 @@ def load_model(
 def _eager_state(script: torch.jit.ScriptModule, path, arch: str | None, factory: str | None) -> dict:
     """The state dict of a TorchScript file, for an eager architecture to load (--arch, --model, or
     a torchvision one inferred from the keys and shapes)."""
-    state = {k: v for k, v in script.state_dict().items()}
+    state = dict(script.state_dict())
     if arch is None and factory is None:
         try:
             infer_arch(state)

@@ -286,13 +286,11 @@ def report(
     latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export (see `bench --onnx`)."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
-    from .fileio import expect_dyn
     from .report import build_report, render_json, render_markdown, render_rich
 
     if markdown and json_out:
         raise DynError("choose one of --markdown and --json")
     size = _parse_size(input_size) if input_size else None
-    expect_dyn(dyn)
     rep = build_report(dyn, factory=model, original=original, trust_pickle=trust_pickle, input_size=size)
     if data is not None:
         from .evaluation import evaluate_file
@@ -465,10 +463,8 @@ def verify(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled/TorchScript --original: this RUNS CODE from the file."),
 ):
     """Check a .dyn file completely: header, metadata, layer shapes, checksum, and that it rebuilds."""
-    from .fileio import expect_dyn
     from .rebuild import verify as verify_file
 
-    expect_dyn(file)
     info = verify_file(file, factory=model, original=original, trust_pickle=trust_pickle)
     rebuilt = f"rebuilds as {info['rebuilt']}" if info["rebuilt"] else "architecture not rebuilt (needs --model)" \
         if info["source"].get("kind") == "factory" else "architecture not rebuilt (needs --original, the file it was converted from)"

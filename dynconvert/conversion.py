@@ -41,7 +41,7 @@ class ConvertOptions:
     layers: dict = field(default_factory=dict)
     """Per-layer overrides: glob pattern on layer names -> {field: value} for the fields in
     LAYER_FIELDS (what a layer becomes and how it is fitted); where several patterns match a layer,
-    later ones win. Recipes (``[layers."fc"]``) and ``--layer`` fill it."""
+    later ones win. Recipes (``[layers."fc"]``) and Python callers fill it."""
 
     def for_layer(self, name: str) -> "ConvertOptions":
         """The options that apply to layer ``name``: these, with the matching overrides applied."""

@@ -15,7 +15,6 @@ with ``trust_pickle`` (``--trust-pickle``), as everywhere else.
 from __future__ import annotations
 
 import copy
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,19 +24,16 @@ from .checkpoint import Source, build_torchvision, check_weights, load_model, lo
 from .dynamics import DynamicsLayer, DynSpec
 from .dynfile import read_dyn
 from .errors import DynError
-from .fileio import sha256_file
+from .fileio import expect_dyn, sha256_file, sniff
 from .layers import dense_target, dynamic_from_meta
-from .safetensors_io import read_safetensors
 from .weightfree import to_weight_free
 from .conversion import set_submodule
 
 
 def open_dyn(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a .dyn, with a pointed message for the common mistake of passing the
-    original checkpoint instead."""
-    path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
-        raise DynError(f"{path} is a PyTorch checkpoint, not a .dyn; convert it first (dynconvert convert {path} --out model.dyn)")
+    """(tensors, metadata) of a .dyn; a checkpoint, ONNX or text file given instead is named for
+    what it is (``fileio.expect_dyn``)."""
+    expect_dyn(path)
     return read_dyn(path, verify=verify)
 
 
@@ -50,7 +46,7 @@ def is_dyn(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix == ".dyn":
         return True
-    return path.suffix == ".safetensors" and path.is_file() and "dynconvert" in read_safetensors(path)[1]
+    return path.suffix == ".safetensors" and path.is_file() and sniff(path) == "dyn"  # the header alone
 
 
 def original_model(original: str | Path, meta: dict, *, factory: str | None = None, trust_pickle: bool = False,

@@ -126,7 +126,7 @@ def in_order(fn: Callable, jobs: Sequence, workers: int) -> Iterator[Iterator]:
             yield (fn(job) for job in jobs)
         return
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["dynconvert.convert"])  # the server imports torch once, before any fork
+    ctx.set_forkserver_preload(["dynconvert.conversion"])  # the server imports torch once, before any fork
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
     try:
         futures = [pool.submit(_call, fn, pickle.dumps(job)) for job in jobs]
