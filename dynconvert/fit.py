@@ -5,6 +5,9 @@ moves it. The couplings and the offset enter linearly, so at every step they are
 form (least squares on the current relations: variable projection) and Adam moves only the
 positions. That removes the slowest direction of the authors' plain-Adam fit, which is why a few
 hundred steps here do what tens of thousands did there.
+
+The squared-L2 kernel (the default) descends with hand-made stress forces that never build the
+matrix (fit_sql2.py); the full-rank kernels in row blocks (fit_full.py).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from .dynamics import DynSpec, materialize, relations, sql2_lowrank
+from .dynamics import DynSpec, materialize, sql2_lowrank
 from .errors import DynError
 from .fit_full import fit_full
+from .fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init
 from .metrics import kernel, low_rank
 
 ProgressFn = Callable[[int, int, float], None]
@@ -61,18 +65,6 @@ def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None
     return best_err, best
 
 
-def _project(x, y, target, spec: DynSpec):
-    """Closed-form couplings/offset for the current positions, and the matrix they give."""
-    if low_rank(spec.metric, spec.kernel):
-        with torch.no_grad():
-            coupling, offset = solve_coupling_sql2(x, y, target)
-        return coupling, offset, sql2_lowrank(x, y, coupling, offset)
-    rel = relations(x, y, spec.metric, spec.kernel)
-    with torch.no_grad():
-        coupling, offset = solve_coupling(rel, target)
-    return coupling, offset, torch.einsum("h,hmn->mn", coupling, rel) + offset
-
-
 def rel_error(target: torch.Tensor, approx: torch.Tensor) -> float:
     """Relative Frobenius error ||target - approx|| / ||target||."""
     denom = target.norm().clamp_min(1e-30)
@@ -108,73 +100,6 @@ def solve_coupling(rel: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
     sol = torch.linalg.solve(gram + ridge * torch.eye(h + 1, dtype=gram.dtype, device=gram.device), rhs)
     return sol[:h].to(rel.dtype), sol[h].to(rel.dtype)
-
-
-def solve_coupling_sql2(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``solve_coupling`` for squared-L2 relations without building them.
-
-    R_k = a_k 1' + 1 b_k' - 2 X_k Y_k' (a_k, b_k: squared norms of the states), so every inner
-    product <R_k, R_l>, <R_k, 1 1'> and <R_k, W> expands into (H, d)-sized terms and one W @ Y.
-    """
-    x, y, w = x.double(), y.double(), target.double()
-    m, n = w.shape
-    a, b = x.pow(2).sum(-1), y.pow(2).sum(-1)  # (H, m), (H, n)
-    sa, sb = a.sum(1), b.sum(1)
-    x1, y1 = x.sum(1), y.sum(1)  # X_k' 1, Y_k' 1: (H, d)
-    xa = torch.einsum("kmd,lm->lkd", x, a)  # [l, k] = X_k' a_l
-    yb = torch.einsum("knd,ln->lkd", y, b)  # [l, k] = Y_k' b_l
-    cross = torch.einsum("lkd,kd->lk", xa, y1)  # <a_l 1', X_k Y_k'>
-    cross_b = torch.einsum("kd,lkd->lk", x1, yb)  # <1 b_l', X_k Y_k'>
-    xx = torch.einsum("kmd,lme->klde", x, x)
-    yy = torch.einsum("knd,lne->klde", y, y)
-    h = x.shape[0]
-    gram = torch.empty(h + 1, h + 1, dtype=torch.float64, device=x.device)
-    gram[:h, :h] = (
-        n * a @ a.T + m * b @ b.T + sa[:, None] * sb[None, :] + sb[:, None] * sa[None, :]
-        - 2 * (cross + cross.T) - 2 * (cross_b + cross_b.T) + 4 * (xx * yy).sum((2, 3))
-    )
-    to_ones = n * sa + m * sb - 2 * (x1 * y1).sum(1)
-    gram[:h, h] = gram[h, :h] = to_ones
-    gram[h, h] = m * n
-    wy = torch.einsum("mn,knd->kmd", w, y)
-    rhs = torch.cat([a @ w.sum(1) + b @ w.sum(0) - 2 * (x * wy).sum((1, 2)), w.sum().reshape(1)])
-    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
-    sol = torch.linalg.solve(gram + ridge * torch.eye(h + 1, dtype=gram.dtype, device=gram.device), rhs)
-    return sol[:h].to(target.dtype), sol[h].to(target.dtype)
-
-
-def sql2_svd_init(target: torch.Tensor, spec: DynSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """sql2 states that reproduce mean(W) + the rank-(H*d - 2) truncated SVD of W - mean(W) exactly.
-
-    With every coupling at -1/2, ``sum_k c_k |x_ki - y_kj|^2`` is ``<x_i, y_j>`` (all H*d
-    coordinates) minus row terms |x_i|^2/2 and column terms |y_j|^2/2. The SVD factors fill all
-    coordinates but two, and those two even the row and column terms out: one holds
-    x_i = sqrt(K - r_i) with y_j = 0, so every row's squared norm becomes the constant K (which the
-    offset absorbs); the other does the same for the columns. All coordinates stay at the scale of
-    the SVD factors, so float32 loses nothing to cancellation. The fit thus starts no worse than
-    SVD two ranks down, and the stress forces take it from there.
-    ``None`` when H*d < 3 (nothing left after the two levelling coordinates).
-    """
-    h, d = spec.groups, spec.dim
-    rank = h * d - 2
-    if rank < 1:
-        return None
-    m, n = target.shape
-    w = target.double()
-    u, sv, vh = torch.linalg.svd(w - w.mean(), full_matrices=False)
-    root = sv[:rank].sqrt()
-    left, right = u[:, :rank] * root, vh[:rank].T * root  # (m, rank), (n, rank)
-    r_row, r_col = left.pow(2).sum(1), right.pow(2).sum(1)
-    # balance the two sides (x -> a x, y -> y / a keeps <x, y>) so neither norm dwarfs the other
-    a = (r_col.max() / r_row.max().clamp_min(1e-30)).pow(0.25).clamp(1e-3, 1e3)
-    left, right, r_row, r_col = left * a, right / a, r_row * a**2, r_col / a**2
-    x = torch.zeros(m, h * d, dtype=torch.float64)
-    y = torch.zeros(n, h * d, dtype=torch.float64)
-    x[:, :rank], y[:, :rank] = left, right
-    x[:, rank] = (r_row.max() - r_row).sqrt()
-    y[:, rank + 1] = (r_col.max() - r_col).sqrt()
-    # coordinate index g*d + t -> group g, state coordinate t
-    return (x.reshape(m, h, d).permute(1, 0, 2).float().contiguous(), y.reshape(n, h, d).permute(1, 0, 2).float().contiguous())
 
 
 def fit_weight(
@@ -228,17 +153,16 @@ def fit_weight(
     x, y = (t.to(device).requires_grad_() for t in start)
     opt = torch.optim.Adam([{"params": [t], "lr": lr * sc} for t, sc in zip((x, y), scales)])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-    target_sq = target.pow(2).sum().clamp_min(1e-30)
+    problem = Target(target)
 
-    def loss_of():
-        approx = _project(x, y, target, spec)[2]
-        return (approx - target).pow(2).sum() / target_sq
+    def loss_of():  # sql2: the error and its stress forces without building W_hat (fit_sql2.py)
+        return Sql2Error.apply(x, y, problem)
 
     _, (bx, by) = _descend([x, y], loss_of, opt, sched, steps, on_step,
                            f"layer {name}: the fit diverged (NaN/Inf error at step {{step}}); try a smaller --lr")
     with torch.no_grad():
-        coupling, offset, approx = _project(bx, by, target, spec)
-        final = rel_error(target, approx)
+        coupling, offset = solve_coupling_sql2(bx, by, target)
+        final = rel_error(target, sql2_lowrank(bx, by, coupling, offset))
     return FitResult(bx.cpu(), by.cpu(), coupling.cpu(), offset.cpu(), final, steps)
 
 

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamics import DynSpec, sql2_factors, sql2_lowrank
-from .fit import FitResult, _descend, solve_coupling_sql2, sql2_svd_init
+from .fit import FitResult, _descend
+from .fit_sql2 import solve_coupling_sql2, sql2_svd_init
 from .quant import fake_quant, qmax
 
 STATE_KEEP = (0, 1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dynconvert.dynamics import DynSpec, materialize, relations
-from dynconvert.fit import rel_error, solve_coupling, solve_coupling_sql2, sql2_svd_init, svd_rel_error
+from dynconvert.fit import rel_error, solve_coupling, svd_rel_error
+from dynconvert.fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init
 
 
 @pytest.mark.parametrize("m,n,h,d", [(7, 5, 3, 2), (12, 20, 4, 4)])
@@ -40,3 +41,23 @@ def test_sql2_svd_start_reproduces_the_truncated_svd_two_ranks_down(h, d):
 
 def test_sql2_svd_start_needs_three_coordinates():
     assert sql2_svd_init(torch.randn(4, 4), DynSpec(1, 2, "sql2", "linear")) is None
+
+
+@pytest.mark.parametrize("m,n,h,d", [(9, 7, 3, 2), (16, 24, 4, 3)])
+def test_sql2_error_and_stress_forces_match_autograd_through_the_built_matrix(m, n, h, d):
+    """The hand-made sql2 step (fit_sql2.Sql2Error) gives the error and the state gradients that
+    autograd gives through W_hat, with the couplings held at their optimum (variable projection)."""
+    g = torch.Generator().manual_seed(m + n)
+    x, y, w = (torch.randn(h, m, d, generator=g, dtype=torch.float64), torch.randn(h, n, d, generator=g, dtype=torch.float64),
+               torch.randn(m, n, generator=g, dtype=torch.float64))
+    w_sq = w.pow(2).sum()
+    c, o = solve_coupling_sql2(x, y, w)
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    want = (materialize(xa, ya, c, o, "sql2", "linear") - w).pow(2).sum() / w_sq
+    want.backward()
+    xb, yb = x.clone().requires_grad_(), y.clone().requires_grad_()
+    got = Sql2Error.apply(xb, yb, Target(w))
+    got.backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(yb.grad, ya.grad, rtol=1e-7, atol=1e-10)
