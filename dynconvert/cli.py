@@ -365,6 +365,9 @@ def export(
             f"allowed {tolerance:g} x)",
             soft_wrap=True,
         )
+        if res.output_scale == 0:
+            console.print("warning: every output of the model is 0 on the check inputs (a zero-initialized head?), "
+                          "so the ONNX Runtime check compared zeros and proves nothing about this graph", soft_wrap=True)
     if st_path is not None:
         ex.export_safetensors(dyn, st_path, dtype=dtype, materialize_layers=_split(materialize), force=force)
         out.print(f"wrote {st_path} ({st_path.stat().st_size:,} bytes, states in {dtype})")

@@ -23,6 +23,7 @@ def _export_onnx_and_check(cli, dyn, out, *extra):
     """Export via the CLI; then check the graph is dense and re-run it in ORT at another batch size."""
     code, stdout, err = cli("export", dyn, "--onnx", out, *extra)
     assert code == 0, err
+    assert "proves nothing" not in err  # live outputs: the check compared real numbers
     diff, ratio = (float(v) for v in DIFF.search(stdout).groups())
     assert ratio <= 1e-4 and diff >= 0
     graph = onnx.load(str(out)).graph
@@ -151,3 +152,20 @@ def test_api_exports_module_and_materialize_selection(tmp_path):
     with torch.no_grad():
         want = conv.model(x)
         assert (loaded(x) - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_onnx_check_on_all_zero_outputs_says_it_proves_nothing(cli, tmp_path):
+    """torchvision starts some heads at zero (ViT): then every output is 0 and the parity check
+    compares zeros. The export still succeeds, but says so instead of claiming a match."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    torch.nn.init.zeros_(model.fc.weight)
+    torch.nn.init.zeros_(model.fc.bias)
+    pth, dyn = tmp_path / "zero_head.pth", tmp_path / "zero_head.dyn"
+    torch.save(model.state_dict(), pth)
+    code, _, err = cli("convert", pth, "--out", dyn, "--steps", "2", "--min-params", "0", "--include", "layer1.0.conv1",
+                       "--input-size", "3,32,32")
+    assert code == 0, err
+    code, stdout, err = cli("export", dyn, "--onnx", tmp_path / "zero_head.onnx")
+    assert code == 0, err
+    assert "every output of the model is 0" in err and "proves nothing" in err
