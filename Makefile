@@ -21,7 +21,7 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.convert_resnet50
+	$(PY) -m benchmarks.convert_time
 
 # Real pretrained EfficientNet-Lite2 on photos: bytes vs agreement for every representation (long; see
 # `python -m benchmarks.real_model --help`, e.g. ARGS="--quick --skip dynconvert").
