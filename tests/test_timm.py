@@ -62,6 +62,10 @@ def test_timm_keyword_arguments(tmp_path, cli):
                          "--input-size", "3,32,32", "--min-params", "2000")
     assert code == 0, err
     assert dynconvert.load(tmp_path / "v.dyn", factory=spec)(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    # a timm ViT exports to ONNX, materialized and weight-free, and passes ONNX Runtime's check
+    for extra in ([], ["--weight-free"]):
+        code, out, err = cli("export", tmp_path / "v.dyn", "--model", spec, "--onnx", tmp_path / "v.onnx", "--force", *extra)
+        assert code == 0 and "ONNX Runtime vs PyTorch max abs diff" in out and "proves nothing" not in err, err
 
 
 @pytest.mark.parametrize("spec,message", [
