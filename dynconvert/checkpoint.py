@@ -351,6 +351,15 @@ def rebuild(source: Source, model: nn.Module | None = None, factory: str | None 
             raise DynError(f"--model {factory} differs from the factory recorded in the file ({source.factory})")
         return import_factory(factory, num_classes=source.num_classes)
     what = f"a {source.module_class} module" if source.module_class else "a pickled module"
+    if factory is not None and source.module_class:
+        # converted in Python from a module: a factory that builds the same class can hold it
+        # (the .dyn's keys and shapes are checked against the built model when it is filled)
+        built = import_factory(factory, num_classes=source.num_classes)
+        made = f"{type(built).__module__}.{type(built).__qualname__}"
+        if made != source.module_class:
+            raise DynError(f"--model {factory} builds a {made}, but this file was converted from {what}")
+        return built
     raise DynError(f"this file was converted from {what}, which a .dyn cannot rebuild alone; pass --original FILE "
-                   "(the file it was converted from, with --trust-pickle if that is a pickle), or in Python "
+                   "(the file it was converted from, with --trust-pickle if that is a pickle), --model "
+                   "pkg.module:factory that builds the same class, or in Python "
                    "dynconvert.load(path, model=an_instance_of_the_original)")

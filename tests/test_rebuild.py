@@ -60,6 +60,11 @@ def test_module_converted_in_python_says_what_to_pass(tmp_path, pickled_custom):
     net = dynconvert.load(tmp_path / "py.dyn", model=fresh)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(net(x), conv.model(x))
+    # a factory (--model) that builds the same class holds it too; one of another class is refused
+    torch.testing.assert_close(dynconvert.load(tmp_path / "py.dyn", factory="mynet:MyNet")(x), conv.model(x))
+    with pytest.raises(DynError, match=r"--model torchvision.models:resnet18 builds a torchvision.models.resnet.ResNet, "
+                                       r"but this file was converted from a mynet\.MyNet module"):
+        dynconvert.load(tmp_path / "py.dyn", factory="torchvision.models:resnet18")
 
 
 def test_pickled_module_goes_through_every_command_with_original(pickled_custom, cli):
