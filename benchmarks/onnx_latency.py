@@ -79,7 +79,8 @@ def main() -> None:
     res = onnx_latency(dyn, original=ckpt, factory=None if args.model == "resnet18" else FACTORY,
                        batches=[int(b) for b in args.batches.split(",")], threads=[int(t) for t in args.threads.split(",")],
                        repeats=args.repeats, on_row=lambda r: print(f"  {r['export']}: {r}", flush=True))
-    res.update(model=args.model, convert=" ".join(cmd[3:]), convert_seconds=convert_s)
+    made_by = " ".join(cmd[3:]) if convert_s is not None else f"reused {dyn}, made earlier"
+    res.update(model=args.model, convert=made_by, convert_seconds=convert_s)
     table = f"{args.model} ({res['convert']})\n\n" + latency_markdown(res)
     (args.out / f"{stem}.md").write_text(table)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))

@@ -174,7 +174,10 @@ def run_bench(
 
 # ---------------------------------------------------------------- ONNX Runtime latency of whole models
 
-ONNX_EXPORTS = ("original", "materialized", "factorized", "weight-free", "int8")
+ONNX_EXPORTS = ("original", "materialized", "factorized", "weight-free", "int8", "int8, folded at load")
+FOLD_AT_LOAD = "int8, folded at load"
+"""The int8 graph again, in a session that turns its DequantizeLinear of constant weights into
+float weights once, at load (``session.disable_quant_qdq``): int8 on disk, float at run time."""
 
 
 def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budget_s: float = 20.0) -> dict:
@@ -185,11 +188,16 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
     share of ``budget_s`` per graph is spent."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    # idle pool threads would otherwise spin after each run, on the core the next graph needs
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    def options(kind):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+        # idle pool threads would otherwise spin after each run, on the core the next graph needs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if kind == FOLD_AT_LOAD:  # without the QDQ rules, constant folding dequantizes the weights once
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        return opts
+
+    sessions = {k: ort.InferenceSession(str(p), options(k), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch)).numpy()
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     times = {k: [] for k in paths}
@@ -246,6 +254,9 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
     with tempfile.TemporaryDirectory(prefix="dynconvert-onnx-") as tmp:
         made = _exports(dyn, Path(tmp), original, factory, meta)
         paths = {kind: Path(tmp) / f"{kind}.onnx" for kind in made}
+        if made["int8"][0] is not None:  # the file's own int8 grid: also time it dequantized at load
+            made[FOLD_AT_LOAD] = (made["int8"][0], "the int8 file; session.disable_quant_qdq=1")
+            paths[FOLD_AT_LOAD] = paths["int8"]
         rows = {kind: {"export": kind, "bytes": paths[kind].stat().st_size, "note": note,
                        "kept_materialized": len(res.kept) if res is not None else None}
                 for kind, (res, note) in made.items()}

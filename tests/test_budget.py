@@ -207,6 +207,23 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     dense_bytes = sum(t.numel() * 4 for t in bn_net().state_dict().values())
     result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
     assert result.quantized  # dense quantized weights travel as int8 + DequantizeLinear
+    # the deployment note (bench's "int8, folded at load" row): without its QDQ rules, ONNX Runtime
+    # dequantizes the constant weights once at load, and computes the same outputs
+    import onnx
+    import onnxruntime as ort
+
+    def session(fold):
+        opts = ort.SessionOptions()
+        if fold:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts.optimized_model_filepath = str(tmp_path / "folded.onnx")
+        return ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    x = {"input": torch.randn(2, 3, 16, 16).numpy()}
+    folded, plain = session(True).run(None, x)[0], session(False).run(None, x)[0]
+    assert not any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tmp_path / "folded.onnx")).graph.node)
+    assert abs(folded - plain).max() <= 1e-5 * abs(plain).max()
     # states stay states (int8) only in the weight-free graph; the materialized one expands them to fp32
     result = dynconvert.export_onnx(path, tmp_path / "wf.onnx", model=bn_net(seed=3), weight_free=True)
     assert (tmp_path / "wf.onnx").stat().st_size < 0.25 * dense_bytes, result.quantized
