@@ -581,6 +581,10 @@ def main(argv=None) -> dict:
     for spec in specs:
         print(f"-- {spec.name}", flush=True)
         rows.append(measure(spec, bench))
+        if "error" not in rows[-1]:  # each figure as soon as it is measured: a long run may be cut short
+            r = rows[-1]
+            print(f"   {fmt_bytes(r['bytes'])} ({r['ratio']:.4f}x), top-1 agreement {r['top1']:.4f}, top-5 {r['top5']:.4f}"
+                  + (f", accuracy {r['accuracy']:.4f}" if "accuracy" in r else "") + f", {r['seconds']:.1f} s", flush=True)
 
     has_acc = family.eval_y is not None
     title = f"{family.name}: agreement with the original on {len(family.eval_x)} held-out inputs"
