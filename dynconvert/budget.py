@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
+from .attention import QKV, packed, proj_targets
 from .conversion import LayerStats, Skipped, matches, set_submodule, uncovered_skips
 from .dynamics import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
-from .attention import QKV, packed, proj_targets
 from .layers import dense_kind, dense_target, make_dynamic
 from .errors import DynError
 from .outputs import (

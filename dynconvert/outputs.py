@@ -273,10 +273,21 @@ def _ste(t: torch.Tensor, bits: int | None) -> torch.Tensor:
     return t + (fake_quant(t.detach(), bits, STATE_KEEP) - t.detach())
 
 
+_last_svd: list = []
+
+
 def whitened_lowrank(target: torch.Tensor, c: torch.Tensor, rank: int) -> torch.Tensor:
-    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back."""
+    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back.
+
+    The last SVD is kept, as the whitener is: a layer's state candidates differ only in rank (a
+    768 x 3072 SVD takes seconds, and it was most of a ViT-B block's candidate measurement)."""
     low, low_inv = whitener(c)
-    u, s, vh = torch.linalg.svd(target @ low, full_matrices=False)
+    key = (id(target), target._version, id(c), c._version)
+    if _last_svd and _last_svd[0][0] == key and _last_svd[0][1] is target and _last_svd[0][2] is c:
+        u, s, vh = _last_svd[0][3]
+    else:
+        u, s, vh = torch.linalg.svd(target @ low, full_matrices=False)
+        _last_svd[:] = [(key, target, c, (u, s, vh))]
     return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ low_inv)
 
 
