@@ -78,6 +78,9 @@ def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkp
         code, out, err = cli("export", dyn, "--model", factory, "--onnx", tmp_path / "v.onnx", "--force", *extra)
         assert code == 0, err
         assert "max abs diff" in out and (tmp_path / "v.onnx").exists()
+    # factorized (bench --onnx): the projections become two thin layers inside the module-call attention
+    result = dynconvert.export_onnx(dyn, tmp_path / "f.onnx", factory=factory, factorize=True)
+    assert not [n for n, _ in result.kept if "self_attention" in n], result.kept
 
 
 def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
