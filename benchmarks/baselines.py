@@ -6,7 +6,8 @@ on disk and measured agreement is the agreement of what the file holds.
 - int8 per-channel round-to-nearest: symmetric, one fp32 scale per output channel (per row of
   the weight matrix); stored in safetensors as ``name`` (int8) + ``name.__scale`` (fp32); every
   other tensor as it is (fp32).
-- Truncated SVD: every non-depthwise Conv2d / Linear W (m x n, n = in*kh*kw) becomes two layers,
+- Truncated SVD: every non-depthwise Conv2d / Linear W (m x n, n = in*kh*kw) becomes two layers
+  (an nn.MultiheadAttention's q, k, v and out_proj matrices: two factors multiplied back on reading),
   ``a`` (a k x k conv / linear to rank r, holding sqrt(S) Vh) and ``b`` (a 1x1 conv / linear back
   to m, holding U sqrt(S), plus the bias). One rank ratio rho for all layers,
   r = max(1, floor(rho * min(m, n))), the largest rho whose file fits the byte budget. The factors
@@ -78,6 +79,13 @@ def weight_keys(model: nn.Module, layers: Callable[[nn.Module], bool]) -> list[s
     return [f"{name}.weight" for name, m in model.named_modules() if layers(m)]
 
 
+def matrix_keys(model: nn.Module) -> list[str]:
+    """Every Conv2d/Linear weight and every nn.MultiheadAttention input-projection weight: what
+    int8/int4 rows quantize (one scale per row, so a packed q/k/v tensor is fine)."""
+    keys = weight_keys(model, is_conv_or_linear)
+    return keys + sorted({key for key, _, _ in attention_matrices(model).values() if key not in keys})
+
+
 def is_conv_or_linear(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv2d, nn.Linear))
 
@@ -130,9 +138,42 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
     return layer.weight.shape[0], layer.weight[0].numel()
 
 
+def attention_matrices(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """The weights of each nn.MultiheadAttention, which torch's forward reads as tensors (it calls
+    neither out_proj nor any q/k/v module), so they cannot become two layers: name ("<mha>.q_proj",
+    ..., "<mha>.out_proj") -> (state-dict key, first row, rows). SVD stores their factors and the
+    model multiplies them back when the file is read."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            e, packed = m.embed_dim, m._qkv_same_embed_dim
+            for i, c in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{name}.{c}"] = (f"{name}.in_proj_weight", i * e, e) if packed else (f"{name}.{c}_weight", 0, e)
+            out[f"{name}.out_proj"] = (f"{name}.out_proj.weight", 0, e)
+    return out
+
+
+def matrix_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(m, n) of everything truncated SVD factorizes: Conv2d (groups 1) / Linear layers and attention matrices."""
+    attn = attention_matrices(model)
+    dims = {name: layer_dims(m) for name, m in model.named_modules() if is_factorizable(m) and name not in attn}
+    state = model.state_dict()
+    return dims | {name: (rows, state[key].shape[1]) for name, (key, _, rows) in attn.items()}
+
+
 def factorize(model: nn.Module, ranks: dict[str, int], *, init: bool) -> nn.Module:
-    """Replace each named layer by a LowRank of its rank, in place (``init``: from the layer's SVD)."""
+    """Replace each named layer by a LowRank of its rank, in place (``init``: from the layer's SVD);
+    an attention matrix stays a tensor, replaced (``init``) by its rank-r truncation."""
+    attn = attention_matrices(model)
     for name, rank in ranks.items():
+        if name in attn:
+            if init:
+                key, r0, rows = attn[name]
+                with torch.no_grad():
+                    w = model.get_parameter(key)[r0:r0 + rows]
+                    a, b = svd_factors(w, rank)
+                    w.copy_(b @ a)
+            continue
         layer = model.get_submodule(name)
         low = LowRank(layer, rank)
         if init:
@@ -142,13 +183,21 @@ def factorize(model: nn.Module, ranks: dict[str, int], *, init: bool) -> nn.Modu
     return model
 
 
+def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with b @ a the rank-``rank`` truncated SVD of the matrix ``w``: a = sqrt(S) Vh, b = U sqrt(S)."""
+    u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
 def ranks_at(dims: dict[str, tuple[int, int]], rho: float) -> dict[str, int]:
     return {name: max(1, math.floor(rho * min(m, n))) for name, (m, n) in dims.items()}
 
 
 def svd_payload(model: nn.Module, dims: dict[str, tuple[int, int]], ranks: dict[str, int], int8: bool) -> int:
     """Tensor bytes of the factorized model's file (no header)."""
-    factored = {f"{name}.weight" for name in dims}
+    attn = attention_matrices(model)
+    factored = {attn[name][0] if name in attn else f"{name}.weight" for name in dims}
     fixed = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in factored)
     value_bytes = 1 if int8 else 4
     for name, (m, n) in dims.items():
@@ -159,7 +208,7 @@ def svd_payload(model: nn.Module, dims: dict[str, tuple[int, int]], ranks: dict[
 
 def svd_ranks_for_budget(model: nn.Module, budget: int, int8: bool) -> dict[str, int]:
     """Ranks at the largest uniform rank ratio whose tensor bytes fit ``budget``."""
-    dims = {name: layer_dims(m) for name, m in model.named_modules() if is_factorizable(m)}
+    dims = matrix_dims(model)
     smallest = svd_payload(model, dims, ranks_at(dims, 0.0), int8)
     if smallest > budget:
         raise ValueError(f"budget {budget:,} B is below the smallest SVD file (rank 1 in every layer): {smallest:,} B")
@@ -178,15 +227,22 @@ def lowrank_ranks(model: nn.Module) -> dict[str, int]:
 
 
 def save_svd(path: Path, model: nn.Module, ranks: dict[str, int], int8: bool) -> None:
+    """The factorized model's tensors; an attention matrix (at its rank already) as its two factors."""
     keys = {f"{name}.{part}.weight" for name in ranks for part in ("a", "b")} if int8 else ()
-    save_tensors(path, model.state_dict(), keys, {"kind": "svd", "int8": int8, "ranks": json.dumps(ranks)})
+    state = dict(model.state_dict())
+    for name, (key, r0, rows) in attention_matrices(model).items():
+        if name in ranks:
+            state[f"{name}.a.weight"], state[f"{name}.b.weight"] = svd_factors(state[key][r0:r0 + rows], ranks[name])
+    for key in {key for name, (key, _, _) in attention_matrices(model).items() if name in ranks}:
+        del state[key]
+    save_tensors(path, state, keys, {"kind": "svd", "int8": int8, "ranks": json.dumps(ranks)})
 
 
 def build_svd_file(original: nn.Module, path: Path, budget: int, int8: bool) -> dict[str, int]:
     """Factorize a copy of ``original`` so that the file at ``path`` is at most ``budget`` bytes; returns the ranks."""
     import copy
 
-    dims = {name: layer_dims(m) for name, m in original.named_modules() if is_factorizable(m)}
+    dims = matrix_dims(original)
     header = 0
     for _ in range(5):   # the payload model leaves out the file's header: take it off the target and refit
         ranks = svd_ranks_for_budget(original, budget - header, int8)
@@ -200,7 +256,12 @@ def build_svd_file(original: nn.Module, path: Path, budget: int, int8: bool) -> 
 
 def load_svd(path: Path, fresh: nn.Module) -> nn.Module:
     state, meta = load_tensors(path)
-    model = factorize(fresh, json.loads(meta["ranks"]), init=False)
+    ranks = json.loads(meta["ranks"])
+    model = factorize(fresh, ranks, init=False)
+    for name, (key, r0, rows) in attention_matrices(model).items():  # multiplied back into their tensors
+        if name in ranks:
+            dense = state.setdefault(key, torch.zeros_like(model.get_parameter(key)))
+            dense[r0:r0 + rows] = state.pop(f"{name}.b.weight") @ state.pop(f"{name}.a.weight")
     model.load_state_dict(state)
     return model.eval()
 

@@ -2,12 +2,14 @@
 
 Converts a model at ratio 0.25 and prints each converted layer's relative Frobenius weight error
 next to truncated SVD with rank H*d (the same parameter count). Models: a small CNN trained here
-to convergence on sklearn's digits (offline, real handwritten digits; the default), or the
+to convergence on sklearn's digits (offline, real handwritten digits; the default), the small ViT
+of benchmarks/real_model.py trained on the same digits (``--model digits_vit``), or the
 ImageNet-pretrained EfficientNet-Lite2 of benchmarks/real_model.py (its Conv2d/Linear layers but
 the depthwise ones and the padded stem; needs the ``bench`` extra).
 
     python -m benchmarks.fit_quality [--metric l2] [--steps 1500] [--epochs 60]
     python -m benchmarks.fit_quality --model efficientnet_lite2 --metric l2 --steps 300
+    python -m benchmarks.fit_quality --model digits_vit
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def efficientnet_lite2() -> nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "efficientnet_lite2"])
+    ap.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "digits_vit", "efficientnet_lite2"])
     ap.add_argument("--metric", default="sql2")
     ap.add_argument("--kernel", default="linear")
     ap.add_argument("--steps", type=int, default=1500)
@@ -93,6 +95,12 @@ def main() -> None:
     if args.model == "digits_cnn":
         model, acc = train_cnn(args.epochs)
         title = f"small CNN on digits: held-out accuracy {acc:.4f} (trained {args.epochs} epochs in {time.time() - t0:.0f} s)"
+    elif args.model == "digits_vit":  # real_model's small ViT; its q/k/v projections are layers here too
+        from benchmarks.attention_split import tiny_trained_vit
+        from benchmarks.real_model import DIGITS_VIT_WIDTH
+
+        model, acc = tiny_trained_vit(args.epochs, hidden=DIGITS_VIT_WIDTH)
+        title = f"small ViT on digits: held-out accuracy {acc:.4f} (trained {args.epochs} epochs in {time.time() - t0:.0f} s)"
     else:
         model, acc = efficientnet_lite2(), None
         title = "EfficientNet-Lite2, ImageNet-pretrained"

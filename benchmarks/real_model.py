@@ -25,6 +25,8 @@ A row that fails records its error text; the run goes on.
     python -m benchmarks.real_model --quick --skip dynconvert  # smoke test: a few minutes
     python -m benchmarks.real_model --model resnet18_random --quick
     python -m benchmarks.real_model --model digits_cnn --quick  # also held-out digits accuracy
+    python -m benchmarks.real_model --model digits_vit --quick  # a small ViT trained on digits (the same split)
+    python -m benchmarks.real_model --model vit_b_16_random --quick --vit-size 112 --skip svd
     python -m benchmarks.real_model --only int8,svd_int8 --budgets 1/8,1/16
 
 Outputs under --out/<model>/: results.json (every row, the set-up and the machine), results.png
@@ -56,6 +58,7 @@ from benchmarks.photos import photo_crops, photo_names
 KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill")
 DATA_FREE_SIZE = Fraction(1, 6)
 DISTILL_SIZE = Fraction(1, 8)
+DIGITS_VIT_WIDTH = 128
 
 
 # ---------------------------------------------------------------------------- model families
@@ -113,7 +116,41 @@ def digits_cnn(args) -> Family:
                   xte[:n_eval], yte[:n_eval], info)
 
 
-FAMILIES = {"efficientnet_lite2": efficientnet_lite2, "resnet18_random": resnet18_random, "digits_cnn": digits_cnn}
+def digits_vit(args) -> Family:
+    """The small ViT of benchmarks/attention_split.py (width 128 here, so that 1/8 of its bytes is
+    reachable) trained on the same digits split as digits_cnn, as 16x16 RGB inputs."""
+    from benchmarks.attention_split import small_vit, tiny_trained_vit, vit_digits_tensors
+
+    epochs = args.digits_epochs_flag or 30
+    model, acc = tiny_trained_vit(epochs, seed=args.seed, hidden=DIGITS_VIT_WIDTH)
+    (xtr, _), (xte, yte) = vit_digits_tensors()
+    n_eval = min(args.eval_flag or len(xte), len(xte))
+    info = dict(data="sklearn load_digits, 8x8 -> 16x16 RGB", train_epochs=epochs, width=DIGITS_VIT_WIDTH,
+                calib_images=min(args.calib, len(xtr)), eval_images=n_eval, original_accuracy=round(acc, 4))
+    return Family("digits_vit", (3, 16, 16), lambda: small_vit(DIGITS_VIT_WIDTH).eval(), model.eval(), xtr[: args.calib],
+                  xte[:n_eval], yte[:n_eval], info)
+
+
+def vit_b_16_random(args) -> Family:
+    """torchvision ViT-B/16, random init (nothing can be downloaded), at --vit-size pixels (224 is
+    the real input; smaller keeps the run short: the weights are the same, fewer tokens). The head
+    is drawn N(0, 0.02): torchvision starts it at zero, and every output would be 0."""
+    from torchvision.models import vit_b_16
+
+    size = args.vit_size
+
+    def fresh():
+        return vit_b_16(weights=None, image_size=size).eval()
+
+    torch.manual_seed(args.seed)
+    original = fresh()
+    torch.nn.init.normal_(original.heads.head.weight, std=0.02)
+    return photo_family("vit_b_16_random", size, fresh, original,
+                        f"random init, torch.manual_seed({args.seed}), head N(0, 0.02), {size}x{size} inputs", args)
+
+
+FAMILIES = {"efficientnet_lite2": efficientnet_lite2, "resnet18_random": resnet18_random, "digits_cnn": digits_cnn,
+            "digits_vit": digits_vit, "vit_b_16_random": vit_b_16_random}
 
 
 # ---------------------------------------------------------------------------- the run's shared state
@@ -203,7 +240,7 @@ def load_state_file(bench: Bench, path: Path) -> nn.Module:
 
 def build_int8(bench: Bench, stem: Path) -> Built:
     path = stem.with_suffix(".safetensors")
-    keys = B.weight_keys(bench.family.original, B.is_conv_or_linear)
+    keys = B.matrix_keys(bench.family.original)
     B.save_tensors(path, bench.family.original.state_dict(), set(keys), {"kind": "int8_rtn"})
     return Built(path, torch_predictor(load_state_file(bench, path)), dict(int8_layers=len(keys)))
 
@@ -217,7 +254,7 @@ def build_int4(bench: Bench, stem: Path) -> Built:
     from dynconvert.quant import fake_quant
 
     model = copy.deepcopy(bench.family.original)
-    keys = B.weight_keys(model, B.is_conv_or_linear)
+    keys = B.matrix_keys(model)
     state = model.state_dict()
     with torch.no_grad():
         for k in keys:
@@ -247,20 +284,19 @@ def build_ort_static(bench: Bench, stem: Path) -> Built:
     return Built(path, B.ort_predictor(path, bench.args.threads), dict(source=src.name))
 
 
-def svd_extra(bench: Bench, model: nn.Module, size: Fraction) -> dict:
-    ranks = B.lowrank_ranks(model)
-    dims = [B.layer_dims(bench.family.original.get_submodule(n)) for n in ranks]
-    frac = [r / min(m, n) for r, (m, n) in zip(ranks.values(), dims)]
+def svd_extra(bench: Bench, ranks: dict[str, int], size: Fraction) -> dict:
+    dims = B.matrix_dims(bench.family.original)
+    frac = [r / min(dims[n]) for n, r in ranks.items()]
     return dict(budget_bytes=bench.budget(size), svd_layers=len(ranks), mean_rank_fraction=round(sum(frac) / len(frac), 4))
 
 
 def build_svd(size: Fraction, int8: bool):
     def build(bench: Bench, stem: Path) -> Built:
         path = stem.with_suffix(".safetensors")
-        B.build_svd_file(bench.family.original, path, bench.budget(size), int8)
+        ranks = B.build_svd_file(bench.family.original, path, bench.budget(size), int8)
         model = B.load_svd(path, bench.family.fresh())
-        bench.cache[("svd", size, int8)] = model
-        return Built(path, torch_predictor(model), svd_extra(bench, model, size))
+        bench.cache[("svd", size, int8)] = model, ranks
+        return Built(path, torch_predictor(model), svd_extra(bench, ranks, size))
 
     return build
 
@@ -336,12 +372,13 @@ def build_svd_int8_distilled(bench: Bench, stem: Path) -> Built:
     start = "reused" if key in bench.cache else "factorized here"
     if key not in bench.cache:
         build_svd(DISTILL_SIZE, True)(bench, stem.with_name(stem.name + "_start"))
-    student = copy.deepcopy(bench.cache[key])
+    start_model, ranks = bench.cache[key]
+    student = copy.deepcopy(start_model)
     distill(bench, student)
-    B.save_svd(path, student, B.lowrank_ranks(student), int8=True)   # re-quantized: the bytes stay int8
+    B.save_svd(path, student, ranks, int8=True)   # re-quantized (attention matrices re-truncated): the bytes stay
     model = B.load_svd(path, bench.family.fresh())
     return Built(path, torch_predictor(model),
-                 dict(svd_extra(bench, model, DISTILL_SIZE), start=start, distill_seconds=bench.args.distill_seconds))
+                 dict(svd_extra(bench, ranks, DISTILL_SIZE), start=start, distill_seconds=bench.args.distill_seconds))
 
 
 def label(size: Fraction) -> str:
@@ -509,11 +546,12 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--digits-epochs", type=int, help="digits_cnn training epochs (default 20; --quick 6)")
+    ap.add_argument("--digits-epochs", type=int, help="digits_cnn training epochs (default 20; --quick 6); digits_vit: 30")
+    ap.add_argument("--vit-size", type=int, default=224, help="vit_b_16_random input pixels (a multiple of 16)")
     ap.add_argument("--out", default="bench-out/real_model")
     args = ap.parse_args(argv)
     quick = args.quick
-    args.eval_flag = args.eval
+    args.eval_flag, args.digits_epochs_flag = args.eval, args.digits_epochs
     args.calib = args.calib or (32 if quick else 256)
     args.eval = args.eval or (64 if quick else 512)
     args.digits_epochs = args.digits_epochs or (6 if quick else 20)
@@ -543,6 +581,10 @@ def main(argv=None) -> dict:
     for spec in specs:
         print(f"-- {spec.name}", flush=True)
         rows.append(measure(spec, bench))
+        if "error" not in rows[-1]:  # each figure as soon as it is measured: a long run may be cut short
+            r = rows[-1]
+            print(f"   {fmt_bytes(r['bytes'])} ({r['ratio']:.4f}x), top-1 agreement {r['top1']:.4f}, top-5 {r['top5']:.4f}"
+                  + (f", accuracy {r['accuracy']:.4f}" if "accuracy" in r else "") + f", {r['seconds']:.1f} s", flush=True)
 
     has_acc = family.eval_y is not None
     title = f"{family.name}: agreement with the original on {len(family.eval_x)} held-out inputs"

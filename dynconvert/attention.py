@@ -19,17 +19,19 @@ children, ``out_proj``), so that weight-free layers, which have no ``.weight``, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .dynamics import DynLinear, DynSpec
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def _packed(mha: nn.Module) -> bool:
+def packed(mha: nn.Module) -> bool:
     return bool(getattr(mha, "_qkv_same_embed_dim", True))
 
 
@@ -38,7 +40,7 @@ def dense_proj(mha: nn.MultiheadAttention, child: str) -> torch.Tensor | None:
     (for a packed MHA, its third of ``in_proj_weight``); None once converted or absent."""
     if child not in QKV or child in mha._modules:
         return None
-    if not _packed(mha):
+    if not packed(mha):
         w = mha._parameters.get(f"{child}_weight")
         return w if isinstance(w, torch.Tensor) else None
     w = mha._parameters.get("in_proj_weight")
@@ -60,13 +62,13 @@ class ConvertedAttentionMixin:
 
     @property
     def in_proj_weight(self):
-        if not _packed(self):
+        if not packed(self):
             return self._parameters.get("in_proj_weight")
         return torch.cat([self._proj(c) for c in QKV])
 
-    q_proj_weight = property(lambda self: None if _packed(self) else self._proj("q_proj"))
-    k_proj_weight = property(lambda self: None if _packed(self) else self._proj("k_proj"))
-    v_proj_weight = property(lambda self: None if _packed(self) else self._proj("v_proj"))
+    q_proj_weight = property(lambda self: None if packed(self) else self._proj("q_proj"))
+    k_proj_weight = property(lambda self: None if packed(self) else self._proj("k_proj"))
+    v_proj_weight = property(lambda self: None if packed(self) else self._proj("v_proj"))
 
 
 class ConvertedMultiheadAttention(ConvertedAttentionMixin, nn.MultiheadAttention):
@@ -87,7 +89,7 @@ class ProjTarget(nn.Module):
     """A projection of an MHA seen as a dense layer (``.weight``), for planning and fitting.
 
     Not part of the model: the owner is held outside the module tree, so nothing is registered twice.
-    Forward hooks on it never fire (the MHA does not call it): calibrated conversion fits it to its weights.
+    Hooks on it never fire (the MHA does not call it): its inputs are taken through the MHA (``input_taps``).
     """
 
     def __init__(self, owner: nn.MultiheadAttention, child: str):
@@ -137,7 +139,7 @@ class DynProj(DynLinear):
         if not isinstance(parent, ConvertedAttentionMixin):
             parent.__class__ = converted_class(type(parent))
         parent._modules[child] = self
-        if not _packed(parent):
+        if not packed(parent):
             parent._parameters.pop(f"{child}_weight", None)
         elif all(c in parent._modules for c in QKV):  # the packed parameter goes once all three are states
             parent._parameters.pop("in_proj_weight", None)
@@ -154,10 +156,10 @@ class DenseProj(nn.Module):
         self.weight = nn.Parameter(weight)
 
     def install_into(self, parent: nn.Module, child: str) -> None:
-        if _packed(parent):
-            packed = parent.in_proj_weight.detach().clone()  # from the children still converted
+        if packed(parent):
+            stacked = parent.in_proj_weight.detach().clone()  # from the children still converted
             parent._modules.pop(child, None)
-            parent._parameters["in_proj_weight"] = nn.Parameter(packed)
+            parent._parameters["in_proj_weight"] = nn.Parameter(stacked)
         else:
             parent._modules.pop(child, None)
             parent._parameters[f"{child}_weight"] = self.weight
@@ -205,25 +207,33 @@ class WeightFreeAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not self.batch_first:  # (L, N, E) -> (N, L, E), keeping self-attention's inputs one tensor
-            same = query is key and key is value
-            query = query.transpose(0, 1)
-            key, value = (query, query) if same else (key.transpose(0, 1), value.transpose(0, 1))
-        q, k, v = self._project(query, key, value)
-        n, lq, _ = q.shape
-        h, hd = self.num_heads, self.embed_dim // self.num_heads
-        q, k, v = (t.reshape(n, -1, h, hd).transpose(1, 2) for t in (q, k, v))  # (N, h, L, hd)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-        mask = _merged_mask(attn_mask, key_padding_mask, is_causal, lq, k.shape[2], scores)
-        if mask is not None:
-            scores = scores + mask
-        attn = torch.softmax(scores, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(n, lq, self.embed_dim)
-        out = self.out_proj(out)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
+        context, attn = attend(query, key, value, self._project, self.num_heads, self.batch_first,
+                               key_padding_mask, attn_mask, is_causal)
+        out = self.out_proj(context)
         weights = (attn.mean(1) if average_attn_weights else attn) if need_weights else None
         return out, weights
+
+
+def attend(query, key, value, project, num_heads: int, batch_first: bool, key_padding_mask=None, attn_mask=None,
+           is_causal=False):
+    """Multi-head attention up to (not including) the output projection: (the heads' outputs
+    concatenated, in the inputs' layout; the attention weights (N, h, Lq, Lk)).
+    ``project(query, key, value)`` gives the batch-first q, k, v (input projections and biases)."""
+    if not batch_first:  # (L, N, E) -> (N, L, E), keeping self-attention's inputs one tensor
+        same = query is key and key is value
+        query = query.transpose(0, 1)
+        key, value = (query, query) if same else (key.transpose(0, 1), value.transpose(0, 1))
+    q, k, v = project(query, key, value)
+    n, lq, e = q.shape
+    h, hd = num_heads, e // num_heads
+    q, k, v = (t.reshape(n, -1, h, hd).transpose(1, 2) for t in (q, k, v))  # (N, h, L, hd)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
+    mask = _merged_mask(attn_mask, key_padding_mask, is_causal, lq, k.shape[2], scores)
+    if mask is not None:
+        scores = scores + mask
+    attn = torch.softmax(scores, dim=-1)
+    context = torch.matmul(attn, v).transpose(1, 2).reshape(n, lq, e)
+    return (context if batch_first else context.transpose(0, 1)), attn
 
 
 def _merged_mask(attn_mask, key_padding_mask, is_causal, lq, lk, like):
@@ -258,3 +268,74 @@ def with_module_calls(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, WeightFreeAttention(mha))
     return model
+
+
+# ---------------------------------------------------------------- what each projection multiplies
+
+PROJS = QKV + ("out_proj",)
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+
+def proj_weight(mha: nn.MultiheadAttention, child: str) -> torch.Tensor:
+    """The current (m, n) weight of q/k/v projection ``child``: its converted child's, or the dense one."""
+    module = mha._modules.get(child)
+    return module.weight if module is not None else dense_proj(mha, child)
+
+
+def projection_inputs(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, context: bool = True) -> dict:
+    """The tensor each projection of one ``mha(*args, **kwargs)`` call multiplies, in the caller's
+    layout: q/k/v_proj their query/key/value (one tensor object for self-attention), and, with
+    ``context``, out_proj the heads' outputs before it. That one is computed here (``attend`` with
+    the MHA's current weights): torch's forward never calls out_proj as a module, it reads
+    ``out_proj.weight`` inside ``F.multi_head_attention_forward``, so no hook on out_proj fires."""
+    call = dict(zip(_MHA_ARGS, args), **kwargs)
+    query, key, value = call["query"], call["key"], call["value"]
+    out = {"q_proj": query, "k_proj": key, "v_proj": value}
+    if context and query.dim() == 3 and weight_free_attention_unsupported(mha) is None:
+        e, bias = mha.embed_dim, mha.in_proj_bias
+
+        def project(*xs):
+            return [F.linear(x, proj_weight(mha, c), None if bias is None else bias[i * e:(i + 1) * e])
+                    for i, (c, x) in enumerate(zip(QKV, xs))]
+
+        out["out_proj"] = attend(query, key, value, project, mha.num_heads, mha.batch_first,
+                                 call.get("key_padding_mask"), call.get("attn_mask"), call.get("is_causal", False))[0]
+    return out
+
+
+@contextlib.contextmanager
+def input_taps(model: nn.Module, names, fn):
+    """While inside, ``fn(names, layer, x)`` is called with the input ``x`` of the named layers each
+    time a forward uses them: ``names`` are the layers multiplying this same tensor (an MHA's q, k
+    and v in self-attention: one call, so it is processed once), ``layer`` the module (None for an
+    MHA projection: a linear map of x's last dimension).
+
+    A layer the forward calls is tapped by a forward pre-hook; the projections of an
+    ``nn.MultiheadAttention`` (q/k/v_proj, dense or converted, and out_proj: the MHA calls none of
+    them) by a pre-hook on the MHA that works out their inputs (``projection_inputs``). ``fn`` may
+    raise to end the forward early."""
+    handles, by_mha = [], {}
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if isinstance(parent, nn.MultiheadAttention) and child in PROJS:
+                by_mha.setdefault(parent_name, (parent, {}))[1][child] = name
+            else:
+                handles.append(model.get_submodule(name).register_forward_pre_hook(
+                    lambda module, args, n=name: fn([n], module, args[0])))
+        for mha, wanted in by_mha.values():
+            def hook(module, args, kwargs, wanted=wanted):
+                inputs = projection_inputs(module, args, kwargs, context="out_proj" in wanted)
+                groups: dict[int, tuple] = {}
+                for child, name in wanted.items():
+                    if child in inputs:
+                        groups.setdefault(id(inputs[child]), (inputs[child], []))[1].append(name)
+                for x, group in groups.values():
+                    fn(group, None, x)
+            handles.append(mha.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 
+from .attention import input_taps
 from .dynamics import DynSpec, choose_spec, dense_matrix, materialize
 from .errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
@@ -200,7 +201,7 @@ def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     For a conv, the unfolded patches; with groups, each group's patch is one sample (the rows of
     every group see the same input states, see dynamics.py).
     """
-    if isinstance(layer, nn.Linear):
+    if layer is None or isinstance(layer, nn.Linear):  # None: an MHA projection
         return x.reshape(-1, x.shape[-1])
     cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     n = cols.shape[1] // layer.groups
@@ -209,28 +210,26 @@ def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
-    """Second moment E[v v'] of each layer's input vectors over the calibration batches,
-    taken on the original model in one pass."""
+    """Second moment E[v v'] of each named layer's input vectors over the calibration batches,
+    taken on the original model in one pass (MHA projections too: ``attention.input_taps``)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def fn(module, args):
-            v = layer_inputs(module, args[0]).double()
-            sums[name] = sums.get(name, 0) + v.T @ v
+    def record(names, module, x):
+        v = layer_inputs(module, x).double()
+        product = v.T @ v  # once for q, k and v of a self-attention
+        for name in names:
+            sums[name] = sums.get(name, 0) + product
             counts[name] = counts.get(name, 0) + v.shape[0]
-        return fn
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
-        for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-        model.train(was_training)
+        with input_taps(model, list(layers), record):
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
-        for h in handles:
-            h.remove()
+        model.train(was_training)
     if not counts:
         raise DynError("the calibration data gave no batches; pass a dataset with at least one image")
     return {name: (sums[name] / counts[name]).float() for name in sums}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .attention import with_module_calls
 from .conversion import set_submodule
 from .dynamics import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
 from .dynfile import STATE_SUFFIXES, write_dyn
@@ -43,11 +44,15 @@ def factorized(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     a + offset, 1), and a Linear two Linears: (H*d + 2)(m + n) multiply-adds per output position
     instead of m n, in the runtime's own fast kernels. l1/l2 relations are full rank.
     """
-    net, kept = copy.deepcopy(model).eval(), []
+    # an MHA reads its projections' weights instead of calling them: the module-call form calls
+    # each one, so that two thin layers can stand in for it
+    net, kept = with_module_calls(copy.deepcopy(model).eval()), []
     for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, DynamicsLayer)]:
         spec, (m, n) = layer.spec, layer.matrix_shape
         rank = spec.groups * spec.dim + 2
-        why = (f"{spec.metric}/{spec.kernel} relations are not a low-rank product" if (spec.metric, spec.kernel) != ("sql2", "linear")
+        parent = net.get_submodule(name.rpartition(".")[0])
+        why = ("inside an attention that has no module-call form" if isinstance(parent, nn.MultiheadAttention)
+               else f"{spec.metric}/{spec.kernel} relations are not a low-rank product" if (spec.metric, spec.kernel) != ("sql2", "linear")
                else f"rank {rank} costs no less than the dense {m}x{n}" if rank * (m + n) >= m * n else None)
         if why:
             kept.append((name, why))

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import input_taps
 from .dynamics import DynSpec, sql2_factors, sql2_lowrank
 from .fit import FitResult, _descend
 from .fit_sql2 import solve_coupling_sql2, sql2_svd_init
@@ -49,10 +50,11 @@ def input_vectors(layer: nn.Module, x: torch.Tensor, limit: int, gen: torch.Gene
     Conv positions are sampled (the same positions for the same generator state), so early
     high-resolution layers cost no more than late ones. A grouped conv's groups are extra samples.
     """
+    linear = layer is None or isinstance(layer, nn.Linear)  # None: an MHA projection (attention.input_taps)
     pointwise = isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) \
         and layer.groups == 1
-    if isinstance(layer, nn.Linear) or pointwise:
-        v = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if linear or pointwise:
+        v = x.reshape(-1, x.shape[-1]) if linear else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
         return v[torch.randperm(v.shape[0], generator=gen)[:limit]] if v.shape[0] > limit else v
     kh, kw = layer.kernel_size
     # patches at sampled output positions only: unfolding a whole early feature map costs gigabytes
@@ -88,7 +90,7 @@ class Moments:
 
 @torch.no_grad()
 def collect_moments(
-    units: dict[str, nn.Module],
+    units,
     batches,
     current: nn.Module,
     original: nn.Module | None = None,
@@ -96,32 +98,39 @@ def collect_moments(
     stop_after: str | None = None,
     limit: int = 2048,
 ) -> dict[str, Moments]:
-    """Moments of every layer in ``units`` (names in ``current``) over ``batches``.
+    """Moments of every layer named in ``units`` (names in ``current``; MHA projections too, see
+    ``attention.input_taps``) over ``batches``.
 
     With ``original`` (the uncompressed network, same layer names), ``cross`` pairs the original
     inputs with the current ones at the same sampled positions; without it ``cross = own``.
-    ``stop_after``: a layer after which the forward passes stop (nothing later is needed).
+    ``stop_after``: a layer once whose input is taken the forward passes stop (nothing later is needed).
     """
     acc: dict[str, list] = {}
     seen: dict[str, torch.Tensor] = {}
 
-    def tap(name: str, keep: bool, counter: list):
-        def hook(module, args):
-            gen = torch.Generator().manual_seed(1000 * counter[0] + len(name))
-            v = input_vectors(module, args[0], limit, gen)
+    def tap(keep: bool, counter: list):
+        def record(names, layer, x):
+            gen = torch.Generator().manual_seed(1000 * counter[0] + len(names[0]))
+            v = input_vectors(layer, x, limit, gen)
             if keep:
-                seen[name] = v
-                return
-            ref = seen.pop(name, None)
-            a = acc.setdefault(name, [0, 0, 0])
-            own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
-            a[0] = a[0] + own
-            a[1] = a[1] + (own if ref is None else (ref.T @ v).double())
-            a[2] += v.shape[0]
-        return hook
-
-    def stopper(module, args, out):
-        raise _Stop
+                seen.update((n, v) for n in names)
+            else:
+                own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
+                crosses: dict[int, torch.Tensor] = {}  # q, k and v of one self-attention share their products
+                for n in names:
+                    ref = seen.pop(n, None)
+                    a = acc.setdefault(n, [0, 0, 0])
+                    a[0] = a[0] + own
+                    if ref is None:
+                        a[1] = a[1] + own
+                    else:
+                        if id(ref) not in crosses:
+                            crosses[id(ref)] = (ref.T @ v).double()
+                        a[1] = a[1] + crosses[id(ref)]
+                    a[2] += v.shape[0]
+            if stop_after in names:
+                raise _Stop
+        return record
 
     counter = [0]
     nets = [(original, True), (current, False)] if original is not None else [(current, False)]
@@ -129,18 +138,17 @@ def collect_moments(
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         counter[0] += 1
         for net, keep in nets:
-            handles = [net.get_submodule(n).register_forward_pre_hook(tap(n, keep, counter)) for n in units]
-            if stop_after is not None:
-                handles.append(net.get_submodule(stop_after).register_forward_hook(stopper))
-            try:
-                net(x)
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-    out = {}
+            with input_taps(net, list(units), tap(keep, counter)):
+                try:
+                    net(x)
+                except _Stop:
+                    pass
+    out, prev = {}, None
     for n, (own, cross, count) in acc.items():
+        if prev is not None and count == prev[3] and torch.equal(own, prev[1]) and torch.equal(cross, prev[2]):
+            out[n] = out[prev[0]]  # the same inputs (q, k, v of a self-attention): one object, one whitening
+            continue
+        prev = (n, own, cross, count)
         level = float((own / count).diagonal().mean())
         own_s = shrunk(own / count, count, level).float()
         out[n] = Moments(own_s, shrunk(cross / count, count, level).float() if original is not None else own_s, count)
@@ -158,16 +166,10 @@ def shrunk(c: torch.Tensor, count: int, level: float) -> torch.Tensor:
 
 
 def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
-    """``names`` in the order a forward pass first calls them (unreached layers last)."""
+    """``names`` in the order a forward pass first uses them (unreached layers last)."""
     order: list[str] = []
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
-             for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), input_taps(model, names, lambda used, layer, x: order.extend(n for n in used if n not in order)):
+        model(example)
     return order + [n for n in names if n not in order]
 
 
@@ -272,10 +274,21 @@ def _ste(t: torch.Tensor, bits: int | None) -> torch.Tensor:
     return t + (fake_quant(t.detach(), bits, STATE_KEEP) - t.detach())
 
 
+_last_svd: list = []
+
+
 def whitened_lowrank(target: torch.Tensor, c: torch.Tensor, rank: int) -> torch.Tensor:
-    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back."""
+    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back.
+
+    The last SVD is kept, as the whitener is: a layer's state candidates differ only in rank (a
+    768 x 3072 SVD takes seconds, and it was most of a ViT-B block's candidate measurement)."""
     low, low_inv = whitener(c)
-    u, s, vh = torch.linalg.svd(target @ low, full_matrices=False)
+    key = (id(target), target._version, id(c), c._version)
+    if _last_svd and _last_svd[0][0] == key and _last_svd[0][1] is target and _last_svd[0][2] is c:
+        u, s, vh = _last_svd[0][3]
+    else:
+        u, s, vh = torch.linalg.svd(target @ low, full_matrices=False)
+        _last_svd[:] = [(key, target, c, (u, s, vh))]
     return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ low_inv)
 
 

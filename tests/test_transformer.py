@@ -20,10 +20,10 @@ VIT = ("import torch.nn as nn\nfrom torchvision.models import VisionTransformer\
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def _vit() -> nn.Module:
+def _vit(hidden: int = 32) -> nn.Module:
     torch.manual_seed(0)
     net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=32, mlp_dim=64, num_classes=10)
+                                               hidden_dim=hidden, mlp_dim=2 * hidden, num_classes=10)
     nn.init.normal_(net.heads.head.weight, std=0.2)  # torchvision starts the head at zero: outputs would be 0
     return net.eval()
 
@@ -78,6 +78,9 @@ def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkp
         code, out, err = cli("export", dyn, "--model", factory, "--onnx", tmp_path / "v.onnx", "--force", *extra)
         assert code == 0, err
         assert "max abs diff" in out and (tmp_path / "v.onnx").exists()
+    # factorized (bench --onnx): the projections become two thin layers inside the module-call attention
+    result = dynconvert.export_onnx(dyn, tmp_path / "f.onnx", factory=factory, factorize=True)
+    assert not [n for n, _ in result.kept if "self_attention" in n], result.kept
 
 
 def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
@@ -96,24 +99,101 @@ def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
     assert q in read_dyn(out)[1]["finetune"]["rel_error_vs_original"]  # compared with the teacher's q rows
 
 
-def test_vit_budget_conversion_lists_projections():
-    conv = dynconvert.convert(_vit(), size=1 / 2, calib=[torch.randn(4, 3, 32, 32)], input_size=(3, 32, 32))
-    reasons = {s.name: s.reason for s in conv.skipped}
-    assert "byte-budget" in reasons["encoder.layers.encoder_layer_0.self_attention.q_proj"]
-    assert "encoder.pos_embedding" in reasons
+def _wide_vit() -> nn.Module:
+    """One block wide enough (E = 256) that dynamics states are a candidate for its projections."""
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=256, mlp_dim=256, num_classes=10)
+    nn.init.normal_(net.heads.head.weight, std=0.2)
+    return net.eval()
+
+
+def test_vit_budget_conversion_compresses_projections(tmp_path):
+    """q, k, v and out_proj are budgeted like Linear layers (their inputs taken through the MHA):
+    at 1/10 of the bytes, below int4 everywhere, some must be states; the file fits, reads back
+    to the same model and exports to ONNX (checked in ONNX Runtime)."""
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(2)]
+    conv = dynconvert.convert(_wide_vit(), size=1 / 10, calib=calib, input_size=(3, 32, 32), min_params=500)
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    assert [s.name for s in conv.skipped] == ["encoder.pos_embedding"]
+    rows = {r["name"]: r for r in conv.budget["layers"]}
+    assert rows[f"{attn}.{{q,k,v}}_proj"]["shape"] == [768, 256] and rows[f"{attn}.out_proj"]["kind"] != "fp32"
+    assert rows[f"{attn}.{{q,k,v}}_proj"]["kind"] == "dyn"  # the tightest layers at this budget
+    kinds = {s.name: s.kind for s in conv.layers}
+    assert all(kinds[f"{attn}.{c}"] == "mha_proj" for c in QKV)
+    assert {s.name: s.fit_mode for s in conv.layers}[f"{attn}.q_proj"].startswith("outputs")
+    path = tmp_path / "v.dyn"
+    dynconvert.save(conv, path)
+    original_bytes = sum(t.numel() * 4 for t in _wide_vit().state_dict().values())
+    assert path.stat().st_size <= original_bytes / 10
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(dynconvert.load(path, model=_wide_vit())(x), conv.model(x), atol=1e-5)
+    result = dynconvert.export_onnx(path, tmp_path / "v.onnx", model=_wide_vit())
+    assert f"{attn}.out_proj.weight" in result.quantized
+
+
+def test_vit_budget_stores_packed_projections_quantized():
+    """Where q, k and v stay dense, their packed tensor is stored at int8/int4 with one scale per row."""
+    conv = dynconvert.convert(_vit(64), size=1 / 4, calib=[torch.randn(16, 3, 32, 32)], input_size=(3, 32, 32))
+    key = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert conv.quantized[key]["bits"] in (4, 8) and conv.quantized[key]["scale"].shape == (192, 1)
+    assert not [s for s in conv.skipped if "self_attention" in s.name]
+
+
+def test_calibrated_conversion_fits_projections_to_their_outputs():
+    """Without a budget, --calib fits q, k, v and out_proj to their outputs too (not only weights)."""
+    conv = dynconvert.convert(_vit(), steps=5, calib_steps=5, min_params=500, calib=[torch.randn(8, 3, 32, 32)],
+                              input_size=(3, 32, 32))
+    modes = {s.name: s.fit_mode for s in conv.layers}
+    attn = "encoder.layers.encoder_layer_1.self_attention"
+    assert all(modes[f"{attn}.{c}"] == "calibrated" for c in (*QKV, "out_proj")), modes
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_projection_inputs_give_what_out_proj_multiplies(batch_first):
+    """The context computed for out_proj (which torch's forward never calls) reproduces the MHA."""
+    from dynconvert.attention import projection_inputs
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    if not batch_first:
+        x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    with torch.no_grad():
+        inputs = projection_inputs(mha, (x, kv, kv), dict(key_padding_mask=pad))
+        assert inputs["q_proj"] is x and inputs["k_proj"] is kv and inputs["v_proj"] is kv
+        got = mha.out_proj(inputs["out_proj"])
+        assert torch.allclose(got, mha(x, kv, kv, key_padding_mask=pad)[0], atol=1e-5)
 
 
 class SeparateQKV(nn.Module):
     """Attention whose key/value sizes differ from the query's: q/k/v weights are separate parameters."""
 
-    def __init__(self):
+    def __init__(self, e=32, kdim=24, vdim=40):
         super().__init__()
-        self.attn = nn.MultiheadAttention(32, 2, kdim=24, vdim=40, batch_first=True)
-        self.kv = nn.Linear(32, 64)
+        self.attn = nn.MultiheadAttention(e, 2, kdim=kdim, vdim=vdim, batch_first=True)
+        self.kv = nn.Linear(e, kdim + vdim)
+        self.split = [kdim, vdim]
 
     def forward(self, x):
-        k, v = self.kv(x).split([24, 40], dim=-1)
+        k, v = self.kv(x).split(self.split, dim=-1)
         return self.attn(x, k, v, need_weights=False)[0]
+
+
+def test_separate_qkv_weights_budgeted_on_their_own_inputs():
+    """Separate q/k/v parameters (key and value from another layer) are stored quantized each."""
+    torch.manual_seed(0)
+    model = SeparateQKV(128, 96, 160).eval()
+    conv = dynconvert.convert(copy.deepcopy(model), size=1 / 5, calib=[torch.randn(8, 6, 128)], input_size=(3, 4, 4))
+    assert all(conv.quantized[f"attn.{c}_weight"]["bits"] in (4, 8) for c in QKV), conv.quantized
+    x = torch.randn(2, 6, 128)
+    with torch.no_grad():
+        want = model(x)
+        assert (conv.model(x) - want).pow(2).mean() < 0.05 * want.pow(2).mean()  # int4 everywhere: ~0.012
 
 
 def test_separate_qkv_weights_are_converted():
