@@ -95,7 +95,7 @@ def test_registry_answers_what_names_used_to():
         dist = (x[:, :, None] - y[:, None]).abs().pow(p).sum(-1)
         dist = dist if m == "sql2" else dist.pow(1 / p)
         for k in metrics.KERNELS:
-            phi = dist if k == "linear" else 1 / (dist + metrics.INVERSE_EPS)
+            phi = {"linear": dist, "inverse": 1 / (dist + metrics.INVERSE_EPS), "gauss": torch.exp(-dist**2)}[k]
             want = torch.einsum("h,hmn->mn", torch.tensor([0.5, -1.0], dtype=torch.float64), phi) + 0.25
             got = materialize(x, y, torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64), m, k)
             torch.testing.assert_close(got, want)
