@@ -173,7 +173,7 @@ def convert(
     include: Optional[List[str]] = typer.Option(None, help="Only convert layers whose name matches these glob patterns."),
     exclude: Optional[List[str]] = typer.Option(None, help="Never convert layers whose name matches these glob patterns."),
     metric: Optional[str] = typer.Option(None, help="Distance between states: l1, l2 or sql2." + shown(ConvertOptions, "metric")),
-    kernel: Optional[str] = typer.Option(None, help="Relation kernel phi: linear (t) or inverse (1/t)." + shown(ConvertOptions, "kernel")),
+    kernel: Optional[str] = typer.Option(None, help="Relation kernel phi: linear (t), inverse (1/t) or gauss (exp(-t^2))." + shown(ConvertOptions, "kernel")),
     max_dim: Optional[int] = typer.Option(None, help="Largest state dimension d to consider when --ratio picks H and d." + shown(ConvertOptions, "max_dim")),
     groups: Optional[int] = typer.Option(None, help="Fix the number of sub-model groups H (with --dim) instead of --ratio."),
     dim: Optional[int] = typer.Option(None, help="Fix the state dimension d (with --groups)."),

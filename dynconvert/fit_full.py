@@ -102,13 +102,6 @@ def block_step(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, spec: DynSpec)
         g = g.mul_(ker.dphi(dist, rel))
     gx, gy = met.pull(x, y, dist, g)
     return loss, gx, gy
-    if spec.metric == "l2":
-        g = g.div_(dist.clamp_min_(1e-12))  # d|x - y| = (x - y) / |x - y|
-    else:
-        g = g.mul_(2)  # d|x - y|^2 = 2 (x - y)
-    gx = x * g.sum(-1, keepdim=True) - torch.bmm(g, y)
-    gy = y * g.sum(1).unsqueeze(-1) - torch.bmm(g.transpose(1, 2), x)
-    return loss, gx, gy
 
 
 class _LazyAdam:

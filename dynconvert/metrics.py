@@ -39,6 +39,9 @@ class Kernel:
     dphi: Callable[[Tensor, Tensor], Tensor]
     """(dist, phi(dist)) -> phi'(dist)."""
     linear: bool = False
+    svd_start: float | None = None
+    """For a non-linear kernel: the mean squared distance at which ``fit.fit_weight`` starts from the
+    SVD states (scaled), or None for a random start."""
 
 
 INVERSE_EPS = 1e-2
@@ -88,6 +91,10 @@ KERNELS: dict[str, Kernel] = {
         Kernel("linear", "phi(t) = t (the authors' general fit)", lambda d: d, lambda d, r: torch.ones_like(d), linear=True),
         Kernel("inverse", f"phi(t) = 1 / (t + {INVERSE_EPS}) (the authors' LeNet toy)",
                lambda d: 1.0 / (d.clamp_min(0) + INVERSE_EPS), lambda d, r: r.pow(2).neg_()),
+        # exp(-t^2) = 1 - t^2 + ...: near the sql2 form (truncated SVD) at small distances, full rank
+        # beyond; with l2, 0.944x SVD's error on the digits CNN (benchmarks/fit_quality.py, d <= 2)
+        Kernel("gauss", "phi(t) = exp(-t^2) (with l2: the Gaussian kernel)", lambda d: torch.exp(-d * d),
+               lambda d, r: d.mul(-2).mul_(r), svd_start=0.5),
     )
 }
 

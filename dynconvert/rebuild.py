@@ -26,7 +26,8 @@ from .dynfile import read_dyn
 from .errors import DynError
 from .fileio import expect_dyn, sha256_file, sniff
 from .layers import dense_target, dynamic_from_meta
-from .weightfree import to_weight_free
+from .metrics import weight_free_path
+from .weightfree import to_weight_free, vectors_per_call
 from .conversion import set_submodule
 
 
@@ -111,21 +112,30 @@ def _assemble(net: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path
 
 def load(path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
          original: str | Path | None = None, trust_pickle: bool = False, verify: bool = True,
-         weight_free: bool = False, on_note=None) -> nn.Module:
+         weight_free: bool | str = False, on_note=None) -> nn.Module:
     """A ready nn.Module (eval mode) from a .dyn file: ``dynconvert.load``.
 
     ``model``: an instance of the original architecture; ``original``: the file the .dyn was
     converted from (with ``trust_pickle`` when it is a pickled module or TorchScript);
     ``factory``: the ``pkg.module:factory`` the file was converted with (a factory is never imported
     on the file's word alone). ``weight_free``: run converted layers from their states
-    (``weightfree.to_weight_free``, inference only); layers whose metric/kernel has no weight-free
-    path stay materialized and ``on_note`` (e.g. ``print``) is told which.
+    (``weightfree.to_weight_free``, inference only) where that is faster: True keeps an L1 layer
+    materialized where ``fused.layer_path``'s cost model predicts the dense product faster (one
+    input at the file's input size: a probe forward counts each layer's vectors per call); "all"
+    runs every layer that has a weight-free path from its states. Layers that stay materialized
+    (no path for their metric/kernel, or predicted slower) are told to ``on_note`` (e.g. ``print``).
     """
+    if weight_free not in (False, True, "all"):
+        raise DynError(f"weight_free={weight_free!r}: use False, True (where predicted faster) or 'all'")
     tensors, meta = open_dyn(path, verify=verify)
     net = build_from(tensors, meta, model=model, factory=factory, original=original, trust_pickle=trust_pickle,
                      path=path)
     if weight_free:
-        net, kept = to_weight_free(net)
+        vectors = None
+        if weight_free != "all" and any(isinstance(m, DynamicsLayer) and weight_free_path(m.spec.metric, m.spec.kernel) == "l1"
+                                        for m in net.modules()):  # only the L1 path has a cost model
+            vectors = vectors_per_call(net, tuple(meta.get("input_size") or (3, 224, 224)))
+        net, kept = to_weight_free(net, vectors)
         for name, reason in kept:
             if on_note:
                 on_note(f"{name}: runs materialized ({reason})")

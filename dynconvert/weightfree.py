@@ -376,13 +376,56 @@ def _reads_weight(parent: nn.Module, child: str) -> bool:
     return f".{child}.weight" in source
 
 
-def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+def vectors_per_call(model: nn.Module, input_size, batch: int = 1) -> dict[str, int]:
+    """Input vectors each converted layer's matrix multiplies in one forward of ``batch`` inputs
+    of ``input_size`` (C, H, W): batch x output positions, found by one probe forward. Layers the
+    forward does not call as modules (an attention reading their weights) are absent; ``{}`` when
+    the model does not run at that size."""
+    seen, hooks = {}, []
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = out.shape[0] * out.shape[2] * out.shape[3] if out.dim() == 4 else out.numel() // out.shape[-1]
+        return hook
+
+    for name, layer in model.named_modules():
+        if isinstance(layer, DynamicsLayer):
+            hooks.append(layer.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, *input_size))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _slower_weight_free(layer: DynamicsLayer, vectors: int) -> str | None:
+    """Why ``layer`` should stay materialized by ``fused.layer_path``'s cost model at ``vectors``
+    input vectors per call, or None. The model is the L1 kernel's: the sql2 path (two thin
+    products with fewer FLOPs than the dense one at any saving ratio) is always kept."""
+    if weight_free_path(layer) != "l1" or fused.layer_path(layer, vectors) == "weightfree":
+        return None
+    m, n = layer.matrix_shape
+    wf, dense = fused.predicted_seconds(m, n, layer.spec.groups * layer.spec.dim, getattr(layer, "conv_groups", 1), vectors)
+    return (f"the cost model predicts it slower weight-free: {wf * 1e3:.3g} ms vs {dense * 1e3:.3g} ms dense per call "
+            f"of {vectors} input vector{'s' if vectors > 1 else ''}; weight_free='all' forces it")
+
+
+def to_weight_free(model: nn.Module, vectors: dict[str, int] | int | None = None) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Swap every converted layer that has a weight-free path for its weight-free module, in place.
     An ``nn.MultiheadAttention`` holding converted layers becomes a ``WeightFreeAttention`` (its
     forward reads weights; this one calls modules).
 
+    ``vectors``: None swaps every layer that has a path. Otherwise the input vectors per call of
+    each layer (a dict by name, see ``vectors_per_call``; an int for layers it lacks, or for all),
+    and an L1 layer that ``fused.layer_path`` predicts slower weight-free stays materialized.
+
     Returns the model (eval mode) and ``(name, reason)`` for the layers that stay materialized.
     """
+    default = vectors if isinstance(vectors, int) else 1
     kept, attention = [], {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
         parent_name, _, child = name.rpartition(".")
@@ -390,6 +433,11 @@ def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
         if weight_free_path(layer) is None:
             kept.append((name, why_materialized(layer)))
             continue
+        if vectors is not None:
+            per_call = vectors.get(name, default) if isinstance(vectors, dict) else default
+            if why := _slower_weight_free(layer, per_call):
+                kept.append((name, why))
+                continue
         if isinstance(parent, nn.MultiheadAttention):
             if why := weight_free_attention_unsupported(parent):
                 kept.append((name, why))
@@ -410,5 +458,6 @@ def to_weight_free(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
 
 __all__ = [
     "WeightFreeConv2d", "WeightFreeCore", "WeightFreeLinear",
-    "l1_flops", "l1_matvec", "sql2_flops", "sql2_matvec", "to_weight_free", "weight_free_path", "weightfree_flops",
+    "l1_flops", "l1_matvec", "sql2_flops", "sql2_matvec", "to_weight_free", "vectors_per_call", "weight_free_path",
+    "weightfree_flops",
 ]

@@ -9,7 +9,7 @@ from dynconvert.fit_full import block_step, exact_coupling, exact_error
 
 
 @pytest.mark.parametrize("metric", ["l1", "l2", "sql2"])
-@pytest.mark.parametrize("kernel", ["linear", "inverse"])
+@pytest.mark.parametrize("kernel", ["linear", "inverse", "gauss"])
 def test_block_gradient_is_autograds(metric, kernel):
     """With the couplings at their optimum, the hand-made gradient equals autograd's through cdist."""
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +95,20 @@ def test_registry_answers_what_names_used_to():
         dist = (x[:, :, None] - y[:, None]).abs().pow(p).sum(-1)
         dist = dist if m == "sql2" else dist.pow(1 / p)
         for k in metrics.KERNELS:
-            phi = dist if k == "linear" else 1 / (dist + metrics.INVERSE_EPS)
+            phi = {"linear": dist, "inverse": 1 / (dist + metrics.INVERSE_EPS), "gauss": torch.exp(-dist**2)}[k]
             want = torch.einsum("h,hmn->mn", torch.tensor([0.5, -1.0], dtype=torch.float64), phi) + 0.25
             got = materialize(x, y, torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64), m, k)
             torch.testing.assert_close(got, want)
+
+
+def test_gauss_kernel_starts_near_svd():
+    """exp(-t^2) starts from the scaled SVD states (near truncated SVD two ranks down, not a random
+    start's error) and the descent improves on that start."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 6) @ torch.randn(6, 60) + 0.3 * torch.randn(40, 60)
+    w = torch.tanh(w)  # a curved, not quite low-rank matrix
+    spec = DynSpec(3, 2, "l2", "gauss")
+    start = fit_weight(w, spec, steps=0).rel_error
+    assert start <= svd_rel_error(w, 4) + 0.05
+    assert fit_weight(w, spec, steps=0, init="random").rel_error > start + 0.3
+    assert fit_weight(w, spec, steps=300).rel_error < start - 0.1

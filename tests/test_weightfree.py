@@ -175,7 +175,7 @@ def test_load_weight_free_and_export_cli(tmp_path, cli, small_factory):
     assert code == 0, err
     dense = dynconvert.load(tmp_path / "m.dyn", factory=factory)
     notes = []
-    wf = dynconvert.load(tmp_path / "m.dyn", factory=factory, weight_free=True, on_note=notes.append)
+    wf = dynconvert.load(tmp_path / "m.dyn", factory=factory, weight_free="all", on_note=notes.append)
     assert isinstance(wf[3], WeightFreeLinear) and notes == []
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -185,6 +185,38 @@ def test_load_weight_free_and_export_cli(tmp_path, cli, small_factory):
     assert "weight-free" in stdout and (tmp_path / "m.onnx").stat().st_size > 0
     code, _, err = cli("export", tmp_path / "m.dyn", "--onnx", tmp_path / "m.onnx", "--weight-free", "--model", factory)
     assert code == 2 and "already exists" in err and "Traceback" not in err
+
+
+def test_load_weight_free_follows_the_cost_rule(tmp_path):
+    """weight_free=True runs from states only the L1 layers the cost model predicts faster: a wide
+    Linear at batch 1 (reading its 16 MiB matrix costs more than a pass over the states), not a
+    conv over a 16x16 map (256 vectors per call); "all" runs both from states. Outputs match."""
+    from dynconvert.fused import pick_path
+    from dynconvert.weightfree import vectors_per_call
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 1024))
+    conv = dynconvert.convert(net, metric="l1", groups=1, dim=2, steps=2, min_params=0, input_size=(3, 16, 16))
+    dynconvert.save(conv, tmp_path / "m.dyn")
+    assert vectors_per_call(conv.model, (3, 16, 16)) == {"0": 256, "3": 1}
+    assert pick_path(16, 27, 2, vectors=256) == "dense" and pick_path(1024, 4096, 2, vectors=1) == "weightfree"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = conv.model(x)
+    notes = []
+    wf = dynconvert.load(tmp_path / "m.dyn", model=nn.Sequential(*net), weight_free=True, on_note=notes.append)
+    assert isinstance(wf[0], DynConv2d) and isinstance(wf[3], WeightFreeLinear)
+    assert len(notes) == 1 and notes[0].startswith("0: runs materialized") and "ms dense" in notes[0]
+    with torch.no_grad():
+        _close(wf(x), want, rel=1e-4)
+    wf = dynconvert.load(tmp_path / "m.dyn", model=nn.Sequential(*net), weight_free="all")
+    assert isinstance(wf[0], WeightFreeConv2d) and isinstance(wf[3], WeightFreeLinear)
+    with torch.no_grad():
+        _close(wf(x), want, rel=1e-4)
+    from dynconvert.errors import DynError
+
+    with pytest.raises(DynError, match="weight_free"):
+        dynconvert.load(tmp_path / "m.dyn", model=nn.Sequential(*net), weight_free="some")
 
 
 def test_bench_json(cli):
