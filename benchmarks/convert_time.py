@@ -9,6 +9,9 @@ peak memory (the largest single process, and the whole process tree: the convert
 its fitting workers, sampled every 0.2 s), and checks both files are the same bytes.
 
     python -m benchmarks.convert_time [--model resnet50|vit_b_16] [--steps N] [--threads N] [--keep DIR] [--no-load]
+
+convert's default ``--threads`` follows ``OMP_NUM_THREADS`` when it is set (as a user's would):
+leave it unset to time the default of one worker per core.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def main() -> None:
     ap.add_argument("--no-load", action="store_true", help="skip the run beside a busy-loop process")
     args = ap.parse_args()
     extra, target, under_load = MODELS[args.model]
+    if os.environ.get("OMP_NUM_THREADS") and args.threads is None:
+        print(f"note: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} sets convert's default --threads; "
+              "unset it to time the default of one worker per core", flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="dynconvert-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{args.model}.pth"
