@@ -637,5 +637,16 @@ def main() -> None:
     finally:
         # The command has finished (its output is whole or absent); a signal arriving while the
         # interpreter shuts down would only print a traceback from its threading module.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_signals_on_the_way_out()
+
+
+def _ignore_signals_on_the_way_out() -> None:
+    """Ignore SIGINT/SIGTERM from here on. A signal can land between these very calls (its handler
+    raises in the middle of them): the command is done by then, so that is retried, not reported."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            continue

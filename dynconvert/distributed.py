@@ -5,6 +5,7 @@ One process per device; rank 0 alone logs and writes files (see finetune.py).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -44,5 +45,8 @@ def all_sum(values: list[float], d: Dist, device) -> list[float]:
 def finish() -> None:
     """Wait for every rank (the output exists before any process exits), then leave the group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DistributedDataParallel's reducer sits in reference cycles: collect it while the group
+        # still exists, not at interpreter exit, where gloo's threads can abort the process
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
