@@ -10,9 +10,9 @@ descent step needs then expands into (H, d)-sized terms and two thin products, W
   dL/dX_k = 4 c_k (X_k * rowsum(E) - E Y_k) / |W|^2, and E Y_k = W_hat Y_k - W Y_k where
   W_hat Y_k needs only Y' Y (Hd x Hd); the same for Y with E' X_k.
 
-Each step thus costs two (m x n) x (n x H*d) products in float32, where building W_hat and
-back-propagating through it cost three, plus a float64 W @ Y for the couplings and a few
-passes over m x n elements.
+Each step thus costs two (m x n) x (n x H*d) products in float32 (plus X'X and Y'Y, (m + n) (H*d)^2).
+Building W_hat and back-propagating through it cost three such products, a float64 W @ Y for the
+couplings about two more, and a dozen passes over m x n elements.
 """
 
 from __future__ import annotations
