@@ -51,14 +51,19 @@ def dense_proj(mha: nn.MultiheadAttention, child: str) -> torch.Tensor | None:
     return w[i * e:(i + 1) * e]
 
 
+def proj_weight(mha: nn.MultiheadAttention, child: str) -> torch.Tensor:
+    """The current (m, n) weight of q/k/v projection ``child``: its converted child's, or the dense one."""
+    module = mha._modules.get(child)
+    return module.weight if module is not None else dense_proj(mha, child)
+
+
 class ConvertedAttentionMixin:
     """Projection weights read from converted children where there are some, else the parameters."""
 
     original_class: type
 
     def _proj(self, child: str):
-        module = self._modules.get(child)
-        return module.weight if module is not None else dense_proj(self, child)
+        return proj_weight(self, child)
 
     @property
     def in_proj_weight(self):
@@ -275,12 +280,6 @@ def with_module_calls(model: nn.Module) -> nn.Module:
 PROJS = QKV + ("out_proj",)
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
-
-
-def proj_weight(mha: nn.MultiheadAttention, child: str) -> torch.Tensor:
-    """The current (m, n) weight of q/k/v projection ``child``: its converted child's, or the dense one."""
-    module = mha._modules.get(child)
-    return module.weight if module is not None else dense_proj(mha, child)
 
 
 def projection_inputs(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, context: bool = True) -> dict:

@@ -20,8 +20,8 @@ import torch
 
 from .dynamics import DynSpec, materialize, sql2_lowrank
 from .errors import DynError
-from .fit_full import fit_full
-from .fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init
+from .fit_full import couplings_from, fit_full, normal_equations
+from .fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init, top_factors
 from .metrics import kernel, low_rank
 
 ProgressFn = Callable[[int, int, float], None]
@@ -86,25 +86,14 @@ def svd_rel_error(matrix: torch.Tensor, rank: int) -> float:
 
 
 def svd_truncate(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two thin factors (m x r, r x n) of the rank-``rank`` truncated SVD."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    """The two thin factors (m x r, r x n) of the rank-``rank`` truncated SVD (``fit_sql2.top_factors``)."""
+    left, right = top_factors(matrix.double(), rank)
+    return left.to(matrix.dtype), right.T.to(matrix.dtype)
 
 
 def solve_coupling(rel: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares couplings and offset for fixed relations: min ||sum_k c_k R_k + o - W||."""
-    h = rel.shape[0]
-    flat = rel.reshape(h, -1).double()
-    ones_dot = flat.sum(1)
-    gram = torch.empty(h + 1, h + 1, dtype=torch.float64, device=rel.device)
-    gram[:h, :h] = flat @ flat.T
-    gram[:h, h] = gram[h, :h] = ones_dot
-    gram[h, h] = flat.shape[1]
-    rhs = torch.cat([flat @ target.reshape(-1).double(), target.sum().double().reshape(1)])
-    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
-    sol = torch.linalg.solve(gram + ridge * torch.eye(h + 1, dtype=gram.dtype, device=gram.device), rhs)
-    return sol[:h].to(rel.dtype), sol[h].to(rel.dtype)
+    """Least-squares couplings and offset for fixed relations: min ||sum_k c_k R_k + o - W|| (float64)."""
+    return couplings_from(*normal_equations(rel.double(), target.double()), rel.dtype)
 
 
 def _scaled_svd_start(target: torch.Tensor, spec: DynSpec, mean_sq: float):

@@ -40,14 +40,20 @@ def _row_tiles(h: int, m: int, n: int):
     return [(i, min(i + rows, m)) for i in range(0, m, rows)]
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    h = gram.shape[0] - 1
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The normal equations of the couplings-and-offset least squares, with a tiny ridge (every
+    closed-form coupling solve in the package goes through here)."""
     ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
-    sol = torch.linalg.solve(gram + ridge * torch.eye(h + 1, dtype=gram.dtype, device=gram.device), rhs)
-    return sol[:h].to(dtype), sol[h].to(dtype)
+    return torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs)
 
 
-def _normal_equations(rel: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def couplings_from(gram: torch.Tensor, rhs: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(couplings, offset) solving the normal equations, in ``dtype``."""
+    sol = ridge_solve(gram, rhs)
+    return sol[:-1].to(dtype), sol[-1].to(dtype)
+
+
+def normal_equations(rel: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix and right-hand side of min ||sum_k c_k R_k + o - W|| (in ``rel``'s precision,
     returned as float64: the block fit runs float32, the exact polish float64)."""
     h = rel.shape[0]
@@ -68,10 +74,10 @@ def exact_coupling(x, y, target, spec: DynSpec) -> tuple[torch.Tensor, torch.Ten
     with torch.no_grad():
         for i0, i1 in _row_tiles(h, m, n):
             rel = relations(x[:, i0:i1].double(), y.double(), spec.metric, spec.kernel)
-            g, r = _normal_equations(rel, target[i0:i1])
+            g, r = normal_equations(rel, target[i0:i1])
             gram += g
             rhs += r
-    return _solve(gram, rhs, target.dtype)
+    return couplings_from(gram, rhs, target.dtype)
 
 
 def exact_error(x, y, coupling, offset, target, spec: DynSpec) -> float:
@@ -93,7 +99,7 @@ def block_step(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, spec: DynSpec)
     met, ker = metric(spec.metric), kernel(spec.kernel)
     dist = met.distance(x, y)
     rel = ker.phi(dist)
-    coupling, offset = _solve(*_normal_equations(rel, w), x.dtype)
+    coupling, offset = couplings_from(*normal_equations(rel, w), x.dtype)
     resid = torch.mm(coupling[None], rel.reshape(rel.shape[0], -1)).reshape(w.shape).add_(offset - w)
     scale = 1.0 / float(w.pow(2).sum().clamp_min(1e-30))
     loss = float(resid.pow(2).sum()) * scale

@@ -17,20 +17,39 @@ couplings about two more, and a dozen passes over m x n elements.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dynamics import DynSpec
+from .fit_full import couplings_from, ridge_solve
 
 
 class Target:
-    """The matrix a fit aims at, with what every step reads from it computed once."""
+    """The matrix a fit aims at, with what every step reads from it computed once (the descent's
+    own needs on first use: a single closed-form solve reads only the float64 sums)."""
 
     def __init__(self, w: torch.Tensor):
-        self.w, self.wt = w, w.T.contiguous()  # W' @ X runs faster on a contiguous W'
-        self.row_sum, self.col_sum = w.sum(1), w.sum(0)
-        self.row_sum64, self.col_sum64 = w.double().sum(1), w.double().sum(0)
+        self.w = w
+        w64 = w.double()
+        self.row_sum64, self.col_sum64 = w64.sum(1), w64.sum(0)
         self.total64 = self.row_sum64.sum()
-        self.sq = w.pow(2).sum().clamp_min(1e-30)
+
+    @functools.cached_property
+    def wt(self) -> torch.Tensor:
+        return self.w.T.contiguous()  # W' @ X runs faster on a contiguous W'
+
+    @functools.cached_property
+    def row_sum(self) -> torch.Tensor:
+        return self.w.sum(1)
+
+    @functools.cached_property
+    def col_sum(self) -> torch.Tensor:
+        return self.w.sum(0)
+
+    @functools.cached_property
+    def sq(self) -> torch.Tensor:
+        return self.w.pow(2).sum().clamp_min(1e-30)
 
 
 def _normal_equations(x, y, t: Target, wy, xtx, yty):
@@ -59,12 +78,6 @@ def _normal_equations(x, y, t: Target, wy, xtx, yty):
     return gram, rhs
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    h = gram.shape[0]
-    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30)
-    return torch.linalg.solve(gram + ridge * torch.eye(h, dtype=gram.dtype, device=gram.device), rhs)
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """(H, m, d) -> (m, H*d), coordinate g*d + t for group g, state coordinate t."""
     h, m, d = t.shape
@@ -81,16 +94,14 @@ def solve_coupling_sql2(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) 
     """``fit.solve_coupling`` for squared-L2 relations without building them (float64 throughout)."""
     x64, y64 = _flat(x.double()), _flat(y.double())
     wy = _grouped(target.double() @ y64, x.shape[0])
-    sol = _solve(*_normal_equations(x, y, Target(target), wy, x64.T @ x64, y64.T @ y64))
-    return sol[:-1].to(target.dtype), sol[-1].to(target.dtype)
+    return couplings_from(*_normal_equations(x, y, Target(target), wy, x64.T @ x64, y64.T @ y64), target.dtype)
 
 
-def _pull(x, y, c, a_c, b_c, o, w_y, w_row_sum, yty):
+def _pull(x, yf, c, a_c, b_c, o, w_y, w_row_sum, yty):
     """The gradient of sum(E^2) on x (without the common factor 4 / |W|^2): per group,
-    c_k (X_k * rowsum(E) - E Y_k). ``w_y`` is W @ Y flattened (m, H*d); ``w_row_sum`` W 1;
-    ``yty`` Y' Y (H*d, H*d). For y it is called with the roles swapped (W', X)."""
-    h, n = x.shape[0], y.shape[1]
-    yf = _flat(y)
+    c_k (X_k * rowsum(E) - E Y_k). ``yf`` is Y flattened (n, H*d); ``w_y`` W @ Y (m, H*d);
+    ``w_row_sum`` W 1; ``yty`` Y' Y (H*d, H*d). For y it is called with the roles swapped (W', X)."""
+    h, n = x.shape[0], yf.shape[0]
     xc = _flat(x * c[:, None, None])
     y1 = yf.sum(0)  # (H*d,)
     # W_hat Y_k for every k at once: (a_c + o) (1' Y) + 1 (b_c' Y) - 2 sum_l c_l X_l (Y_l' Y)
@@ -113,15 +124,15 @@ class Sql2Error(torch.autograd.Function):
         w_y, wt_x = t.w @ yf, t.wt @ xf  # the two products a step costs: (m, H*d), (n, H*d)
         xtx, yty = xf.T @ xf, yf.T @ yf
         gram, rhs = _normal_equations(x, y, t, _grouped(w_y, h), xtx, yty)
-        sol = _solve(gram, rhs)
+        sol = ridge_solve(gram, rhs)
         sq = t.sq.double()
         err_sq = (sq - 2 * sol @ rhs + sol @ gram @ sol).clamp_min(0) / sq
         c, o = sol[:-1].to(x.dtype), sol[-1].to(x.dtype)
         a_c = (c[:, None] * x.pow(2).sum(-1)).sum(0)
         b_c = (c[:, None] * y.pow(2).sum(-1)).sum(0)
         scale = 4 / t.sq
-        gx = _pull(x, y, c, a_c, b_c, o, w_y, t.row_sum, yty) * scale
-        gy = _pull(y, x, c, b_c, a_c, o, wt_x, t.col_sum, xtx) * scale
+        gx = _pull(x, yf, c, a_c, b_c, o, w_y, t.row_sum, yty) * scale
+        gy = _pull(y, xf, c, b_c, a_c, o, wt_x, t.col_sum, xtx) * scale
         ctx.save_for_backward(gx, gy)
         return err_sq.to(x.dtype)
 

@@ -22,6 +22,7 @@ Three representations are fitted this way:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ def collect_moments(
     inputs with the current ones at the same sampled positions; without it ``cross = own``.
     ``stop_after``: a layer once whose input is taken the forward passes stop (nothing later is needed).
     """
-    acc: dict[str, list] = {}
+    acc: dict[tuple[str, ...], list] = {}
     seen: dict[str, torch.Tensor] = {}
 
     def tap(keep: bool, counter: list):
@@ -115,19 +116,14 @@ def collect_moments(
             if keep:
                 seen.update((n, v) for n in names)
             else:
+                # the layers in ``names`` multiply this same tensor (q, k, v of a self-attention):
+                # one accumulator, so one set of moments and one whitening for all of them
+                refs = [seen.pop(n, None) for n in names]
                 own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
-                crosses: dict[int, torch.Tensor] = {}  # q, k and v of one self-attention share their products
-                for n in names:
-                    ref = seen.pop(n, None)
-                    a = acc.setdefault(n, [0, 0, 0])
-                    a[0] = a[0] + own
-                    if ref is None:
-                        a[1] = a[1] + own
-                    else:
-                        if id(ref) not in crosses:
-                            crosses[id(ref)] = (ref.T @ v).double()
-                        a[1] = a[1] + crosses[id(ref)]
-                    a[2] += v.shape[0]
+                a = acc.setdefault(tuple(names), [0, 0, 0])
+                a[0] = a[0] + own
+                a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).double())
+                a[2] += v.shape[0]
             if stop_after in names:
                 raise _Stop
         return record
@@ -143,15 +139,12 @@ def collect_moments(
                     net(x)
                 except _Stop:
                     pass
-    out, prev = {}, None
-    for n, (own, cross, count) in acc.items():
-        if prev is not None and count == prev[3] and torch.equal(own, prev[1]) and torch.equal(cross, prev[2]):
-            out[n] = out[prev[0]]  # the same inputs (q, k, v of a self-attention): one object, one whitening
-            continue
-        prev = (n, own, cross, count)
+    out = {}
+    for names, (own, cross, count) in acc.items():
         level = float((own / count).diagonal().mean())
         own_s = shrunk(own / count, count, level).float()
-        out[n] = Moments(own_s, shrunk(cross / count, count, level).float() if original is not None else own_s, count)
+        moments = Moments(own_s, shrunk(cross / count, count, level).float() if original is not None else own_s, count)
+        out.update((n, moments) for n in names)
     return out
 
 
@@ -195,22 +188,29 @@ def output_error(target: torch.Tensor, approx: torch.Tensor, c: torch.Tensor) ->
     return float(((e @ c.double()) * e).sum().clamp_min(0))
 
 
-_last_whitener: list = []
+def keep_last(fn):
+    """Keep ``fn``'s last result while it is called again on the very same, unmodified tensors: a
+    layer's candidates all whiten with the same C and start from the same whitened SVD, and
+    those decompositions of a 4608-wide moment (a ResNet 3x3 conv) take tens of seconds."""
+    last: list = []
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        key = tuple((id(a), a._version) if isinstance(a, torch.Tensor) else a for a in args)
+        if last and last[0][0] == key and all(x is y for x, y in zip(last[0][1], args)):
+            return last[0][2]
+        result = fn(*args)
+        last[:] = [(key, args, result)]  # holding the tensors keeps their ids from being reused
+        return result
+    return wrapper
 
 
+@keep_last
 def whitener(c: torch.Tensor, rel: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, L^-1) with L L' = C + damping, from the eigen-decomposition (L = E sqrt(Lambda)).
-
-    The last result is kept: every candidate of a layer whitens with the same C, and the
-    eigen-decomposition of a 4608 x 4608 moment (a ResNet 3x3 conv) takes tens of seconds."""
-    key = (id(c), c.data_ptr(), c._version, tuple(c.shape), rel)
-    if _last_whitener and _last_whitener[0][0] == key and _last_whitener[0][1] is c:
-        return _last_whitener[0][2]
+    """(L, L^-1) with L L' = C + damping, from the eigen-decomposition (L = E sqrt(Lambda))."""
     evals, evecs = torch.linalg.eigh(damped(c.double(), rel))
     root = evals.clamp_min(1e-30).sqrt()
-    result = (evecs * root).float(), (evecs / root).T.float()
-    _last_whitener[:] = [(key, c, result)]
-    return result
+    return (evecs * root).float(), (evecs / root).T.float()
 
 
 # ---------------------------------------------------------------- dense integers (GPTQ)
@@ -274,22 +274,15 @@ def _ste(t: torch.Tensor, bits: int | None) -> torch.Tensor:
     return t + (fake_quant(t.detach(), bits, STATE_KEEP) - t.detach())
 
 
-_last_svd: list = []
+@keep_last
+def _whitened_svd(target: torch.Tensor, c: torch.Tensor):
+    return torch.linalg.svd(target @ whitener(c)[0], full_matrices=False)
 
 
 def whitened_lowrank(target: torch.Tensor, c: torch.Tensor, rank: int) -> torch.Tensor:
-    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back.
-
-    The last SVD is kept, as the whitener is: a layer's state candidates differ only in rank (a
-    768 x 3072 SVD takes seconds, and it was most of a ViT-B block's candidate measurement)."""
-    low, low_inv = whitener(c)
-    key = (id(target), target._version, id(c), c._version)
-    if _last_svd and _last_svd[0][0] == key and _last_svd[0][1] is target and _last_svd[0][2] is c:
-        u, s, vh = _last_svd[0][3]
-    else:
-        u, s, vh = torch.linalg.svd(target @ low, full_matrices=False)
-        _last_svd[:] = [(key, target, c, (u, s, vh))]
-    return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ low_inv)
+    """argmin over rank-``rank`` A of tr((A - W) C (A - W)'): truncated SVD of W L, mapped back."""
+    u, s, vh = _whitened_svd(target, c)
+    return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ whitener(c)[1])
 
 
 def fit_states(
