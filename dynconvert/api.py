@@ -13,20 +13,20 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from . import resume as rs
-from .budget import convert_to_budget, model_bytes
-from .checkpoint import Source, load_model, source_of
-from .conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
-from .data import calibration_batches
-from .dynfile import write_dyn
+from .dynfile import resume as rs
+from .budget.pipeline import convert_to_budget, model_bytes
+from .io.checkpoint import Source, load_model, source_of
+from .dynamics.conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
+from .io.data import calibration_batches
+from .dynfile.format import write_dyn
 from .errors import DynError
-from .export import export_onnx, export_pth, export_safetensors
-from .fileio import check_output_path, sha256_file
-from .fit import FitResult
-from .layers import layer_config
-from .rebuild import load, read_meta, verify
-from .report import build_report
-from .synth import bn_synthetic_batches, has_batchnorm, synthesis_size
+from .deploy.export import export_onnx, export_pth, export_safetensors
+from .io.fileio import check_output_path, sha256_file
+from .dynamics.fit import FitResult
+from .dynamics.layers import layer_config
+from .dynfile.rebuild import load, read_meta, verify
+from .deploy.report import build_report
+from .budget.synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 
 
 # what users call; the exports, the report and the reader live in their own modules

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-FACTORY = "dynconvert.demo:lenet5"
+FACTORY = "dynconvert.cli.demo:lenet5"
 
 
 def lenet_files(folder: Path, train_epochs: int = 2) -> tuple[Path, Path]:
     """(original .pth, converted .dyn) of a LeNet-5 trained briefly on digits."""
     import dynconvert
-    from dynconvert.checkpoint import Source
-    from dynconvert.data import digits, preprocess_for
-    from dynconvert.demo import INPUT_SIZE, lenet5, threads, train_original
+    from dynconvert.io.checkpoint import Source
+    from dynconvert.io.data import digits, preprocess_for
+    from dynconvert.cli.demo import INPUT_SIZE, lenet5, threads, train_original
 
     pth, dyn = folder / "lenet5.pth", folder / "lenet5.dyn"
     if dyn.exists():

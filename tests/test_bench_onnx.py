@@ -23,8 +23,8 @@ def small_dyn(tmp_path, cli, small_factory):
 def test_factorized_export_matches_and_is_two_thin_layers(tmp_path, small_dyn):
     """Each sql2 layer becomes two thin ops whose product is the converted layer (export_onnx
     checks ORT against PyTorch), with rank-(H*d+2) inner dimensions."""
-    from dynconvert.export import export_onnx
-    from dynconvert.dynfile import read_dyn
+    from dynconvert.deploy.export import export_onnx
+    from dynconvert.dynfile.format import read_dyn
 
     dyn, _, factory = small_dyn
     res = export_onnx(dyn, tmp_path / "f.onnx", factory=factory, factorize=True)
@@ -39,7 +39,7 @@ def test_factorized_export_matches_and_is_two_thin_layers(tmp_path, small_dyn):
 
 
 def test_factorized_keeps_full_rank_metrics_dense(tmp_path, cli, small_factory):
-    from dynconvert.export import export_onnx
+    from dynconvert.deploy.export import export_onnx
 
     ckpt, factory = small_factory
     out = tmp_path / "l1.dyn"
@@ -51,7 +51,7 @@ def test_factorized_keeps_full_rank_metrics_dense(tmp_path, cli, small_factory):
 
 
 def test_onnx_latency_rows(small_dyn):
-    from dynconvert.bench import latency_markdown, onnx_latency
+    from dynconvert.deploy.bench import latency_markdown, onnx_latency
 
     dyn, ckpt, factory = small_dyn
     res = onnx_latency(dyn, original=ckpt, factory=factory, batches=(1, 4), threads=(1,), repeats=3)

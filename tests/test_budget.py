@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.allocation import Candidate, allocate, parse_bytes, parse_size
+from dynconvert.budget.allocation import Candidate, allocate, parse_bytes, parse_size
 from dynconvert.errors import DynError
-from dynconvert.outputs import gptq_quantize, output_error
-from dynconvert.quant import fake_quant
+from dynconvert.budget.outputs import gptq_quantize, output_error
+from dynconvert.budget.quant import fake_quant
 from helpers import one_line_error
 
 
@@ -193,7 +193,7 @@ def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     assert code == 0, stderr
     assert tuned.stat().st_size <= out.stat().st_size + 2048  # still stored quantized (fp32 would be ~3x); + the finetune record
     import dynconvert
-    from dynconvert.dynfile import read_dyn
+    from dynconvert.dynfile.format import read_dyn
 
     assert {k: v["bits"] for k, v in read_dyn(tuned)[1]["quantized"].items()} == \
         {k: v["bits"] for k, v in read_dyn(out)[1]["quantized"].items()}
@@ -232,7 +232,7 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
 def test_input_vectors_of_a_map_smaller_than_the_kernel():
     """A Conv2d subclass that pads in its own forward (EfficientNet's "same" convs) can be fed a map
     smaller than its kernel by small calibration inputs: there are still patches to sample."""
-    from dynconvert.outputs import input_vectors
+    from dynconvert.budget.outputs import input_vectors
 
     conv = nn.Conv2d(8, 8, 5, groups=8)
     v = input_vectors(conv, torch.randn(2, 8, 2, 2), 100, torch.Generator().manual_seed(0))

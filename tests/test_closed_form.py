@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dynconvert.dynamics import DynSpec, materialize, relations
-from dynconvert.fit import rel_error, solve_coupling, svd_rel_error
-from dynconvert.fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init
+from dynconvert.dynamics.modules import DynSpec, materialize, relations
+from dynconvert.dynamics.fit import rel_error, solve_coupling, svd_rel_error
+from dynconvert.dynamics.fit_sql2 import Sql2Error, Target, solve_coupling_sql2, sql2_svd_init
 
 
 @pytest.mark.parametrize("m,n,h,d", [(7, 5, 3, 2), (12, 20, 4, 4)])

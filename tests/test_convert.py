@@ -4,7 +4,7 @@ import torch.nn as nn
 import torchvision
 
 import dynconvert
-from dynconvert.dynamics import DynConv2d, DynLinear, DynSpec, choose_spec, materialize, relations
+from dynconvert.dynamics.modules import DynConv2d, DynLinear, DynSpec, choose_spec, materialize, relations
 
 
 @pytest.mark.parametrize("metric", ["l1", "l2", "sql2"])
@@ -48,7 +48,7 @@ def test_convert_load_roundtrip(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     torch.save(model.state_dict(), tmp_path / "r18.pth")
     from dynconvert.api import convert_checkpoint
-    from dynconvert.conversion import ConvertOptions
+    from dynconvert.dynamics.conversion import ConvertOptions
 
     conv = convert_checkpoint(tmp_path / "r18.pth", tmp_path / "r18.dyn", ConvertOptions(steps=3, min_params=100_000))
     assert len(conv.layers) > 0
@@ -68,14 +68,14 @@ def test_same_seed_byte_identical(tmp_path, cli, small_factory):
 
 
 def test_calibrated_conversion_lowers_output_error(tmp_path, cli):
-    from dynconvert.demo import lenet5
-    from dynconvert.dynfile import read_dyn
-    from dynconvert.fit import input_whitener, output_rel_error
-    from dynconvert.conversion import input_moments
+    from dynconvert.cli.demo import lenet5
+    from dynconvert.dynfile.format import read_dyn
+    from dynconvert.dynamics.fit import input_whitener, output_rel_error
+    from dynconvert.dynamics.conversion import input_moments
 
     torch.manual_seed(0)
     torch.save(lenet5().state_dict(), tmp_path / "lenet.pth")
-    args = ["--model", "dynconvert.demo:lenet5", "--input-size", "1,32,32", "--steps", "10", "--min-params", "2000"]
+    args = ["--model", "dynconvert.cli.demo:lenet5", "--input-size", "1,32,32", "--steps", "10", "--min-params", "2000"]
     code, _, err = cli("convert", tmp_path / "lenet.pth", "--out", tmp_path / "w.dyn", *args)
     assert code == 0, err
     code, _, err = cli("convert", tmp_path / "lenet.pth", "--out", tmp_path / "c.dyn", *args,
@@ -84,10 +84,10 @@ def test_calibrated_conversion_lowers_output_error(tmp_path, cli):
     _, meta = read_dyn(tmp_path / "c.dyn")
     assert all(v["fit_mode"] == "calibrated" for v in meta["layers"].values())
     # the same layers fitted to weights only have a larger output error on the same inputs
-    plain = dynconvert.load(tmp_path / "w.dyn", factory="dynconvert.demo:lenet5")
+    plain = dynconvert.load(tmp_path / "w.dyn", factory="dynconvert.cli.demo:lenet5")
     original = lenet5()
     original.load_state_dict(torch.load(tmp_path / "lenet.pth"))
-    from dynconvert.data import calibration_batches
+    from dynconvert.io.data import calibration_batches
 
     batches = calibration_batches("digits", {"kind": "factory"}, (1, 32, 32), 128)
     moments = input_moments(original, {n: original.get_submodule(n) for n in meta["layers"]}, batches)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynconvert.data import Preprocess, digits, open_data, preprocess_for
+from dynconvert.io.data import Preprocess, digits, open_data, preprocess_for
 from dynconvert.errors import DynError
 from finetune_helpers import FACTORY, lenet_files
 
@@ -111,8 +111,8 @@ def test_finetune_and_eval_on_an_imagefolder_tree(cli, tmp_path):
 
 
 def test_decode_error_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
-    import dynconvert.data as data_mod
-    from dynconvert.evaluation import evaluate
+    import dynconvert.io.data as data_mod
+    from dynconvert.train.evaluation import evaluate
 
     write_images(tmp_path / "a", 2)
     (tmp_path / "a" / "zz_broken.png").write_bytes(b"not a png")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny import FACTORY, tiny_checkpoint, use_factory
 
-from dynconvert.dynfile import write_dyn
+from dynconvert.dynfile.format import write_dyn
 from dynconvert.errors import DynError
 
 
@@ -111,9 +111,9 @@ def test_nan_fit_never_written(tmp_path, tiny, cli, monkeypatch):
     """Were a fit to return NaN states unnoticed, the writer still refuses them, naming the layer."""
     import importlib
 
-    from dynconvert.fit import fit_weight
+    from dynconvert.dynamics.fit import fit_weight
 
-    cv = importlib.import_module("dynconvert.conversion")
+    cv = importlib.import_module("dynconvert.dynamics.conversion")
 
     def nan_fit(*a, **k):
         fit = fit_weight(*a, **k)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.data import digits, preprocess_for
-from dynconvert.demo import INPUT_SIZE
-from dynconvert.dynamics import DynLinear, DynSpec
-from dynconvert.dynfile import read_dyn
+from dynconvert.io.data import digits, preprocess_for
+from dynconvert.cli.demo import INPUT_SIZE
+from dynconvert.dynamics.modules import DynLinear, DynSpec
+from dynconvert.dynfile.format import read_dyn
 from dynconvert.errors import DynError
-from dynconvert.evaluation import evaluate
-from dynconvert.finetune import FinetuneOptions, finetune, finetune_file
-from dynconvert.trainable import structural_entropy
+from dynconvert.train.evaluation import evaluate
+from dynconvert.train.finetune import FinetuneOptions, finetune, finetune_file
+from dynconvert.train.trainable import structural_entropy
 from finetune_helpers import FACTORY, lenet_files
 from helpers import env, run
 

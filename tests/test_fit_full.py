@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dynconvert.dynamics import DynSpec, materialize, relations
-from dynconvert.fit import fit_weight, solve_coupling, svd_rel_error
-from dynconvert.fit_full import block_step, exact_coupling, exact_error
+from dynconvert.dynamics.modules import DynSpec, materialize, relations
+from dynconvert.dynamics.fit import fit_weight, solve_coupling, svd_rel_error
+from dynconvert.dynamics.fit_full import block_step, exact_coupling, exact_error
 
 
 @pytest.mark.parametrize("metric", ["l1", "l2", "sql2"])
@@ -29,7 +29,7 @@ def test_block_gradient_is_autograds(metric, kernel):
 
 def test_tiled_polish_is_exact(monkeypatch):
     """Couplings and error accumulated over row tiles equal the whole-tensor ones."""
-    import dynconvert.fit_full as ff
+    import dynconvert.dynamics.fit_full as ff
 
     monkeypatch.setattr(ff, "TILE_ELEMENTS", 2 * 3 * 40)  # 2 rows per tile: 13 tiles
     gen = torch.Generator().manual_seed(1)
@@ -46,7 +46,7 @@ def test_tiled_polish_is_exact(monkeypatch):
 def test_row_blocks_fit_like_full_steps(metric, monkeypatch):
     """The large-layer path (a row block per step) descends like full steps at equal passes, the
     error it reports is the states' true error, and a seed gives the same bytes."""
-    import dynconvert.fit_full as ff
+    import dynconvert.dynamics.fit_full as ff
 
     gen = torch.Generator().manual_seed(2)
     spec = DynSpec(2, 2, metric)
@@ -77,8 +77,7 @@ def test_fit_weight_routes_full_rank_kernels():
 def test_registry_answers_what_names_used_to():
     """One table decides: which pairs are thin factors, which have a weight-free path, and a bad
     name is a ValueError naming the choices (the CLI turns it into one error line)."""
-    from dynconvert import metrics
-
+    from dynconvert.dynamics import metrics
     assert [(m, k) for m in metrics.METRICS for k in metrics.KERNELS if metrics.low_rank(m, k)] == [("sql2", "linear")]
     assert {(m, k): metrics.weight_free_path(m, k) for m in ("l1", "l2", "sql2") for k in ("linear", "inverse")} == {
         ("l1", "linear"): "l1", ("sql2", "linear"): "sql2", ("l1", "inverse"): None, ("l2", "linear"): None,

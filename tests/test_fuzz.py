@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import dynconvert
 from dynconvert.api import verify
-from dynconvert.dynfile import META_KEY
+from dynconvert.dynfile.format import META_KEY
 from dynconvert.errors import DynError
 
 # DYN_FUZZ_EXAMPLES=20000 for a long run; the suite's default is quick and reproducible (derandomized)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.checkpoint import read_checkpoint
+from dynconvert.io.checkpoint import read_checkpoint
 from dynconvert.errors import DynError
 
 
@@ -92,7 +92,7 @@ def test_recorded_factory_never_imported(tmp_path, cli, monkeypatch):
         f"open({str(marker)!r}, 'w').close()\nimport torch.nn as nn\ndef build():\n    return nn.Sequential(nn.Linear(32, 32))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from dynconvert.checkpoint import Source
+    from dynconvert.io.checkpoint import Source
 
     conv = dynconvert.convert(nn.Sequential(nn.Linear(32, 32)), steps=1, min_params=100, source=Source("factory", factory="evilmod:build"))
     dynconvert.save(conv, tmp_path / "m.dyn")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from _tiny import FACTORY, tiny_checkpoint, use_factory
 
-from dynconvert.safetensors_io import read_safetensors
+from dynconvert.io.safetensors_io import read_safetensors
 
 pytestmark = pytest.mark.slow  # real processes and signals: seconds each (CI runs this tier)
 
@@ -175,7 +175,7 @@ def test_resume_refuses_other_options(workdir, cli, monkeypatch):
     use_factory(monkeypatch, workdir)
     out = workdir / "o.dyn"
     base = ["convert", ckpt, "--out", out, "--model", FACTORY, "--min-params", "100"]
-    import dynconvert.resume as rs
+    import dynconvert.dynfile.resume as rs
 
     real = rs.Checkpointing.layer_done
     calls = []

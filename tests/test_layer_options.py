@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.conversion import ConvertOptions
+from dynconvert.dynamics.conversion import ConvertOptions
 from dynconvert.errors import DynError
-from dynconvert.recipes import load_recipe, options_from
+from dynconvert.dynamics.recipes import load_recipe, options_from
 
 
 def net():

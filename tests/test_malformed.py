@@ -16,9 +16,9 @@ import torch.nn as nn
 import torchvision
 
 import dynconvert
-from dynconvert.checkpoint import Source
-from dynconvert.dynfile import META_KEY
-from dynconvert.safetensors_io import write_safetensors
+from dynconvert.io.checkpoint import Source
+from dynconvert.dynfile.format import META_KEY
+from dynconvert.io.safetensors_io import write_safetensors
 from helpers import ROOT, one_line_error, run
 
 
@@ -142,7 +142,7 @@ def truncate_at(frac):
 
 def nan_state(blob: bytes) -> bytes:
     """A NaN written into a state tensor, with the checksum recomputed (a deliberate forgery)."""
-    from dynconvert.dynfile import tensors_checksum
+    from dynconvert.dynfile.format import tensors_checksum
 
     from safetensors.torch import load
 
@@ -372,7 +372,7 @@ def test_bounded_memory(originals, tmp_path):
     code = (
         "import sys\n"
         "from dynconvert.api import verify\n"
-        "from dynconvert.checkpoint import read_checkpoint\n"
+        "from dynconvert.io.checkpoint import read_checkpoint\n"
         "from dynconvert.errors import DynError\n"
         "for p in sys.argv[1:]:\n"
         "    try:\n"
@@ -395,7 +395,7 @@ def test_originals_are_valid(originals, tmp_path, cli):
         (tmp_path / name).write_bytes(originals[name])
         code, stdout, stderr = cli("verify", tmp_path / name)
         assert code == 0 and stdout.startswith("OK"), stderr
-    from dynconvert.checkpoint import read_checkpoint
+    from dynconvert.io.checkpoint import read_checkpoint
 
     for name in ("sq.pth", "sq.safetensors"):
         (tmp_path / name).write_bytes(originals[name])

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dynconvert
-from dynconvert import quant
-from dynconvert.dynfile import META_KEY, FORMAT_VERSION, read_dyn, tensors_checksum, write_dyn
+from dynconvert.budget import quant
+from dynconvert.dynfile.format import META_KEY, FORMAT_VERSION, read_dyn, tensors_checksum, write_dyn
 from dynconvert.errors import DynError
-from dynconvert.export import export_onnx, export_safetensors
-from dynconvert.safetensors_io import write_safetensors
+from dynconvert.deploy.export import export_onnx, export_safetensors
+from dynconvert.io.safetensors_io import write_safetensors
 from helpers import one_line_error
 
 META = {"source": {"kind": "module"}, "layers": {}}

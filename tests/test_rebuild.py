@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import dynconvert
-from dynconvert.checkpoint import source_of
+from dynconvert.io.checkpoint import source_of
 from dynconvert.errors import DynError
 from helpers import one_line_error
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dynconvert.conversion import ConvertOptions
+from dynconvert.dynamics.conversion import ConvertOptions
 from dynconvert.errors import DynError
-from dynconvert.recipes import RECIPE_DIR, find_recipe, load_recipe, options_from
+from dynconvert.dynamics.recipes import RECIPE_DIR, find_recipe, load_recipe, options_from
 
 SHIPPED = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconvert.dynfile import FORMAT_VERSION, META_KEY
-from dynconvert.safetensors_io import read_safetensors, write_safetensors
+from dynconvert.dynfile.format import FORMAT_VERSION, META_KEY
+from dynconvert.io.safetensors_io import read_safetensors, write_safetensors
 from helpers import one_line_error
 from helpers_report import convert_tiny, convert_torchvision, count_params, header
 

@@ -1,11 +1,11 @@
-"""Data-free calibration inputs from BatchNorm statistics (dynconvert.synth)."""
+"""Data-free calibration inputs from BatchNorm statistics (dynconvert.budget.synth)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from dynconvert.errors import DynError
-from dynconvert.synth import bn_loss_of, bn_synthetic_batches
+from dynconvert.budget.synth import bn_loss_of, bn_synthetic_batches
 
 
 

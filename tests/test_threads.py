@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from _tiny import FACTORY, tiny_checkpoint, use_factory
 
-from dynconvert import workers
-from dynconvert.conversion import ConvertCallbacks, ConvertOptions, convert_model
+from dynconvert.dynamics import workers
+from dynconvert.dynamics.conversion import ConvertCallbacks, ConvertOptions, convert_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

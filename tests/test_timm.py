@@ -9,10 +9,10 @@ import torch
 
 import dynconvert
 from dynconvert.api import convert_checkpoint
-from dynconvert.factories import import_factory
-from dynconvert.conversion import ConvertOptions
+from dynconvert.io.factories import import_factory
+from dynconvert.dynamics.conversion import ConvertOptions
 from dynconvert.errors import DynError
-from dynconvert.rebuild import read_meta
+from dynconvert.dynfile.rebuild import read_meta
 
 
 def test_missing_timm_names_the_extra(monkeypatch):

@@ -10,9 +10,9 @@ import torch.nn as nn
 import torchvision
 
 import dynconvert
-from dynconvert.attention import ConvertedMultiheadAttention, WeightFreeAttention
-from dynconvert.dynfile import read_dyn
-from dynconvert.weightfree import to_weight_free
+from dynconvert.dynamics.attention import ConvertedMultiheadAttention, WeightFreeAttention
+from dynconvert.dynfile.format import read_dyn
+from dynconvert.dynamics.weightfree import to_weight_free
 
 VIT = ("import torch.nn as nn\nfrom torchvision.models import VisionTransformer\n\n\ndef build():\n"
        "    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,\n"
@@ -84,8 +84,8 @@ def test_vit_projections_converted_listed_and_exported(cli, tmp_path, vit_checkp
 
 
 def test_vit_finetune_moves_projection_states(tmp_path, vit_checkpoint):
-    from dynconvert.checkpoint import Source
-    from dynconvert.finetune import FinetuneOptions, finetune_file
+    from dynconvert.io.checkpoint import Source
+    from dynconvert.train.finetune import FinetuneOptions, finetune_file
 
     pth, factory = vit_checkpoint
     conv = dynconvert.convert(_vit(), steps=5, min_params=500, input_size=(3, 32, 32),
@@ -154,7 +154,7 @@ def test_calibrated_conversion_fits_projections_to_their_outputs():
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_projection_inputs_give_what_out_proj_multiplies(batch_first):
     """The context computed for out_proj (which torch's forward never calls) reproduces the MHA."""
-    from dynconvert.attention import projection_inputs
+    from dynconvert.dynamics.attention import projection_inputs
 
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()

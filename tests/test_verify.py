@@ -50,7 +50,7 @@ def test_verify_with_wrong_model(dyn, cli, tmp_path, monkeypatch):
 
 
 def test_verify_rebuilds_torchvision(tmp_path, cli):
-    from dynconvert.checkpoint import Source
+    from dynconvert.io.checkpoint import Source
 
     torch.manual_seed(0)
     conv = dynconvert.convert(

@@ -7,10 +7,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconvert
-from dynconvert.export import export_onnx
-from dynconvert.dynamics import DynConv2d, DynLinear, DynSpec
-from dynconvert.opcount import count
-from dynconvert.weightfree import WeightFreeConv2d, WeightFreeLinear, to_weight_free, weightfree_flops
+from dynconvert.deploy.export import export_onnx
+from dynconvert.dynamics.modules import DynConv2d, DynLinear, DynSpec
+from dynconvert.deploy.opcount import count
+from dynconvert.dynamics.weightfree import WeightFreeConv2d, WeightFreeLinear, to_weight_free, weightfree_flops
 
 
 def _fill(layer, gen, grid=None):
@@ -47,7 +47,7 @@ def test_linear_exact(metric, m, n, h, d, batch):
 
 def test_l1_in_place_and_out_of_place_agree():
     """Eager inference computes in a reused scratch buffer; export/autograd out of place: same numbers."""
-    from dynconvert.weightfree import clear_workspace, l1_matvec
+    from dynconvert.dynamics.weightfree import clear_workspace, l1_matvec
 
     gen = torch.Generator().manual_seed(5)
     conv = _fill(DynConv2d.from_dense(nn.Conv2d(6, 9, 2, groups=3), DynSpec(2, 2, "l1")), gen)
@@ -127,8 +127,8 @@ def _mixed_model(gen):
         nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
     )
     specs = {"0": DynSpec(2, 2, "l1"), "2": DynSpec(2, 2, "sql2"), "4": DynSpec(1, 3, "l2"), "7": DynSpec(3, 2, "l1")}
-    from dynconvert.conversion import set_submodule
-    from dynconvert.layers import make_dynamic
+    from dynconvert.dynamics.conversion import set_submodule
+    from dynconvert.dynamics.layers import make_dynamic
 
     for name, spec in specs.items():
         set_submodule(model, name, _fill(make_dynamic(model.get_submodule(name), spec), gen))
@@ -191,8 +191,8 @@ def test_load_weight_free_follows_the_cost_rule(tmp_path):
     """weight_free=True runs from states only the L1 layers the cost model predicts faster: a wide
     Linear at batch 1 (reading its 16 MiB matrix costs more than a pass over the states), not a
     conv over a 16x16 map (256 vectors per call); "all" runs both from states. Outputs match."""
-    from dynconvert.fused import pick_path
-    from dynconvert.weightfree import vectors_per_call
+    from dynconvert.dynamics.fused import pick_path
+    from dynconvert.dynamics.weightfree import vectors_per_call
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 1024))
@@ -239,8 +239,8 @@ def test_bench_json(cli):
 @pytest.mark.parametrize("cfg", [(40, 50, 1, 2, 2), (12, 7, 3, 1, 3), (64, 300, 1, 4, 4)])
 def test_fused_l1_matches_eager(cfg, monkeypatch):
     """The numba kernel (when installed) and the eager ops give the same products, ties included."""
-    from dynconvert import fused
-    from dynconvert.weightfree import WeightFreeCore, l1_matvec
+    from dynconvert.dynamics import fused
+    from dynconvert.dynamics.weightfree import WeightFreeCore, l1_matvec
 
     if not fused.available():
         pytest.skip("numba not installed (optional extra 'fast'); the eager path is tested above")
@@ -263,7 +263,7 @@ def test_fused_l1_matches_eager(cfg, monkeypatch):
 def test_pick_path_rule():
     """The cost model picks weight-free for a big layer at batch 1 and dense where the batch amortizes
     the weight read over many vectors; without numba it is more cautious, never less."""
-    from dynconvert.fused import pick_path, predicted_seconds
+    from dynconvert.dynamics.fused import pick_path, predicted_seconds
 
     assert pick_path(16384, 16384, 16, vectors=1, fused=True) == "weightfree"
     assert pick_path(1024, 1024, 16, vectors=32, fused=True) == "dense"
@@ -274,7 +274,7 @@ def test_pick_path_rule():
             assert slow > fast
             if pick_path(*shape, 16, 1, vectors, fused=False) == "weightfree":
                 assert pick_path(*shape, 16, 1, vectors, fused=True) == "weightfree"
-    from dynconvert.fused import layer_path
+    from dynconvert.dynamics.fused import layer_path
 
     assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "l1")), 1) == pick_path(8192, 8192, 16, 1, 1)
     assert layer_path(DynLinear(8192, 8192, False, DynSpec(4, 4, "sql2")), 1) == "dense"  # no L1 path

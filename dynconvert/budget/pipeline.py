@@ -1,0 +1,369 @@
+"""One byte budget for the whole network, split between layers by measured sensitivity.
+
+``convert_to_budget`` is what ``dynconvert convert --size 1/8`` (or ``--target-bytes``) runs:
+
+1. **Candidates.** Every Linear/Conv2d weight can stay fp32, become dense int8 or int4 (GPTQ,
+   one scale per output channel), or, where the layer can be converted, dynamics states (sql2) at
+   a few H*d with int8 states (one scale per sub-model state vector). Each has an exact byte cost.
+   An nn.MultiheadAttention's q, k and v projections are one such unit (one packed tensor, one
+   precision; each projection fitted on its own inputs), its out_proj a Linear like any other;
+   their inputs are taken through the MHA, which calls none of them (attention.input_taps).
+2. **Measure.** On the calibration inputs (images, or synthetic ones from BatchNorm statistics),
+   each candidate is fitted to its layer's outputs, put in place alone, and the network's output
+   error is measured: layers differ by orders of magnitude in sensitivity, and a low-rank error
+   moves a network differently from a rounding error of the same size.
+3. **Allocate.** Minimize the summed measured network errors under the byte budget (a
+   multiple-choice knapsack: Lagrangian relaxation, then a greedy fill of what is left), as HAWQ
+   and Sony MCT's mixed-precision search do (allocation.py).
+4. **Fit sequentially.** In execution order, a stage of layers at a time, each chosen layer is
+   fitted to the *original* network's outputs from the inputs of the network *compressed so far*
+   (``outputs.corrected_target``), so errors do not compound.
+
+The result records every layer's choice, its bytes, its measured error and the alternatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .allocation import Candidate, allocate, why
+from ..dynamics.attention import QKV, packed, proj_targets
+from ..dynamics.conversion import LayerStats, Skipped, matches, set_submodule, uncovered_skips
+from ..dynamics.modules import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
+from ..dynamics.layers import dense_kind, dense_target, make_dynamic
+from ..errors import DynError
+from .outputs import (
+    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
+    row_scales,
+)
+from ..dynamics.fit import svd_rel_error
+from .quant import dequantize, quantize, stored_bytes
+
+STATE_DIM = 16
+"""d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
+DYN_CANDIDATES = 5
+"""Dynamics candidates per layer: H from 1 to where states cost 0.9 x int4, spaced geometrically."""
+SENSITIVITY_IMAGES = 16
+"""Images the network error of each candidate is measured on (held apart from the fitting ones
+when there are enough)."""
+HEADER_BYTES_PER_LAYER = 700
+"""The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
+HEADER_BYTES_PER_TENSOR = 160
+"""The safetensors header entry and the metadata's storage entry of one stored tensor."""
+
+
+@dataclass
+class Part:
+    """One weight matrix of a unit, fitted on its own inputs."""
+
+    name: str  # the name its converted layer takes: a Linear/Conv2d's own, or an MHA's "<mha>.q_proj"
+    layer: nn.Module  # the dense layer: nn.Linear, nn.Conv2d, or attention.ProjTarget
+    m: int
+    n: int
+
+
+@dataclass
+class Unit:
+    """One decision of the budget: a Linear/Conv2d weight, or the q, k and v projections of an
+    nn.MultiheadAttention together (packed, they are one tensor, stored at one precision)."""
+
+    name: str
+    parts: list[Part]
+    stored: list[str]  # the state-dict keys of the dense weights: one per part, or one packed tensor
+    convertible: str | None  # why states are not an option, or None
+
+    @property
+    def numel(self) -> int:
+        return sum(p.m * p.n for p in self.parts)
+
+    @property
+    def shape(self) -> list[int]:
+        """(m, n) of the unit's matrix (q, k and v stacked); [weights] when their n differ."""
+        if len({p.n for p in self.parts}) == 1:
+            return [sum(p.m for p in self.parts), self.parts[0].n]
+        return [self.numel]
+
+    def candidates(self, min_params: int) -> list[Candidate]:
+        def dense(bits):
+            return sum(stored_bytes(p.m * p.n, bits, p.m) for p in self.parts)
+
+        out = [Candidate("fp32", 4 * self.numel), Candidate("int8", dense(8)), Candidate("int4", dense(4))]
+        if self.convertible is None and min(p.m * p.n for p in self.parts) >= min_params:
+            # H from 1 up to where states would cost as much as int4, spaced geometrically
+            most = math.floor(0.9 * out[2].bytes / sum((p.m + p.n) * (STATE_DIM + 4) for p in self.parts))
+            groups = sorted({max(1, round(most ** (k / (DYN_CANDIDATES - 1)))) for k in range(DYN_CANDIDATES)}) if most >= 1 else []
+            for h in groups:
+                spec = DynSpec(h, STATE_DIM, "sql2", "linear")
+                out.append(Candidate("dyn", sum(state_bytes(spec, p.m, p.n) for p in self.parts), spec))
+        return out
+
+
+def state_bytes(spec: DynSpec, m: int, n: int) -> int:
+    """int8 states with one fp32 scale per (group, state vector), fp32 couplings and offset."""
+    vectors = spec.groups * (m + n)
+    return stored_bytes(vectors * spec.dim, 8, vectors) + 4 * (spec.groups + 1)
+
+
+def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
+    """Every Linear/Conv2d weight (depthwise ones too: they can still be int8/int4), and the q, k
+    and v projections of every nn.MultiheadAttention as one unit (its out_proj is a Linear)."""
+    units, skipped = [], []
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.MultiheadAttention):
+            targets = proj_targets(name, layer)
+            names = [n for n, _ in targets]
+            if len(targets) != len(QKV) or (include and not any(matches(n, include) for n in names)):
+                continue
+            if any(matches(n, exclude) for n in names):  # one packed tensor: decided together
+                skipped += [Skipped(n, "excluded by pattern (q, k and v are budgeted together)") for n in names]
+                continue
+            stored = [f"{name}.in_proj_weight"] if packed(layer) else [f"{n}_weight" for n in names]
+            units.append(Unit(f"{name}.{{q,k,v}}_proj", [Part(n, t, *t.weight.shape) for n, t in targets], stored, None))
+            continue
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+            continue
+        if include and not matches(name, include):
+            continue
+        if matches(name, exclude):
+            skipped.append(Skipped(name, "excluded by pattern"))
+            continue
+        m, n = dense_matrix(layer).shape
+        why_not = DynConv2d.convertible(layer) if isinstance(layer, nn.Conv2d) else None
+        units.append(Unit(name, [Part(name, layer, m, n)], [f"{name}.weight"], why_not))
+    if not units:
+        raise DynError("no Linear or Conv2d layer to compress (check --include/--exclude)")
+    return units, skipped + uncovered_skips(model, include, exclude)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict at its own dtypes: the fp32 original a size is a fraction of."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# ---------------------------------------------------------------- fitting one candidate
+
+
+@dataclass
+class Fitted:
+    weight: torch.Tensor | None = None  # dense (m, n) on its integer grid
+    scale: torch.Tensor | None = None  # that grid's per-row scales
+    states: object = None  # FitResult for "dyn"
+
+    def dense(self) -> torch.Tensor:
+        """The (m, n) weight this fit stands for."""
+        if self.states is None:
+            return self.weight
+        f = self.states
+        return sql2_lowrank(f.states_out, f.states_in, f.coupling, f.offset)
+
+
+def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
+    if cand.kind == "fp32":
+        return Fitted(weight=target)
+    if cand.kind in ("int8", "int4"):
+        bits = 8 if cand.kind == "int8" else 4
+        if gptq:
+            w, scale = gptq_quantize(target, c, bits)
+        else:  # nearest rounding (clipping still searched): what synthetic inputs cannot mislead
+            scale = row_scales(target, bits)
+            w = dequantize(*quantize(target, bits, (0,), scale))
+        return Fitted(weight=w, scale=scale)
+    return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
+
+
+# ---------------------------------------------------------------- measured network error
+
+
+@torch.no_grad()
+def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
+                       min_params: int, on_progress=None, gptq: bool = True) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+    """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
+    the network runs on ``images`` and its output error (mean squared change of the outputs over
+    their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
+    rounding error of the same size move a network very differently.
+
+    Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
+    unit of relative layer-output error of its int4 candidate, shown by ``report``)."""
+    reference = model(images)
+    scale = reference.pow(2).mean().clamp_min(1e-30)
+    options, sensitivity = {}, {}
+    for i, u in enumerate(units):
+        weights = [p.layer.weight for p in u.parts]  # an MHA projection's: a view of the packed tensor
+        originals = [w.detach().clone() for w in weights]
+        matrices = [o.reshape(p.m, p.n) for o, p in zip(originals, u.parts)]
+        cs = [moments[p.name].own for p in u.parts]
+        layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
+        measured = []
+        try:
+            for cand in u.candidates(min_params):
+                if cand.kind == "fp32":
+                    measured.append((cand, 0.0))
+                    continue
+                dense = [fit_candidate(cand, w, c, 0, gptq).dense() for w, c in zip(matrices, cs)]
+                for w, d in zip(weights, dense):
+                    w.data.copy_(d.reshape(w.shape))
+                err = float((model(images) - reference).pow(2).mean() / scale)
+                measured.append((cand, err))
+                if cand.kind == "int4":
+                    layer_err = sum(output_error(w, d, c) for w, d, c in zip(matrices, dense, cs))
+                    sensitivity[u.name] = err / max(layer_err / layer_scale, 1e-30)
+        finally:
+            for w, o in zip(weights, originals):
+                w.data.copy_(o)
+        options[u.name] = measured
+        if on_progress:
+            on_progress("measuring candidates", i + 1, len(units))
+    return options, sensitivity
+
+
+# ---------------------------------------------------------------- the whole conversion
+
+
+@dataclass
+class BudgetResult:
+    layers: list[LayerStats]
+    skipped: list[Skipped]
+    quantized: dict[str, dict]
+    summary: dict
+
+
+def convert_to_budget(
+    model: nn.Module,
+    target_bytes: int,
+    calibration_inputs,
+    *,
+    calibration: str,
+    include=(),
+    exclude=(),
+    min_params: int = 10_000,
+    stages: int = 8,
+    state_steps: int = 60,
+    on_progress=None,
+) -> BudgetResult:
+    """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
+
+    ``calibration_inputs``: a list of input batches, or a function returning one (called only once
+    the budget is known to be reachable: synthesizing inputs takes a while).
+    ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
+    statistics)"). ``on_progress(phase, done, total)`` reports progress.
+    """
+    import copy
+
+    progress = on_progress or (lambda *a: None)
+    model.eval()
+    original_bytes = model_bytes(model)
+    if target_bytes >= original_bytes:
+        raise DynError(f"the budget {target_bytes:,} bytes is not below the original's {original_bytes:,} bytes; "
+                       "ask for a smaller --size (e.g. 1/4)")
+    units, skipped = find_units(model, include, exclude)
+    original = copy.deepcopy(model).eval()
+    # everything that is not a budgeted weight (norms, biases) is stored as fp16: at 1/8 of an
+    # EfficientNet-Lite2 it would otherwise take 15% of the budget
+    weights = {k for u in units for k in u.stored}
+    small = {k: t for k, t in model.state_dict().items() if k not in weights}
+    halves = {k for k, t in small.items() if t.is_floating_point() and t.dtype != torch.float16}
+    count = sum(len(u.parts) for u in units)
+    fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
+             + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096)
+    room = target_bytes - fixed
+    smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params)) for u in units)
+    if smallest > target_bytes:
+        raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
+                       f"(~{smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+    with torch.no_grad():  # the model is only changed once the budget is known to be reachable
+        for k in halves:
+            small[k].copy_(small[k].half().to(small[k].dtype))
+    batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
+    by_first = {u.parts[0].name: u for u in units}
+    units = [by_first[n] for n in execution_order(model, list(by_first), batches[0][:1])]
+
+    # 1-2: every candidate fitted on the original inputs and measured in the network
+    everything = torch.cat(list(batches))
+    held_apart = len(everything) >= 3 * SENSITIVITY_IMAGES  # measure on images the fits did not see
+    images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
+    fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
+    moments = collect_moments([p.name for u in units for p in u.parts], fitting.split(32), model)
+    # a layer whose owner reads its .weight instead of calling it (Swin's qkv; an MHA's
+    # projections are tapped through the MHA, see attention.input_taps) shows no inputs: it stays
+    # fp32 and is listed; its bytes come out of the room
+    unreached = [u for u in units if any(p.name not in moments for p in u.parts)]
+    for u in unreached:
+        skipped.append(Skipped(u.name, "never called as a module (its owner reads .weight), so its outputs cannot "
+                                       "be measured: left fp32"))
+        room -= 4 * u.numel
+    units = [u for u in units if u not in unreached]
+    if not units or room < sum(min(c.bytes for c in u.candidates(min_params)) for u in units):
+        raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
+                       f"({', '.join(u.name for u in unreached[:3])}...); ask for a larger --size")
+    # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
+    # steered by that and rounding to nearest is safer; the upstream correction likewise
+    trusted = calibration == "images"
+    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress, gptq=trusted)
+    choice = allocate(options, room)
+    assert choice is not None  # the cheapest choice of every layer fits (checked above)
+
+    # 4: sequential fitting, a stage at a time, on the inputs of the network compressed so far
+    chosen = {n: options[n][i][0] for n, i in choice.items()}
+    todo = [u for u in units if chosen[u.name].kind != "fp32"]
+    per_stage = max(1, math.ceil(len(todo) / max(stages, 1)))
+    layers, rows = [], []
+    quantized: dict[str, dict] = {k: {"bits": 16} for k in halves}
+    done = 0
+    for s in range(0, len(todo), per_stage):
+        stage = todo[s:s + per_stage]
+        paired = collect_moments([p.name for u in stage for p in u.parts], batches, model, original,
+                                 stop_after=stage[-1].parts[-1].name)
+        for u in stage:
+            cand = chosen[u.name]
+            scales = []
+            for p in u.parts:
+                mom = paired[p.name]
+                w = dense_matrix(dense_target(original, p.name))
+                target = corrected_target(w, mom) if trusted else w
+                fitted = fit_candidate(cand, target, mom.own, state_steps, gptq=trusted)
+                if cand.kind == "dyn":
+                    new = make_dynamic(p.layer, cand.spec)
+                    f = fitted.states
+                    new.set_states(f.states_out, f.states_in, f.coupling, f.offset)
+                    set_submodule(model, p.name, new)
+                    for t in ("states_out", "states_in"):
+                        quantized[f"{p.name}.{t}"] = {"bits": 8, "keep": list(STATE_KEEP)}
+                    layers.append(LayerStats(
+                        name=p.name, kind=dense_kind(p.layer).name,
+                        weight_shape=list(p.layer.weight.shape), matrix_shape=[p.m, p.n], spec=cand.spec.to_dict(),
+                        dense_params=p.m * p.n, state_params=new.num_state_params(), rel_error=f.rel_error,
+                        svd_rel_error=svd_rel_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
+                        steps=state_steps, fit_mode=f"outputs ({calibration}, sequential)",
+                        output_rel_error=f.output_rel_error,
+                    ))
+                else:
+                    p.layer.weight.data.copy_(fitted.weight.reshape(p.layer.weight.shape))
+                    scales.append(fitted.scale)
+            if scales:  # a packed q/k/v tensor: its rows' scales, in order
+                bits = 8 if cand.kind == "int8" else 4
+                grouped = [torch.cat(scales)] if len(u.stored) == 1 else scales
+                for key, scale in zip(u.stored, grouped):
+                    quantized[key] = {"bits": bits, "keep": [0], "scale": scale}
+            done += 1
+            progress("fitting", done, len(todo))
+    predicted_total = 0.0
+    for u in units:
+        cand, err = options[u.name][choice[u.name]]
+        predicted_total += err
+        rows.append(dict(
+            name=u.name, shape=u.shape, choice=cand.label, kind=cand.kind, bytes=cand.bytes,
+            fp32_bytes=4 * u.numel, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
+            why=why(options[u.name], choice[u.name]),
+            states_possible=u.convertible is None,
+        ))
+    summary = dict(
+        target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
+        planned_bytes=fixed + sum(r["bytes"] for r in rows), calibration=calibration,
+        calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
+        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows,
+    )
+    return BudgetResult(layers, skipped, quantized, summary)

@@ -1,0 +1,120 @@
+"""Distillation on unlabeled inputs: the compressed network learns to give the original's outputs.
+
+No labels: the loss is the teacher's softened output distribution against the student's
+(KL, Hinton et al.), on the same calibration inputs the conversion used (random crops of the
+user's images, or synthetic ones). Everything floating in the student trains: states, couplings,
+dense weights, biases and BatchNorm affine parameters (BatchNorm statistics stay frozen: the
+network runs in eval mode, so a few hundred images cannot skew them).
+
+Quantized tensors stay quantized while they train: each is rounded to its grid on the forward
+pass and passes gradients straight through (STE), with the scales the conversion chose; so
+after distillation the file holds exactly what was trained, at the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as P
+
+from ..errors import DynError
+from ..budget.quant import dequantize, quantize
+
+
+class _OnGrid(nn.Module):
+    """Parametrization: the tensor rounded to its integer grid (straight-through gradient)."""
+
+    def __init__(self, bits: int, keep: tuple[int, ...], scale: torch.Tensor | None):
+        super().__init__()
+        self.bits, self.keep, self.fixed = bits, keep, scale
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.bits == 16:  # stored as fp16
+            return t + (t.half().to(t.dtype) - t).detach()
+        on_grid = dequantize(*quantize(t, self.bits, self.keep, self.fixed)).to(t.dtype)
+        return t + (on_grid - t).detach()
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, attr = name.rpartition(".")
+    return module, attr
+
+
+def distill(
+    student,
+    teacher: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    seconds: float | None = 600.0,
+    steps: int | None = None,
+    lr: float = 1e-4,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    on_log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train ``student`` (an nn.Module, or a ``Conversion`` whose quantized tensors then stay on
+    their grid) to match ``teacher`` on ``batches``, in place, for ``seconds`` of wall time or
+    ``steps`` steps, whichever ends first. Returns {"steps", "seconds", "first_loss", "last_loss"}.
+    """
+    quantized = getattr(student, "quantized", None) or {}
+    model: nn.Module = getattr(student, "model", student)
+    if seconds is None and steps is None:
+        raise DynError("distill needs a time budget (seconds) or a step count")
+    inputs = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+    if len(inputs) == 0:
+        raise DynError("distillation needs at least one input image")
+    teacher.eval().requires_grad_(False)
+    with torch.no_grad():
+        targets = torch.cat([teacher(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+    registered = []
+    for name, spec in quantized.items():
+        module_name, attr = _split(name)
+        module = model.get_submodule(module_name)
+        keep = tuple(spec.get("keep", [0] if spec["bits"] != 16 else []))
+        scale = spec.get("scale")
+        if isinstance(scale, torch.Tensor):
+            t = getattr(module, attr)
+            scale = scale.detach().float().reshape([t.shape[i] if i in keep else 1 for i in range(t.ndim)])
+        else:
+            scale = None
+        P.register_parametrization(module, attr, _OnGrid(int(spec["bits"]), keep, scale))
+        registered.append((module, attr))
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    start = time.perf_counter()
+    total = steps if steps is not None else math.inf
+    step, first, last = 0, None, None
+    try:
+        while step < total and (seconds is None or time.perf_counter() - start < seconds):
+            idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
+            t = temperature
+            out = model(inputs[idx])
+            loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(targets[idx] / t, 1), log_target=True,
+                            reduction="batchmean") * t * t
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DynError(f"distillation diverged (loss {value} at step {step}); try a smaller lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            first = value if first is None else first
+            last = value
+            if on_log and (step == 1 or step % 10 == 0):
+                on_log(f"distill step {step}: loss {value:.4f} ({time.perf_counter() - start:.0f} s)")
+    finally:
+        for module, attr in registered:  # keep the rounded values: what the file will hold
+            P.remove_parametrizations(module, attr, leave_parametrized=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return {"steps": step, "seconds": time.perf_counter() - start, "first_loss": first, "last_loss": last}
