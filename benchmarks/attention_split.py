@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from dynconvert.dynamics import choose_spec
-from dynconvert.fit import fit_weight, svd_rel_error
+from benchmarks.digits import tiny_trained_vit
+from dynconvert.dynamics.modules import choose_spec
+from dynconvert.dynamics.fit import fit_weight, svd_rel_error
 
 
 def compare(w: torch.Tensor, steps: int, ratio: float = 0.25) -> dict:
@@ -38,42 +39,6 @@ def compare(w: torch.Tensor, steps: int, ratio: float = 0.25) -> dict:
     res["three_svd"] = math.sqrt(sq_svd) / w.norm().item()
     res["seconds"] = time.perf_counter() - t
     return res
-
-
-def small_vit(hidden: int = 64) -> torch.nn.Module:
-    """The small ViT trained on digits (16x16 RGB inputs, 4x4 patches, 2 blocks)."""
-    from torchvision.models import VisionTransformer
-
-    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=hidden,
-                             mlp_dim=2 * hidden, num_classes=10)
-
-
-def vit_digits_tensors():
-    """benchmarks.fit_quality's digits split (same held-out 360), as the ViT's 3 x 16 x 16 inputs."""
-    from benchmarks.fit_quality import digits_tensors
-
-    def rgb16(x):
-        return torch.nn.functional.interpolate(x, size=16, mode="area").repeat(1, 3, 1, 1)
-
-    (xtr, ytr), (xte, yte) = digits_tensors()
-    return (rgb16(xtr), ytr), (rgb16(xte), yte)
-
-
-def tiny_trained_vit(epochs: int = 30, seed: int = 0, hidden: int = 64):
-    """A small ViT trained on the digits' training split; returns it and its held-out accuracy."""
-    torch.manual_seed(seed)
-    (x, y), (xte, yte) = vit_digits_tensors()
-    net = small_vit(hidden)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(epochs):
-        for i in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[i]), y[i]).backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        acc = (net(xte).argmax(1) == yte).float().mean().item()
-    return net, acc
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ import json
 import torch
 
 import dynconvert
-from dynconvert.conversion import input_moments
-from dynconvert.fit import input_whitener, output_rel_error
-from benchmarks.fit_quality import digits_tensors, train_cnn
+from dynconvert.dynamics.conversion import input_moments
+from dynconvert.dynamics.fit import input_whitener, output_rel_error
+from benchmarks.digits import digits_tensors, train_cnn
 
 
 def accuracy(model, x, y) -> float:

@@ -112,7 +112,7 @@ def main() -> None:
             busy.wait()
         print(f"beside one busy-loop process: {loaded['seconds']:.0f} s", flush=True)
 
-    from dynconvert.dynfile import read_dyn
+    from dynconvert.dynfile.format import read_dyn
 
     _, meta = read_dyn(work / f"{args.model}.dyn")
     layers = meta["layers"].values()

@@ -1,4 +1,4 @@
-"""Data-free calibration: BatchNorm-synthesized inputs vs no data vs real images (EfficientNet-Lite2).
+r"""Data-free calibration: BatchNorm-synthesized inputs vs no data vs real images (EfficientNet-Lite2).
 
 Compresses every Linear / non-depthwise Conv2d layer of the real ImageNet-pretrained
 EfficientNet-Lite2 with input-whitened truncated SVD: for a layer W (m x n) and the second moment
@@ -6,7 +6,7 @@ C = E[v v'] of its input vectors (unfolded patches; channel vectors for 1x1 conv
 W_hat = truncSVD_r(W L) L^+ with r*(m+n) <= ratio*m*n. C is taken from
 
     identity   no data: plain weight-only truncated SVD
-    synthetic  inputs from dynconvert.synth.bn_synthetic_batches (no images at all)
+    synthetic  inputs from dynconvert.budget.synth.bn_synthetic_batches (no images at all)
     real       random 260x260 crops of photos (held apart from the evaluation photos)
 
 and each compressed model is compared with the original on random 260x260 crops of other photos
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynconvert.conversion import input_moments
-from dynconvert.synth import synthesize
+from dynconvert.dynamics.conversion import input_moments
+from dynconvert.budget.synth import synthesize
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--absolute", action="store_true", help="ZeroQ's absolute loss instead of the relative one")
-    ap.add_argument("--tv", type=float, default=None, help="total-variation weight (default: dynconvert.synth's)")
+    ap.add_argument("--tv", type=float, default=None, help="total-variation weight (default: dynconvert.budget.synth's)")
     ap.add_argument("--real-images", type=int, default=32)
     ap.add_argument("--eval-images", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)

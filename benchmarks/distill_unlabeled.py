@@ -22,11 +22,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import dynconvert  # noqa: E402
-from dynconvert.checkpoint import Source  # noqa: E402
-from dynconvert.data import digits, preprocess_for  # noqa: E402
-from dynconvert.demo import FACTORY, INPUT_SIZE, lenet5, threads, train_original  # noqa: E402
-from dynconvert.evaluation import evaluate  # noqa: E402
-from dynconvert.finetune import FinetuneOptions, finetune_file  # noqa: E402
+from dynconvert.io.checkpoint import Source  # noqa: E402
+from dynconvert.io.data import digits, preprocess_for  # noqa: E402
+from dynconvert.cli.demo import FACTORY, INPUT_SIZE, lenet5, threads, train_original  # noqa: E402
+from dynconvert.train.evaluation import evaluate  # noqa: E402
+from dynconvert.train.finetune import FinetuneOptions, finetune_file  # noqa: E402
 
 
 def main() -> None:

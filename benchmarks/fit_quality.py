@@ -20,53 +20,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import dynconvert
-
-
-def digits_tensors():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    test, train = perm[:360], perm[360:]
-    return (x[train], y[train]), (x[test], y[test])
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-
-
-def train_cnn(epochs: int, seed: int = 0) -> tuple[nn.Module, float]:
-    """Train to convergence (training loss flat); returns the model and its held-out accuracy."""
-    torch.manual_seed(seed)
-    (xtr, ytr), (xte, yte) = digits_tensors()
-    model = small_cnn()
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
-        perm = torch.randperm(len(ytr))
-        for i in range(0, len(ytr), 64):
-            idx = perm[i : i + 64]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(xte).argmax(1) == yte).float().mean().item()
-    return model, acc
+from benchmarks.digits import DIGITS_VIT_WIDTH, digits_tensors, small_cnn, train_cnn, tiny_trained_vit
 
 
 def efficientnet_lite2() -> nn.Module:
@@ -96,8 +52,6 @@ def main() -> None:
         model, acc = train_cnn(args.epochs)
         title = f"small CNN on digits: held-out accuracy {acc:.4f} (trained {args.epochs} epochs in {time.time() - t0:.0f} s)"
     elif args.model == "digits_vit":  # real_model's small ViT; its q/k/v projections are layers here too
-        from benchmarks.attention_split import tiny_trained_vit
-        from benchmarks.real_model import DIGITS_VIT_WIDTH
 
         model, acc = tiny_trained_vit(args.epochs, hidden=DIGITS_VIT_WIDTH)
         title = f"small ViT on digits: held-out accuracy {acc:.4f} (trained {args.epochs} epochs in {time.time() - t0:.0f} s)"

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
-from dynconvert.export import mha_fastpath_off
+from dynconvert.deploy.export import mha_fastpath_off
 
 
 def _size(path: str) -> int:

@@ -2,7 +2,7 @@
 
 Converts a model exactly as a user does (`dynconvert convert` in a subprocess), then times the
 original checkpoint's ONNX graph and the .dyn's materialized, factorized, weight-free and int8
-exports at batch 1 and 32 (``dynconvert.bench.onnx_latency``; the same as
+exports at batch 1 and 32 (``dynconvert.deploy.bench.onnx_latency``; the same as
 `dynconvert bench --onnx MODEL.dyn`, plus the original).
 
     python -m benchmarks.onnx_latency --model resnet18            # the resnet18 recipe (ratio 0.25)
@@ -39,8 +39,8 @@ def efficientnet_lite2():
 
 def digits_vit():
     """The real-model benchmark's small ViT (benchmarks/attention_split.py at real_model's width)."""
-    from benchmarks.attention_split import small_vit
-    from benchmarks.real_model import DIGITS_VIT_WIDTH
+    from benchmarks.digits import small_vit
+    from benchmarks.digits import DIGITS_VIT_WIDTH
 
     return small_vit(DIGITS_VIT_WIDTH).eval()
 
@@ -55,8 +55,8 @@ def checkpoint(model: str, folder: Path) -> tuple[Path, list[str]]:
         torch.save(torchvision.models.resnet18().state_dict(), path)
         return path, ["--recipe", "resnet18"]
     if model == "digits_vit":  # trained on digits here (about 30 s)
-        from benchmarks.attention_split import tiny_trained_vit
-        from benchmarks.real_model import DIGITS_VIT_WIDTH
+        from benchmarks.digits import tiny_trained_vit
+        from benchmarks.digits import DIGITS_VIT_WIDTH
 
         torch.save(tiny_trained_vit(30, hidden=DIGITS_VIT_WIDTH)[0].state_dict(), path)
         return path, ["--model", FACTORIES[model], "--input-size", "3,16,16"]
@@ -69,7 +69,7 @@ def checkpoint(model: str, folder: Path) -> tuple[Path, list[str]]:
 
 
 def main() -> None:
-    from dynconvert.bench import latency_markdown, onnx_latency
+    from dynconvert.deploy.bench import latency_markdown, onnx_latency
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=tuple(FACTORIES), default="resnet18")
