@@ -1,5 +1,6 @@
 import pytest
 import torch
+from _tiny import SMALLNET
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +33,7 @@ def small_factory(tmp_path, monkeypatch):
     """A small non-torchvision net's checkpoint and its importable factory: (m.pth, "smallnet:build")."""
     import importlib
 
-    (tmp_path / "smallnet.py").write_text(
-        "import torch.nn as nn\n\n\ndef build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))\n"
-    )
+    (tmp_path / "smallnet.py").write_text(SMALLNET)
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)
     torch.save(importlib.import_module("smallnet").build().state_dict(), tmp_path / "m.pth")

@@ -6,31 +6,9 @@ import sys
 
 import torch
 import torchvision
+from _tiny import TINY_NET
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-TINY_NET = '''
-import torch.nn as nn
-
-
-class TinyNet(nn.Module):
-    """Not a torchvision model: conv + BN + strided conv + linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def build():
-    return TinyNet()
-'''
 
 
 def header(path):

@@ -10,6 +10,7 @@ from dynconvert.errors import DynError
 from dynconvert.budget.outputs import gptq_quantize, output_error
 from dynconvert.budget.quant import fake_quant
 from helpers import one_line_error
+from _tiny import BUDGET_NET as NET_SOURCE
 
 
 def bn_net(seed: int = 0) -> nn.Sequential:
@@ -122,19 +123,6 @@ def test_data_free_needs_batchnorm():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
     with pytest.raises(DynError, match="BatchNorm"):
         dynconvert.convert(net, size=0.2, data_free=True, input_size=(3, 16, 16))
-
-
-NET_SOURCE = """
-import torch.nn as nn
-
-def build():
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 128, 1), nn.BatchNorm2d(128),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 100))
-
-def build_plain():
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 100))
-"""
 
 
 @pytest.fixture

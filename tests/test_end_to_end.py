@@ -16,26 +16,9 @@ import torch.nn as nn
 import torchvision
 
 import dynconvert
+from _tiny import E2E_SMALLNET as FACTORY
 
 SIZE = "3,32,32"
-FACTORY = """
-import torch.nn as nn
-
-
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.conv(x).relu()).flatten(1))
-
-
-def build():
-    return SmallNet()
-"""
 
 
 def chain(cli, folder, dyn, *rebuild):

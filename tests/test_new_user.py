@@ -8,30 +8,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import ROOT, env, one_line_error
-
-NET = textwrap.dedent(
-    """
-    import torch.nn as nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
-
-        def forward(self, x):
-            return self.body(x)
-
-    def build():
-        return Net()
-    """
-)
+from _tiny import NEW_USER_NET as NET
 
 
 def dynconvert(*args, cwd, extra=None):

@@ -13,10 +13,8 @@ import dynconvert
 from dynconvert.dynamics.attention import ConvertedMultiheadAttention, WeightFreeAttention
 from dynconvert.dynfile.format import read_dyn
 from dynconvert.dynamics.weightfree import to_weight_free
+from _tiny import VIT
 
-VIT = ("import torch.nn as nn\nfrom torchvision.models import VisionTransformer\n\n\ndef build():\n"
-       "    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,\n"
-       "                             mlp_dim=64, num_classes=10)\n")
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
