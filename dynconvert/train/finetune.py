@@ -9,7 +9,7 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPU);
 logs and writes checkpoints and the output.
 
 This module holds the options, the loop and the file-level command; what trains is trainable.py,
-evaluation evaluation.py, the process group distributed.py, resumable snapshots train_checkpoint.py.
+evaluation evaluation.py, the process group distributed.py, resumable snapshots snapshots.py.
 """
 
 from __future__ import annotations
