@@ -17,16 +17,18 @@ from .dynfile import resume as rs
 from .budget.pipeline import convert_to_budget, model_bytes
 from .io.checkpoint import Source, load_model, source_of
 from .dynamics.conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
-from .io.data import calibration_batches
+from .io.data import calibration_batches, check_input_size, probe_forward
 from .dynfile.format import write_dyn
 from .errors import DynError
 from .deploy.export import export_onnx, export_pth, export_safetensors
 from .io.fileio import check_output_path, sha256_file
+from .io.safetensors_io import OverBudget
 from .dynamics.fit import FitResult
 from .dynamics.layers import layer_config
 from .dynfile.rebuild import load, read_meta, verify
 from .deploy.report import build_report
 from .budget.synth import bn_synthetic_batches, has_batchnorm, synthesis_size
+from .dynamics.workers import WorkerDied
 
 
 # what users call; the exports, the report and the reader live in their own modules
@@ -67,6 +69,7 @@ def convert(
     synthetic_images: int = 32,
     on_progress=None,
     on_note=None,
+    reserve: int = 0,
     **overrides,
 ) -> Conversion:
     """Convert ``model``'s Linear/Conv2d layers in place; keyword overrides set ConvertOptions fields.
@@ -78,7 +81,8 @@ def convert(
     bytes on disk instead of a uniform ratio, every layer's representation chosen by measured
     sensitivity and fitted to the original's outputs (budget.py). Without ``calib`` (or with
     ``data_free=True``) the inputs are synthesized from the model's BatchNorm statistics.
-    ``on_progress(phase, done, total)`` follows the long phases.
+    ``on_progress(phase, done, total)`` follows the long phases. ``reserve``: bytes of the budget kept
+    free beyond the header estimate (``save`` refuses a file over its budget).
     """
     opts = replace(options or ConvertOptions())
     unknown = [k for k in overrides if k not in opts.to_dict()]
@@ -93,7 +97,7 @@ def convert(
         model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
         return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
-                              tuple(input_size), "ratio" in overrides, on_progress, on_note)
+                              tuple(input_size), "ratio" in overrides, on_progress, on_note, reserve)
 
 
 def _check_include(model: nn.Module, patterns: list[str]) -> None:
@@ -106,7 +110,7 @@ def _check_include(model: nn.Module, patterns: list[str]) -> None:
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,
-                       ratio_given, on_progress, on_note) -> Conversion:
+                       ratio_given, on_progress, on_note, reserve=0) -> Conversion:
     if size is not None and target_bytes is not None:
         raise DynError("give --size or --target-bytes, not both")
     if ratio_given:
@@ -117,6 +121,7 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
     if calib is not None and data_free:
         raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
     if calib is None:
+        probe_forward(model, input_size)  # the synthesized inputs have this size
         if not has_batchnorm(model):
             raise DynError(f"{type(model).__name__} has no BatchNorm layers, so data-free calibration cannot synthesize "
                            "inputs; pass calibration images (--calib DIR)")
@@ -135,7 +140,7 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
             raise DynError("the calibration data gave no images; pass a folder with readable images")
         mode = "images"
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
-                               min_params=opts.min_params, on_progress=on_progress)
+                               min_params=opts.min_params, on_progress=on_progress, reserve=reserve)
     conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv
@@ -161,8 +166,10 @@ def dyn_metadata(conv: Conversion) -> dict:
 
 
 def save(conv: Conversion, path: str | Path) -> None:
-    """Write the conversion as a .dyn file (atomically)."""
-    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized)
+    """Write the conversion as a .dyn file (atomically). A budgeted one is measured once written and
+    refused (OverBudget, nothing written) when over its budget."""
+    limit = conv.budget["target_bytes"] if conv.budget else None
+    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized, max_bytes=limit)
 
 
 def convert_checkpoint(
@@ -197,29 +204,45 @@ def convert_checkpoint(
     budgeted = size is not None or target_bytes is not None
     if budgeted and resume:
         raise DynError("--resume is not available with --size/--target-bytes; rerun the conversion")
+    if calib_images is not None and calib_images < 1:
+        raise DynError(f"--calib-images must be at least 1, got {calib_images}")
     calib_images = calib_images or (256 if budgeted else 512)
     folder = rs.partial_dir(out)
+    if folder.exists() and not resume and not rs.saved(folder):
+        rs.remove(folder)  # left empty by a run that failed before its first layer: nothing to keep
     if folder.exists() and not resume:
         if not force:
             raise DynError(f"{folder} holds the finished layers of an interrupted conversion; pass --resume to reuse "
                            "them, or --force to start over")
         rs.remove(folder)
+    input_size = check_input_size(tuple(input_size))
     loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
     for note in loaded.notes:
         on_note(note)
+    probe_forward(loaded.model, input_size)  # before any image is read or layer fitted
     batches = None
     if calib is not None:
         batches = calibration_batches(calib, loaded.source.to_dict(), input_size, calib_images)
         on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
     source_sha256 = sha256_file(checkpoint)
     if budgeted:
-        conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
-                       size=size, target_bytes=target_bytes, data_free=data_free, on_progress=on_progress,
-                       on_note=on_note)
-        conv.source_sha256 = source_sha256
-        conv.source_bytes = Path(checkpoint).stat().st_size
-        save(conv, out)
-        return conv
+        reserve = 0
+        while True:
+            conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
+                           size=size, target_bytes=target_bytes, data_free=data_free, on_progress=on_progress,
+                           on_note=on_note, reserve=reserve)
+            conv.source_sha256 = source_sha256
+            conv.source_bytes = Path(checkpoint).stat().st_size
+            try:
+                save(conv, out)
+                return conv
+            except OverBudget as e:
+                if reserve:  # tightened once already
+                    raise
+                reserve = e.size - e.limit + 1024  # the header took more than estimated: fit again with less room
+                on_note(f"the file came out {e.size - e.limit:,} bytes over the budget; converting again with "
+                        f"{reserve:,} bytes less for the layers")
+                loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
     # saved fits are reusable only under the same options, source and calibration set
     print_ = rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), calib=calib, calib_images=calib_images))
     done: dict[str, FitResult] = {}
@@ -230,8 +253,17 @@ def convert_checkpoint(
     elif resume:
         on_note(f"nothing to resume ({folder} does not exist); converting every layer")
     saving = rs.Checkpointing(callbacks, folder, print_, done)
-    conv = convert(loaded.model, options=options, callbacks=saving, done=done, source=loaded.source, input_size=input_size,
-                   calib=batches)
+    try:
+        conv = convert(loaded.model, options=options, callbacks=saving, done=done, source=loaded.source,
+                       input_size=input_size, calib=batches)
+    except BaseException as e:
+        kept = rs.saved(folder)
+        if not kept:
+            rs.remove(folder)  # e.g. a full disk before the first layer was saved: nothing to resume from
+        elif isinstance(e, WorkerDied):  # the rerun it suggests must not be refused for the kept layers
+            layers = f"{kept} finished layer" + ("s" if kept > 1 else "")
+            raise WorkerDied(f"{e}; add --resume to reuse the {layers} kept in {folder}") from None
+        raise
     conv.source_sha256 = source_sha256
     conv.source_bytes = Path(checkpoint).stat().st_size
     save(conv, out)

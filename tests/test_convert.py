@@ -62,7 +62,7 @@ def test_same_seed_byte_identical(tmp_path, cli, small_factory):
     ckpt, factory = small_factory
     for name in ("a.dyn", "b.dyn"):
         code, _, err = cli("convert", ckpt, "--out", tmp_path / name, "--model", factory,
-                           "--steps", "20", "--min-params", "100", "--seed", "3")
+                           "--steps", "20", "--min-params", "100", "--seed", "3", "--input-size", "3,8,8")
         assert code == 0, err
     assert (tmp_path / "a.dyn").read_bytes() == (tmp_path / "b.dyn").read_bytes()
 

@@ -21,7 +21,8 @@ def tiny(tmp_path, monkeypatch):
 
 
 def convert(cli, tiny, out, *extra):
-    return cli("convert", tiny, "--out", out, "--model", FACTORY, "--steps", "3", "--min-params", "100", *extra)
+    return cli("convert", tiny, "--out", out, "--model", FACTORY, "--steps", "3", "--min-params", "100",
+               "--input-size", "1,8,8", *extra)
 
 
 def assert_clean_error(code, stderr, out, previous=None):

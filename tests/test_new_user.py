@@ -69,7 +69,7 @@ def test_every_skipped_layer_listed_with_its_reason_and_singular(user_folder):
 
 def test_include_matching_nothing_is_an_error(user_folder):
     line = one_error(*dynconvert("convert", "my.pth", "--model", "mynet:build", "--out", "m.dyn",
-                                 "--include", "nomatch*", cwd=user_folder))
+                                 "--include", "nomatch*", "--input-size", "3,8,8", cwd=user_folder))
     assert "'nomatch*' matches no Linear/Conv2d layer" in line and "body.1" in line
     assert not (user_folder / "m.dyn").exists()
 

@@ -58,7 +58,7 @@ def test_worker_error_is_one_line(tmp_path, cli, monkeypatch):
     ckpt = tiny_checkpoint(tmp_path, layers=2)
     use_factory(monkeypatch, tmp_path)  # not a same-named factory an earlier test imported
     code, _, err = cli("convert", ckpt, "--out", tmp_path / "o.dyn", "--model", FACTORY, "--steps", "5",
-                       "--min-params", "100", "--lr", "1e38", "--threads", "2")
+                       "--min-params", "100", "--lr", "1e38", "--threads", "2", "--input-size", "1,8,8")
     assert code == 2 and "the fit diverged" in err and "Traceback" not in err, err
     assert not (tmp_path / "o.dyn").exists()
 

@@ -13,7 +13,8 @@ from dynconvert.errors import DynError
 def dyn(tmp_path, monkeypatch, cli):
     ckpt = tiny_checkpoint(tmp_path)
     use_factory(monkeypatch, tmp_path)
-    code, _, stderr = cli("convert", ckpt, "--out", tmp_path / "m.dyn", "--model", FACTORY, "--steps", "2", "--min-params", "100")
+    code, _, stderr = cli("convert", ckpt, "--out", tmp_path / "m.dyn", "--model", FACTORY, "--steps", "2", "--min-params", "100",
+                          "--input-size", "1,8,8")
     assert code == 0, stderr
     return tmp_path / "m.dyn"
 

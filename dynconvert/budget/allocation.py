@@ -105,6 +105,9 @@ def parse_size(text: str) -> float:
     return value
 
 
+MAX_BYTES = 2**60
+
+
 def parse_bytes(text: str) -> int:
     """``5MB``, ``800kB``, ``1.5MiB`` or a plain byte count."""
     units = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -118,4 +121,6 @@ def parse_bytes(text: str) -> int:
         raise DynError(f"--target-bytes {text!r}: give a size such as 5MB, 800kB or 1500000") from None
     if not value >= 1:
         raise DynError(f"--target-bytes {text!r} must be positive")
+    if not math.isfinite(value) or value > MAX_BYTES:  # int(inf) raises; no file is an exabyte
+        raise DynError(f"--target-bytes {text!r} is more than any model needs; give a size such as 5MB")
     return int(value)

@@ -54,6 +54,19 @@ HEADER_BYTES_PER_LAYER = 700
 """The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
 HEADER_BYTES_PER_TENSOR = 160
 """The safetensors header entry and the metadata's storage entry of one stored tensor."""
+NAME_CHARS = 32
+"""The name length the two constants above hold; each character beyond it is written again in every
+entry that names the tensor or layer (long names once put a file 15% over its budget)."""
+
+
+def long_names(small: list[str], units: list["Unit"], min_params: int) -> int:
+    """Header bytes the constants miss for names longer than NAME_CHARS: a small tensor's name is in
+    its safetensors entry and its fp16 entry; a part's in up to 6 tensor entries, 2 storage entries,
+    its layer entry (twice) and the allocation row when it becomes states, 4 times when quantized."""
+    extra = lambda name: max(0, len(name) - NAME_CHARS)
+    return (sum(2 * extra(k) for k in small)
+            + sum((11 if any(c.kind == "dyn" for c in u.candidates(min_params)) else 4) * extra(p.name)
+                  for u in units for p in u.parts))
 
 
 @dataclass
@@ -243,13 +256,15 @@ def convert_to_budget(
     stages: int = 8,
     state_steps: int = 60,
     on_progress=None,
+    reserve: int = 0,
 ) -> BudgetResult:
     """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
 
     ``calibration_inputs``: a list of input batches, or a function returning one (called only once
     the budget is known to be reachable: synthesizing inputs takes a while).
     ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
-    statistics)"). ``on_progress(phase, done, total)`` reports progress.
+    statistics)"). ``on_progress(phase, done, total)`` reports progress. ``reserve``: bytes kept
+    free beyond the header estimate (a retry after a file came out over the budget).
     """
     import copy
 
@@ -268,7 +283,8 @@ def convert_to_budget(
     halves = {k for k, t in small.items() if t.is_floating_point() and t.dtype != torch.float16}
     count = sum(len(u.parts) for u in units)
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
-             + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096)
+             + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096
+             + long_names(list(small), units, min_params) + reserve)
     room = target_bytes - fixed
     smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params)) for u in units)
     if smallest > target_bytes:

@@ -17,6 +17,7 @@ try:  # typer >= 0.22 carries its own copy of click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import DynError
 
@@ -85,8 +86,10 @@ app = typer.Typer(
     help="Convert pretrained vision models into dynamics-based states (Pei & Wang, ICML 2023), "
     "fine-tune them, report the savings honestly and export for deployment.",
 )
-console = Console(stderr=True)
-out = Console()
+# Plain text: messages carry user data (paths, layer names) that rich markup would eat ("model[v2].dyn")
+# or choke on ("[/x]"); colour comes from Text styles, never from markup inside a message.
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
@@ -100,10 +103,10 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except DynError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            console.print(Text.assemble(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]: no partial output was written (an existing output is untouched)")
+            console.print(Text.assemble(("interrupted", "red"), ": no partial output was written (an existing output is untouched)"))
             raise typer.Exit(130) from None
 
     return app.command()(wrapper)
@@ -135,11 +138,9 @@ def _plural(n: int, word: str) -> str:
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
-    try:
-        c, h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise DynError(f"--input-size {text!r} must look like 3,224,224") from None
-    return c, h, w
+    from ..io.data import parse_input_size
+
+    return parse_input_size(text)
 
 
 def main() -> None:
@@ -147,7 +148,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # a signal landing outside a command (parsing flags, exiting): still exit 130, no traceback
-        console.print("[red]interrupted[/red]")
+        console.print(Text("interrupted", "red"))
         raise SystemExit(130) from None
     finally:
         # The command has finished (its output is whole or absent); a signal arriving while the

@@ -22,7 +22,7 @@ class RichConvertProgress:
         self.fit = progress.add_task("fit", total=None, err="")
 
     def layer_start(self, index, total, item):
-        self.progress.update(self.layers, total=total, description=f"[bold]{item.name}", err="")
+        self.progress.update(self.layers, total=total, description=item.name, err="")
         self.progress.reset(self.fit, total=None, description=f"  H={item.spec.groups} d={item.spec.dim} {item.spec.metric}")
 
     def step(self, step, steps, rel_error):
@@ -50,7 +50,7 @@ class RichPhaseProgress:
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[err]}"),
         TimeElapsedColumn(), console=console, transient=True,
         disable=not console.is_terminal,  # a log or pipe gets the per-layer lines, not bar redraws
     )
@@ -113,7 +113,11 @@ def convert(
         raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
     if data_free and fraction is None and budget_bytes is None:
         raise DynError("--data-free needs a byte budget: add --size (e.g. --size 1/6)")
-    shape = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
+    shape = _parse_size(input_size) if input_size else (3, 224, 224)
+    if not input_size and "input_size" in (rec or {}):
+        from ..io.data import check_input_size
+
+        shape = check_input_size(rec["input_size"], f"recipe {recipe}: input_size", "fix the recipe")
     try:
         with progress_bar() as progress, using_threads(threads):
             phases = RichPhaseProgress(progress)
@@ -125,9 +129,9 @@ def convert(
                 on_progress=phases,
             )
     except KeyboardInterrupt:
-        from ..dynfile.resume import partial_dir
+        from ..dynfile.resume import partial_dir, saved
 
-        if partial_dir(out_path).is_dir():
+        if saved(partial_dir(out_path)):
             console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
         raise
     for s in conv.skipped:  # every layer left as it was, with the reason

@@ -24,6 +24,7 @@ from ..dynamics.conversion import set_submodule
 from ..dynamics.modules import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
 from ..dynfile.format import STATE_SUFFIXES, write_dyn
 from ..errors import DynError, first_line
+from ..io.data import check_input_size, probe_forward
 from ..io.fileio import atomic_path, check_output_path
 from .onnx_quant import quantize_initializers, weight_free_state_ints
 from ..dynfile.rebuild import materialized, open_converted, open_dyn
@@ -158,7 +159,8 @@ def export_onnx(
     out = check_output_path(out, force)
     start = time.perf_counter()
     net, meta = open_converted(source, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
-    size = tuple(input_size or meta.get("input_size") or (3, 224, 224))
+    size = check_input_size(tuple(input_size or meta.get("input_size") or (3, 224, 224)))
+    probe_forward(net, size)  # one line, not the exporter's traceback
     kept: list[tuple[str, str]] = []
     if weight_free:
         # Every layer with a path, not fused.layer_path's pick (as dynconvert.load does): the file

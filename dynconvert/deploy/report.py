@@ -253,7 +253,7 @@ def render_rich(rep: dict, console) -> None:
     from rich.table import Table
 
     if not console.is_terminal and "COLUMNS" not in os.environ:  # files and pipes: every column, unless told a width
-        console = Console(file=console.file, width=160)
+        console = Console(file=console.file, width=160, markup=False)
     narrow = console.width < NARROW
 
     t = rep["totals"]

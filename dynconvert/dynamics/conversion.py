@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 
@@ -63,10 +64,12 @@ class ConvertOptions:
             replace(self, layers={}, **values).validate()
         if not 0 < self.ratio <= 1:
             raise DynError(f"ratio must be in (0, 1], got {self.ratio}")
-        if self.steps < 0 or self.max_dim < 1 or self.min_params < 0 or self.lr <= 0:
-            raise DynError("steps and min_params must be >= 0, max_dim >= 1 and lr > 0")
+        if self.steps < 0 or self.calib_steps < 0 or self.max_dim < 1 or self.min_params < 0 or not 0 < self.lr < math.inf:
+            raise DynError("steps, calib_steps and min_params must be >= 0, max_dim >= 1 and lr a finite number > 0")
         if (self.groups is None) != (self.dim is None):
             raise DynError("give both --groups and --dim, or neither (then --ratio decides)")
+        if self.groups is not None and min(self.groups, self.dim) < 1:
+            raise DynError(f"--groups and --dim must be >= 1, got {self.groups} and {self.dim}")
         try:
             DynSpec(self.groups or 1, self.dim or 1, self.metric, self.kernel)
         except ValueError as e:
@@ -212,6 +215,8 @@ def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
     """Second moment E[v v'] of each named layer's input vectors over the calibration batches,
     taken on the original model in one pass (MHA projections too: ``attention.input_taps``)."""
+    if not layers:  # nothing to calibrate (every layer skipped): no pass, and no claim that the data was empty
+        return {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

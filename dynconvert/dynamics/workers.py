@@ -135,9 +135,13 @@ def in_order(fn: Callable, jobs: Sequence, workers: int) -> Iterator[Iterator]:
         _stop(pool)
 
 
+class WorkerDied(DynError):
+    """A fitting worker process ended without a result (killed, out of memory)."""
+
+
 def _result(future: cf.Future):
     try:
         return future.result()
     except cf.process.BrokenProcessPool:
-        raise DynError("a worker process died while fitting (out of memory?); rerun with --threads 1, which "
+        raise WorkerDied("a worker process died while fitting (out of memory?); rerun with --threads 1, which "
                        "fits one layer at a time in this process") from None

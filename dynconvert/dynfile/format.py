@@ -34,6 +34,7 @@ from ..version import __version__
 from ..budget import quant
 from ..dynamics.modules import DynSpec
 from ..errors import DynError
+from ..io.data import check_input_size
 from ..io.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dynconvert"
@@ -57,13 +58,15 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_dyn(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, quantized: dict | None = None) -> None:
+def write_dyn(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, quantized: dict | None = None,
+              max_bytes: int | None = None) -> None:
     """Write atomically. ``meta`` gets the format fields and the checksum added.
 
     ``quantized``: tensor name -> {"bits": 4|8, "keep": [dims]} for tensors stored as integers
     (``NAME:q``) plus float32 scales (``NAME:scale``); they must already lie on their integer grid
     (``quant.fake_quant`` with the same bits/keep), and read back bit-identical. Any
     ``quantized`` key in ``meta`` is replaced: it describes this file's storage, not an input's.
+    ``max_bytes``: the file is measured once written and refused (OverBudget, nothing replaced) when larger.
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     for name, t in tensors.items():
@@ -77,7 +80,7 @@ def write_dyn(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, qu
         meta["quantized"] = described
     meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, dynconvert_version=__version__)
     meta["tensors_sha256"] = tensors_checksum(stored)
-    write_safetensors(path, stored, {META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+    write_safetensors(path, stored, {META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}, max_bytes)
 
 
 def _keep_dims(keep, ndim: int) -> list[int] | None:
@@ -263,6 +266,8 @@ def parse_meta(path: Path, raw: dict[str, str]) -> dict:
         raise DynError(f"{path}: metadata 'layers' and 'source' must be objects (corrupt file)")
     if meta["source"].get("kind") not in ("torchvision", "factory", "module"):
         raise DynError(f"{path}: metadata 'source' has no known kind (corrupt file)")
+    if meta.get("input_size") is not None:  # checked here, where it enters: every reader then holds a usable size
+        meta["input_size"] = list(check_input_size(meta["input_size"], f"{path}: metadata input_size", "corrupt file"))
     return meta
 
 

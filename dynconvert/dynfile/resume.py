@@ -118,6 +118,11 @@ class Checkpointing:
         return getattr(self.inner, attr)
 
 
+def saved(folder: Path) -> int:
+    """How many finished layers ``folder`` holds (0 when it does not exist)."""
+    return len(list(folder.glob("[0-9]*.safetensors"))) if folder.is_dir() else 0
+
+
 def remove(folder: Path) -> None:
     """Delete the saved fits (and temporary files a kill left); never anything else a user put there."""
     if not folder.is_dir():

@@ -17,6 +17,7 @@ the recorded input size with ImageNet statistics (3 channels) or mean 0.5 / std 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,19 +113,54 @@ class Unlabeled(Dataset):
         return self.inner[i][0], -1
 
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""Larger images are refused before they are decoded (PIL's own warning threshold, 1/4 GiB of
+RGBA): a few-byte file can declare 20000 x 20000 pixels."""
+
+
 def load_image(path: str):
-    """PIL loader that names the file it cannot decode."""
+    """PIL loader that names the file it cannot decode, refuses decompression bombs before decoding,
+    and maps 16-bit grayscale to 8 bits (PIL would clip it at 255)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, by name
             img = Image.open(f)
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DynError(f"image {path} declares {w} x {h} pixels, more than the {MAX_IMAGE_PIXELS:,} decoded "
+                               "safely (a decompression bomb?); downscale it or remove it")
             img.load()
-            return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
+            return _eight_bit(path, img)
+    except Image.DecompressionBombError:  # PIL's own refusal, at twice the limit, before the size is known
+        raise DynError(f"image {path} declares more than {2 * MAX_IMAGE_PIXELS:,} pixels, more than the "
+                       f"{MAX_IMAGE_PIXELS:,} decoded safely (a decompression bomb?); downscale it or remove it") from None
     except UnidentifiedImageError:
         raise DynError(f"cannot decode image {path} (not an image format PIL reads); remove or replace it") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DynError(f"cannot decode image {path} ({first_line(e)}); remove or replace it") from None
+
+
+def _eight_bit(path: str, img):
+    """An RGB or L image with 0-255 values: 16-bit grayscale scaled down (not clipped); 32-bit
+    pixels, whose range no format defines, refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM"))  # PGM: 0-65535
+    if sixteen:
+        a = np.asarray(img).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise DynError(f"image {path} has 16-bit pixels outside 0-65535 (corrupt); remove or replace it")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        kind = "32-bit floating-point" if img.mode == "F" else "32-bit integer"
+        raise DynError(f"image {path} has {kind} pixels, whose value range is not defined; "
+                       "save it as an 8- or 16-bit image, or remove it")
+    return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
 
 
 class ImageFiles(Dataset):
@@ -261,3 +297,46 @@ def calibration_batches(spec: str, source: dict | None, input_size, images: int 
     if current:
         batches.append(torch.stack(current))
     return batches
+
+
+MAX_INPUT_VALUES = 3 * 8192 * 8192
+"""The most values one input image (C x H x W) may have: 768 MiB as float32."""
+
+
+def check_input_size(size, what: str = "--input-size", hint: str = "give the size the model takes, e.g. 3,224,224"
+                     ) -> tuple[int, int, int]:
+    """An input size (C, H, W) as three positive integers of a size that can be allocated; a
+    one-line DynError naming ``what`` (the flag, or the file whose metadata holds it) otherwise."""
+    shown = ",".join(map(str, size)) if isinstance(size, (list, tuple)) else repr(size)
+    if (not isinstance(size, (list, tuple)) or len(size) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise DynError(f"{what} {shown} is not three positive integers C,H,W; {hint}")
+    if math.prod(size) > MAX_INPUT_VALUES:
+        raise DynError(f"{what} {shown} is {math.prod(size):,} values per image, more than the {MAX_INPUT_VALUES:,} "
+                       f"allowed; {hint}")
+    return tuple(size)
+
+
+def parse_input_size(text: str, flag: str = "--input-size") -> tuple[int, int, int]:
+    """``3,224,224`` -> (3, 224, 224), checked like every other input size."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise DynError(f"{flag} {text!r} must look like 3,224,224") from None
+    return check_input_size(values, flag)
+
+
+@torch.no_grad()
+def probe_forward(model: torch.nn.Module, size, what: str = "--input-size") -> None:
+    """Run ``model`` once on one zero image of ``size`` (C, H, W), before any long work: a model that
+    does not run at that size is refused in one line, naming the size and where it came from."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(iter(model.parameters()), torch.zeros(())).device
+        model(torch.zeros(1, *size, device=device))
+    except Exception as e:  # a user's forward may raise anything; its first line says what
+        raise DynError(f"the model does not run on a {','.join(map(str, size))} input ({first_line(e)}); "
+                       f"pass the size it takes with {what} C,H,W") from None
+    finally:
+        model.train(was_training)

@@ -18,6 +18,7 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     path = Path(path)
     if path.is_dir():
         raise DynError(f"{path} is a directory; give a file path for the output")
+    not_regular(path)
     if path.exists() and not force:
         raise DynError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -26,6 +27,14 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise DynError(f"cannot write {path}: folder {parent} is not writable")
     return path
+
+
+def not_regular(path: Path) -> None:
+    """Refuse an output path that exists and is not a regular file (a device such as /dev/null, a
+    FIFO, a socket): the rename that writes the output would replace it, --force or not."""
+    if path.exists() and not path.is_file():
+        raise DynError(f"{path} exists and is not a regular file (a device, pipe or socket); dynconvert only "
+                       "replaces regular files: give another output path")
 
 
 @contextlib.contextmanager
@@ -51,6 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        not_regular(path)  # checked again as late as possible: it may have appeared meanwhile
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)

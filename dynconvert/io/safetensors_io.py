@@ -89,8 +89,23 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically. Keep ``metadata`` to one key: the library orders several keys at random."""
+class OverBudget(DynError):
+    """A file measured over its byte budget once written; it was removed, the output left as it was."""
+
+    def __init__(self, path, size: int, limit: int):
+        super().__init__(f"refusing to write {path}: it came out {size:,} bytes, {size - limit:,} over the budget of "
+                         f"{limit:,} bytes (nothing was written); convert again asking for that much less")
+        self.size, self.limit = size, limit
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      max_bytes: int | None = None) -> None:
+    """Write atomically. Keep ``metadata`` to one key: the library orders several keys at random.
+
+    ``max_bytes``: the written file is measured before it replaces ``path``; over this, OverBudget."""
     blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
+        size = tmp.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise OverBudget(path, size, max_bytes)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..io.data import check_classes, open_data, preprocess_for
+from ..io.data import check_classes, open_data, preprocess_for, probe_forward
 from ..errors import DynError
 from ..dynfile.rebuild import load_any
 
@@ -54,6 +54,7 @@ def evaluate_file(path, data: str, *, factory=None, arch=None, original=None, tr
     """Top-1/top-5 of a .dyn or an original checkpoint on ``data`` (its val split, or the test split)."""
     model, _, source, size = load_any(path, factory=factory, arch=arch, original=original, trust_pickle=trust_pickle,
                                       input_size=input_size)
+    probe_forward(model, size)
     d = open_data(data, preprocess_for(source, size), num_classes=output_classes(model, size))
     if not d.labeled:
         raise DynError(f"--data {data} has no labels; evaluation needs class subfolders ({data}/<class>/<image>)")
