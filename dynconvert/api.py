@@ -144,7 +144,7 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
         count = sum(len(b) for b in batches)
         if not batches or count == 0:
             raise DynError("the calibration data gave no images; pass a folder with readable images")
-        if count < FEW_IMAGES:  # a stated fallback: crops of what there is
+        if count < FEW_IMAGES and batches[0].ndim == 4:  # a stated fallback: crops of the images there are
             extra = augment(torch.cat(batches), 2 * FEW_IMAGES - count, seed=0)
             if on_note:
                 on_note(f"only {count} calibration image{'s' if count > 1 else ''}: adding {len(extra)} augmented crops of "
