@@ -9,15 +9,20 @@ and top-5 containment (the original's top-1 within the row's top-5):
     fp32        the original, a saved state dict (the reference for every ratio)
     int8        int8 per-channel weights of every Conv2d/Linear, round-to-nearest, no data
     int4        the same at int4 (packed in a .dyn): the weight-only point below int8's bytes
+    int4_recon  int4 RTN of every layer, then block-wise reconstruction on the calibration crops
+    gptq4_recon int4 GPTQ of every layer (calibration crops), then block-wise reconstruction
     ort         the fp32 ONNX export; ONNX Runtime quantize_dynamic (per-channel QInt8) and
                 quantize_static (QDQ, per-channel, calibrated on the calibration crops)
     svd         truncated SVD, one rank ratio for every non-depthwise Conv2d/Linear, fp32 factors,
                 at each byte budget
     svd_int8    the same with int8 per-row factors, at each byte budget
-    dynconvert  dynconvert at each byte budget with calibration crops, and data-free at 1/6
+    dynconvert  dynconvert at each byte budget with calibration crops (block reconstruction on by
+                default), and data-free at 1/6
     distill     dynconvert at 1/8 and SVD+int8 at 1/8, both after dynconvert.distill with the same
                 time budget (SVD factors re-quantized to int8 and saved again); these rows call the
                 dynconvert API, so `--skip dynconvert` skips them too
+    distill_aug dynconvert at 1/8 after dynconvert.distill(augment=True): fresh augmented crops each
+                step, a held-apart slice and early stopping on it (same time budget)
 
 A row that fails records its error text; the run goes on.
 

@@ -16,7 +16,8 @@ from benchmarks import baselines as B
 from benchmarks.real_families import Bench, torch_predictor
 
 
-KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill")
+KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill", "int4_recon",
+         "gptq4_recon", "distill_aug")
 DATA_FREE_SIZE = Fraction(1, 6)
 DISTILL_SIZE = Fraction(1, 8)
 
@@ -80,6 +81,49 @@ def build_int4(bench: Bench, stem: Path) -> Built:
     path = stem.with_suffix(".dyn")
     dynconvert.save(conv, path)
     return Built(path, torch_predictor(dynconvert.load(path, model=bench.family.fresh())), dict(int4_layers=len(keys)))
+
+
+def int4_everywhere(bench: Bench, gptq: bool):
+    """(model, quantized) with every Conv2d/Linear weight at int4, one scale per output channel:
+    round-to-nearest at max |w| / 7, or GPTQ on the calibration crops' input moments (clipping searched)."""
+    from dynconvert.budget.outputs import collect_moments, gptq_quantize
+    from dynconvert.budget.quant import fake_quant, scales_for
+
+    model = copy.deepcopy(bench.family.original)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    moments = collect_moments(list(layers), bench.calib_batches(), model) if gptq else {}
+    quantized = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w = layer.weight
+            if gptq:
+                q, scale = gptq_quantize(w.reshape(len(w), -1), moments[name].own, 4)
+                w.copy_(q.reshape(w.shape))
+            else:
+                scale = scales_for(w, 4, (0,)).reshape(len(w), 1)
+                w.copy_(fake_quant(w, 4, (0,)))
+            quantized[f"{name}.weight"] = {"bits": 4, "keep": [0], "scale": scale}
+    return model, quantized
+
+
+def build_int4_recon(gptq: bool):
+    """int4 of every layer (RTN or GPTQ), then block-wise reconstruction on the calibration crops
+    (budget/reconstruct.py, the same stage ``--size`` runs): a baseline at int4's bytes."""
+    def build(bench: Bench, stem: Path) -> Built:
+        import dynconvert
+        from dynconvert.api import Conversion, RECONSTRUCT_ITERS
+        from dynconvert.budget.reconstruct import reconstruct_after_fit
+        from dynconvert.dynamics.conversion import ConvertOptions
+
+        model, quantized = int4_everywhere(bench, gptq)
+        summary = reconstruct_after_fit(model, bench.family.original, bench.calib_batches(), quantized,
+                                        iters=RECONSTRUCT_ITERS, on_progress=progress_printer("reconstruction"))
+        conv = Conversion(model, [], [], ConvertOptions(), quantized=quantized)
+        built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
+        built.extra.update(reconstruction=summary)
+        return built
+
+    return build
 
 
 def build_onnx_fp32(bench: Bench, stem: Path) -> Built:
@@ -155,12 +199,14 @@ def build_dynconvert_data_free(bench: Bench, stem: Path) -> Built:
     return dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
 
 
-def distill(bench: Bench, student) -> None:
-    """The one distillation call both distilled rows share (same data, same time budget). A
-    dynconvert ``Conversion`` keeps its quantized tensors on their grid while it trains."""
+def distill(bench: Bench, student, augment: bool = False) -> dict:
+    """The one distillation call the distilled rows share (same data, same time budget). A
+    dynconvert ``Conversion`` keeps its quantized tensors on their grid while it trains.
+    ``augment``: fresh augmented crops each step, a held-apart slice and early stopping on it."""
     import dynconvert
 
-    dynconvert.distill(student, bench.teacher(), bench.calib_batches(), seconds=bench.args.distill_seconds, on_log=print)
+    return dynconvert.distill(student, bench.teacher(), bench.calib_batches(), seconds=bench.args.distill_seconds,
+                              augment=augment, on_log=print)
 
 
 def progress_printer(what: str):
@@ -180,6 +226,16 @@ def build_dynconvert_distilled(bench: Bench, stem: Path) -> Built:
     distill(bench, conv)
     built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
     built.extra.update(start=start, distill_seconds=bench.args.distill_seconds)
+    return built
+
+
+def build_dynconvert_distilled_augmented(bench: Bench, stem: Path) -> Built:
+    start = "reused" if ("dynconvert", DISTILL_SIZE) in bench.cache else "converted here"
+    conv = copy.deepcopy(dyn_calibrated(bench, DISTILL_SIZE))
+    log = distill(bench, conv, augment=True)
+    built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
+    built.extra.update(start=start, distill_seconds=bench.args.distill_seconds,
+                       **{k: log[k] for k in ("steps", "held_apart", "held_first", "held_best")})
     return built
 
 
@@ -207,6 +263,8 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
         RowSpec("fp32 original", "fp32", "fp32", build_fp32),
         RowSpec("int8 per-channel RTN", "int8", "int8 RTN", build_int8),
         RowSpec("int4 per-channel RTN (weight-only)", "int4", "int4 RTN", build_int4),
+        RowSpec("int4 RTN + block reconstruction", "int4_recon", "int4 + reconstruction", build_int4_recon(False)),
+        RowSpec("int4 GPTQ + block reconstruction", "gptq4_recon", "int4 + reconstruction", build_int4_recon(True)),
         RowSpec("ONNX fp32 (ORT)", "ort", "ONNX fp32", build_onnx_fp32),
         RowSpec("ORT quantize_dynamic", "ort", "ORT dynamic", build_ort_dynamic),
         RowSpec("ORT quantize_static QDQ", "ort", "ORT static", build_ort_static),
@@ -222,7 +280,9 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
         rows += [RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill", "distill", "dynconvert + distill",
                          build_dynconvert_distilled, dyn),
                  RowSpec(f"SVD+int8 @ {label(DISTILL_SIZE)} + distill", "distill", "SVD+int8 + distill",
-                         build_svd_int8_distilled, dyn)]
+                         build_svd_int8_distilled, dyn),
+                 RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill (augmented, held-apart stop)", "distill_aug",
+                         "dynconvert + distill", build_dynconvert_distilled_augmented, dyn)]
     return rows
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .dynfile import resume as rs
+from .budget.augment import augment
 from .budget.pipeline import convert_to_budget, model_bytes
 from .io.checkpoint import Source, load_model, source_of
 from .dynamics.conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
@@ -29,6 +31,11 @@ from .dynfile.rebuild import load, read_meta, verify
 from .deploy.report import build_report
 from .budget.synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 from .dynamics.workers import WorkerDied
+
+RECONSTRUCT_ITERS = 100
+"""Default steps per block of the block-wise reconstruction after a budgeted fit on images."""
+FEW_IMAGES = 16
+"""Below this many calibration images a budgeted conversion adds augmented crops of them."""
 
 
 # what users call; the exports, the report and the reader live in their own modules
@@ -67,6 +74,7 @@ def convert(
     target_bytes: int | None = None,
     data_free: bool = False,
     synthetic_images: int = 32,
+    reconstruct: int | None = None,
     on_progress=None,
     on_note=None,
     reserve: int = 0,
@@ -81,8 +89,11 @@ def convert(
     bytes on disk instead of a uniform ratio, every layer's representation chosen by measured
     sensitivity and fitted to the original's outputs (budget.py). Without ``calib`` (or with
     ``data_free=True``) the inputs are synthesized from the model's BatchNorm statistics.
-    ``on_progress(phase, done, total)`` follows the long phases. ``reserve``: bytes of the budget kept
-    free beyond the header estimate (``save`` refuses a file over its budget).
+    ``reconstruct``: steps per block of the block-wise reconstruction that follows a budgeted
+    fit (budget/reconstruct.py); 0 turns it off; None: ``RECONSTRUCT_ITERS`` with calibration
+    images, 0 on synthetic inputs. ``on_progress(phase, done, total)`` follows the long phases.
+    ``reserve``: bytes of the budget kept free beyond the header estimate (``save`` refuses a file
+    over its budget).
     """
     opts = replace(options or ConvertOptions())
     unknown = [k for k in overrides if k not in opts.to_dict()]
@@ -97,7 +108,7 @@ def convert(
         model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
         return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
-                              tuple(input_size), "ratio" in overrides, on_progress, on_note, reserve)
+                              tuple(input_size), "ratio" in overrides, on_progress, on_note, reconstruct, reserve)
 
 
 def _check_include(model: nn.Module, patterns: list[str]) -> None:
@@ -110,7 +121,7 @@ def _check_include(model: nn.Module, patterns: list[str]) -> None:
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,
-                       ratio_given, on_progress, on_note, reserve=0) -> Conversion:
+                       ratio_given, on_progress, on_note, reconstruct=None, reserve=0) -> Conversion:
     if size is not None and target_bytes is not None:
         raise DynError("give --size or --target-bytes, not both")
     if ratio_given:
@@ -136,11 +147,23 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
         mode = "synthetic (BatchNorm statistics)"
     else:
         batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib]
-        if not batches or sum(len(b) for b in batches) == 0:
+        count = sum(len(b) for b in batches)
+        if not batches or count == 0:
             raise DynError("the calibration data gave no images; pass a folder with readable images")
+        if count < FEW_IMAGES and batches[0].ndim == 4:  # a stated fallback: crops of the images there are
+            extra = augment(torch.cat(batches), 2 * FEW_IMAGES - count, seed=0)
+            if on_note:
+                on_note(f"only {count} calibration image{'s' if count > 1 else ''}: adding {len(extra)} augmented crops of "
+                        "them (random resized crops, flips, colour jitter); what is held apart to check the fit comes "
+                        f"from the same image{'s' if count > 1 else ''}: pass {FEW_IMAGES}+ images for a real check")
+            batches = batches + [extra.to(batches[0].dtype)]
         mode = "images"
+    if reconstruct is not None and reconstruct < 0:
+        raise DynError(f"reconstruction steps {reconstruct} must be 0 (off) or more")
+    iters = (RECONSTRUCT_ITERS if mode == "images" else 0) if reconstruct is None else reconstruct
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
-                               min_params=opts.min_params, on_progress=on_progress, reserve=reserve)
+                               min_params=opts.min_params, reconstruct_iters=iters, on_progress=on_progress,
+                               on_note=on_note, reserve=reserve)
     conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv
@@ -190,6 +213,7 @@ def convert_checkpoint(
     size: float | None = None,
     target_bytes: int | None = None,
     data_free: bool = False,
+    reconstruct: int | None = None,
     on_progress=None,
 ) -> Conversion:
     """Checkpoint file -> .dyn file: what ``dynconvert convert`` does.
@@ -229,7 +253,8 @@ def convert_checkpoint(
         reserve = 0
         while True:
             conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
-                           size=size, target_bytes=target_bytes, data_free=data_free, on_progress=on_progress,
+                           size=size, target_bytes=target_bytes, data_free=data_free, reconstruct=reconstruct,
+                           on_progress=on_progress,
                            on_note=on_note, reserve=reserve)
             conv.source_sha256 = source_sha256
             conv.source_bytes = Path(checkpoint).stat().st_size

@@ -42,6 +42,7 @@ from .outputs import (
 )
 from ..dynamics.fit import svd_rel_error
 from .quant import dequantize, quantize, stored_bytes
+from .reconstruct import reconstruct_after_fit
 
 STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
@@ -255,16 +256,20 @@ def convert_to_budget(
     min_params: int = 10_000,
     stages: int = 8,
     state_steps: int = 60,
+    reconstruct_iters: int = 0,
     on_progress=None,
     reserve: int = 0,
+    on_note=None,
 ) -> BudgetResult:
     """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
 
     ``calibration_inputs``: a list of input batches, or a function returning one (called only once
     the budget is known to be reachable: synthesizing inputs takes a while).
     ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
-    statistics)"). ``on_progress(phase, done, total)`` reports progress. ``reserve``: bytes kept
-    free beyond the header estimate (a retry after a file came out over the budget).
+    statistics)"). ``reconstruct_iters``: steps per block of the block-wise reconstruction after the
+    sequential fit (reconstruct.py; 0: none). ``on_progress(phase, done, total)`` reports progress,
+    ``on_note(text)`` what the reconstruction did per block. ``reserve``: bytes kept free beyond the
+    header estimate (a retry after a file came out over the budget).
     """
     import copy
 
@@ -366,6 +371,9 @@ def convert_to_budget(
                     quantized[key] = {"bits": bits, "keep": [0], "scale": scale}
             done += 1
             progress("fitting", done, len(todo))
+    # 5: block-wise reconstruction towards the original's block outputs (reconstruct.py)
+    recon = reconstruct_after_fit(model, original, batches, quantized, iters=reconstruct_iters if todo else 0,
+                                  augmented=0, on_progress=progress, on_note=on_note)
     predicted_total = 0.0
     for u in units:
         cand, err = options[u.name][choice[u.name]]
@@ -380,6 +388,6 @@ def convert_to_budget(
         target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
         planned_bytes=fixed + sum(r["bytes"] for r in rows), calibration=calibration,
         calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
-        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows,
+        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, reconstruction=recon,
     )
     return BudgetResult(layers, skipped, quantized, summary)

@@ -84,6 +84,8 @@ def convert(
     target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Byte budget as a size (5MB, 800kB): like --size."),
     data_free: bool = typer.Option(False, "--data-free", help="With --size: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
     calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib." + shown(ConvertOptions, "calib_steps")),
+    reconstruct_steps: Optional[int] = typer.Option(None, "--reconstruct-steps", help="With --size: steps per block of the block-wise reconstruction (learned rounding, QDrop) after the per-layer fit; 0 turns it off. [default: 100 with --calib images, 0 data-free]"),
+    no_reconstruct: bool = typer.Option(False, "--no-reconstruct", help="With --size: skip the block-wise reconstruction (same as --reconstruct-steps 0)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
@@ -113,6 +115,10 @@ def convert(
         raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
     if data_free and fraction is None and budget_bytes is None:
         raise DynError("--data-free needs a byte budget: add --size (e.g. --size 1/6)")
+    if no_reconstruct and reconstruct_steps:
+        raise DynError("--no-reconstruct and --reconstruct-steps contradict each other; give one of them")
+    if (no_reconstruct or reconstruct_steps is not None) and fraction is None and budget_bytes is None:
+        raise DynError("block-wise reconstruction follows a byte-budgeted fit: add --size (e.g. --size 1/8)")
     shape = _parse_size(input_size) if input_size else (3, 224, 224)
     if not input_size and "input_size" in (rec or {}):
         from ..io.data import check_input_size
@@ -126,7 +132,7 @@ def convert(
                 trust_pickle=trust_pickle, force=force, resume=resume, input_size=shape,
                 callbacks=RichConvertProgress(progress), on_note=progress.console.print,
                 calib=calib, calib_images=calib_images, size=fraction, target_bytes=budget_bytes, data_free=data_free,
-                on_progress=phases,
+                reconstruct=0 if no_reconstruct else reconstruct_steps, on_progress=phases,
             )
     except KeyboardInterrupt:
         from ..dynfile.resume import partial_dir, saved

@@ -6,6 +6,12 @@ user's images, or synthetic ones). Everything floating in the student trains: st
 dense weights, biases and BatchNorm affine parameters (BatchNorm statistics stay frozen: the
 network runs in eval mode, so a few hundred images cannot skew them).
 
+With ``augment=True`` every step draws a fresh batch of augmented images (random resized crops,
+flips, colour jitter, pasted crops of other images: ``budget/augment.py``) from the inputs and the
+teacher labels them on the fly, so a few hundred crops are not memorized; a slice of the inputs is
+held apart, the loss on it is measured every ``check_every`` steps, and the weights that scored
+best there are the ones kept (early stopping).
+
 Quantized tensors stay quantized while they train: each is rounded to its grid on the forward
 pass and passes gradients straight through (STE), with the scales the conversion chose; so
 after distillation the file holds exactly what was trained, at the same bytes.
@@ -22,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
+from ..budget.augment import augment as augmented, held_apart
 from ..errors import DynError
 from ..budget.quant import dequantize, quantize
 
@@ -56,11 +63,15 @@ def distill(
     temperature: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    augment: bool = False,
+    check_every: int = 50,
     on_log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``student`` (an nn.Module, or a ``Conversion`` whose quantized tensors then stay on
     their grid) to match ``teacher`` on ``batches``, in place, for ``seconds`` of wall time or
-    ``steps`` steps, whichever ends first. Returns {"steps", "seconds", "first_loss", "last_loss"}.
+    ``steps`` steps, whichever ends first. ``augment``: fresh augmented batches and a held-apart
+    slice (see the module doc). Returns {"steps", "seconds", "first_loss", "last_loss"}, with
+    ``augment`` also "held_apart" (images), "held_first" and "held_best" (their loss).
     """
     quantized = getattr(student, "quantized", None) or {}
     model: nn.Module = getattr(student, "model", student)
@@ -70,8 +81,12 @@ def distill(
     if len(inputs) == 0:
         raise DynError("distillation needs at least one input image")
     teacher.eval().requires_grad_(False)
+    held = inputs[:0]
+    if augment:
+        inputs, held = held_apart(inputs)
     with torch.no_grad():
         targets = torch.cat([teacher(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+        held_targets = torch.cat([teacher(held[i:i + 64]) for i in range(0, len(held), 64)]) if len(held) else None
     registered = []
     for name, spec in quantized.items():
         module_name, attr = _split(name)
@@ -94,13 +109,28 @@ def distill(
     start = time.perf_counter()
     total = steps if steps is not None else math.inf
     step, first, last = 0, None, None
+    t = temperature
+
+    def kl(out, target):
+        return F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), log_target=True, reduction="batchmean") * t * t
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return float(sum(kl(model(held[i:i + 64]), held_targets[i:i + 64]) * len(held[i:i + 64])
+                             for i in range(0, len(held), 64)) / len(held))
+
+    held_first = best_held = held_loss() if len(held) else None
+    best = [p.detach().clone() for p in params] if len(held) else None
     try:
         while step < total and (seconds is None or time.perf_counter() - start < seconds):
-            idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
-            t = temperature
-            out = model(inputs[idx])
-            loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(targets[idx] / t, 1), log_target=True,
-                            reduction="batchmean") * t * t
+            if augment:
+                x = augmented(inputs, min(batch_size, len(inputs)), gen=gen)
+                with torch.no_grad():
+                    target = teacher(x)
+            else:
+                idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
+                x, target = inputs[idx], targets[idx]
+            loss = kl(model(x), target)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise DynError(f"distillation diverged (loss {value} at step {step}); try a smaller lr")
@@ -112,9 +142,22 @@ def distill(
             last = value
             if on_log and (step == 1 or step % 10 == 0):
                 on_log(f"distill step {step}: loss {value:.4f} ({time.perf_counter() - start:.0f} s)")
+            if best is not None and step % check_every == 0:
+                now = held_loss()
+                if on_log:
+                    on_log(f"distill step {step}: held-apart loss {now:.4f} (best {min(now, best_held):.4f})")
+                if now < best_held:
+                    best_held, best = now, [p.detach().clone() for p in params]
+        if best is not None and held_loss() > best_held:  # early stopping: the best on held-apart images
+            with torch.no_grad():
+                for p, b in zip(params, best):
+                    p.copy_(b)
     finally:
         for module, attr in registered:  # keep the rounded values: what the file will hold
             P.remove_parametrizations(module, attr, leave_parametrized=True)
         for p in model.parameters():
             p.requires_grad_(False)
-    return {"steps": step, "seconds": time.perf_counter() - start, "first_loss": first, "last_loss": last}
+    out = {"steps": step, "seconds": time.perf_counter() - start, "first_loss": first, "last_loss": last}
+    if augment:
+        out.update(held_apart=len(held), held_first=held_first, held_best=best_held)
+    return out

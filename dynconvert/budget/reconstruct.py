@@ -1,0 +1,337 @@
+"""Block-wise reconstruction: after the sequential per-layer fit, each block of the compressed
+network is tuned to reproduce the *original* block's output (BRECQ, Li et al. 2021).
+
+**Blocks.** Walking down from the root, a child of an ``nn.Sequential``/``nn.ModuleList`` that
+holds a compressed layer is a block (a residual/MBConv block, a transformer encoder layer), and
+the walk does not descend into it; a container inside a container (torchvision's stages) is
+walked through. A compressed layer outside every block (a stem conv, a head conv, a classifier)
+is a block by itself. Blocks are visited in execution order; a block called other than exactly
+once per forward pass is left alone.
+
+**What is tuned**, inside one block at a time, on its inputs in the network compressed so far:
+
+- every weight stored as integers (``quantized`` entries with a ``scale``) learns its rounding
+  (AdaRound, Nagel et al. 2020): ``W = s * clamp(floor(W0 / s) + h(v), qmin, qmax)`` with ``W0``
+  the original weight, ``h`` a stretched sigmoid in [0, 1] and a regularizer pulling ``h`` to 0 or
+  1 with an annealed exponent; at the end ``h`` is rounded, so the weight is exactly on its grid
+  (``(scale_expanded, qmin, qmax)`` is all it needs of the grid: a group-wise one plugs in);
+- dynamics states (int8, one scale per state vector) and their couplings and offsets, with the
+  states rounded on the forward pass (straight-through gradients).
+
+**QDrop** (Wei et al. 2022): each element of the block's input is taken from the original
+network with probability ``qdrop``, otherwise from the compressed one, so that the block does not
+learn to undo one particular upstream error (a flatter optimum that generalizes).
+
+**Held apart.** The block's output error is measured before and after on images the tuning never
+saw; a block whose held-apart error got worse is put back as it was (early stopping at the
+granularity of blocks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as P
+
+from .augment import augment, held_apart
+from . import quant
+from .quant import fake_quant, qmax as _qmax
+
+GAMMA, ZETA = -0.1, 1.1
+"""AdaRound's stretch of the sigmoid, so that h reaches exactly 0 and 1."""
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+@dataclass
+class ReconOptions:
+    iters: int = 100
+    """Optimizer steps per block (0: no reconstruction)."""
+    batch: int = 16
+    lr: float = 1e-2
+    """Adam step for the rounding variables; states and couplings take ``state_lr``."""
+    state_lr: float = 1e-3
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    """Share of the steps without the rounding regularizer."""
+    qdrop: float = 0.5
+    seed: int = 0
+
+
+def find_blocks(model: nn.Module, layers) -> list[str]:
+    """The blocks holding the named ``layers`` (see the module doc), in module order."""
+    layers = set(layers)
+    blocks: list[str] = []
+
+    def holds(name: str) -> bool:
+        return any(n == name or n.startswith(name + ".") for n in layers)
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if not holds(full):
+                continue
+            if full in layers or (isinstance(module, CONTAINERS) and not isinstance(child, CONTAINERS)):
+                blocks.append(full)
+            else:
+                walk(full, child)
+
+    walk("", model)
+    return blocks
+
+
+def grid(weight: torch.Tensor, entry: dict) -> tuple[torch.Tensor, int, int]:
+    """(scale broadcast to the weight's shape, qmin, qmax) of a weight stored as integers."""
+    grid_of = getattr(quant, "grid_of", None)  # group-wise grids; the per-channel view below is their case G = n
+    if grid_of is not None:
+        return grid_of(weight, entry, entry["scale"])
+    q = _qmax(int(entry["bits"]))
+    scale = entry["scale"].detach().float().reshape([weight.shape[0]] + [1] * (weight.ndim - 1))
+    return scale.expand_as(weight), -q, q
+
+
+class _AdaRound(nn.Module):
+    """Parametrization: the weight with learned rounding (ignores the tensor it replaces)."""
+
+    def __init__(self, w0: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int):
+        super().__init__()
+        self.scale, self.qmin, self.qmax = scale, qmin, qmax
+        x = w0.detach().float() / scale
+        self.base = torch.floor(x)
+        rest = (x - self.base).clamp(0.01, 0.99)  # h(v) = rest at the start: the weight is w0
+        self.v = nn.Parameter(torch.log((rest - GAMMA) / (ZETA - rest)))
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def forward(self, _):
+        h = (self.v >= 0).float() if self.hard else self.h()
+        return self.scale * torch.clamp(self.base + h, self.qmin, self.qmax)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class _STE(nn.Module):
+    """Parametrization: rounded to its int grid on the way forward, identity on the way back."""
+
+    def __init__(self, bits: int, keep: tuple[int, ...]):
+        super().__init__()
+        self.bits, self.keep = bits, keep
+
+    def forward(self, t):
+        return t + (fake_quant(t.detach(), self.bits, self.keep) - t.detach())
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _trace(model: nn.Module, names: list[str], x: torch.Tensor):
+    """Per block: (called exactly once with one tensor, its input is the tensor the previous block
+    returned, its keyword arguments)."""
+    modules = dict(model.named_modules())
+    calls: dict[int, list] = {}
+    last: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, n in enumerate(names):
+        def pre(mod, args, kwargs, i=i):
+            plain = len(args) == 1 and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+            calls.setdefault(i, []).append((plain, plain and i > 0 and args[0] is last.get(i - 1), dict(kwargs)))
+
+        def post(mod, args, kwargs, out, i=i):
+            last[i] = out
+        hooks += [modules[n].register_forward_pre_hook(pre, with_kwargs=True),
+                  modules[n].register_forward_hook(post, with_kwargs=True)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [calls[i][0] if len(calls.get(i, [])) == 1 else (False, False, {}) for i in range(len(names))]
+
+
+@torch.no_grad()
+def _block_io(model: nn.Module, block: nn.Module, images: torch.Tensor, batch: int = 32):
+    """The block's inputs and outputs over ``images`` (each forward pass stops after the block)."""
+    ins, outs = [], []
+    for x in images.split(batch):
+        got = {}
+
+        def pre(mod, args, kwargs):
+            got["in"] = args[0]
+
+        def post(mod, args, kwargs, out):
+            got["out"] = out
+            raise _Stop
+
+        hooks = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
+        try:
+            model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        ins.append(got["in"])
+        outs.append(got["out"])
+    return torch.cat(ins), torch.cat(outs)
+
+
+@torch.no_grad()
+def _run(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int = 32) -> torch.Tensor:
+    return torch.cat([block(b, **kwargs) for b in x.split(batch)])
+
+
+def _rel(y: torch.Tensor, target: torch.Tensor) -> float | None:
+    return float((y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)) if len(y) else None
+
+
+def _tunables(block: nn.Module, prefix: str, original: dict, quantized: dict):
+    """Register the parametrizations of one block; returns (rounders, [(module, attr)], state params)."""
+    rounders, registered, floats = [], [], []
+    for name, module in block.named_modules(prefix=prefix):
+        key = f"{name}.weight"
+        entry = quantized.get(key)
+        if entry is not None and isinstance(entry.get("scale"), torch.Tensor) and key in original:
+            scale, lo, hi = grid(module.weight, entry)
+            r = _AdaRound(original[key], scale, lo, hi)
+            P.register_parametrization(module, "weight", r, unsafe=True)
+            rounders.append(r)
+            registered.append((module, "weight"))
+            continue
+        for attr in ("states_out", "states_in"):
+            entry = quantized.get(f"{name}.{attr}")
+            if entry is not None and "scale" not in entry and int(entry["bits"]) in (4, 8):
+                P.register_parametrization(module, attr, _STE(int(entry["bits"]), tuple(entry.get("keep", (0,)))))
+                registered.append((module, attr))
+                floats.append(getattr(module.parametrizations, attr).original)
+        if any(f"{name}.{a}" in quantized for a in ("states_out", "states_in")):
+            floats += [p for a, p in module.named_parameters(recurse=False) if a in ("coupling", "offset")]
+    return rounders, registered, floats
+
+
+def reconstruct(model: nn.Module, original: nn.Module, images: torch.Tensor, quantized: dict, *,
+                held: torch.Tensor | None = None, options: ReconOptions | None = None,
+                on_progress=None, on_note=None) -> dict:
+    """Tune ``model`` (compressed, in place) block by block towards ``original`` on ``images``
+    (one tensor, N x ...); ``held``: images to measure on only. ``quantized``: the conversion's
+    storage description (weights with their ``scale``; states). Returns a summary per block."""
+    opts = options or ReconOptions()
+    progress = on_progress or (lambda *a: None)
+    note = on_note or (lambda *a: None)
+    held = images[:0] if held is None else held
+    weights = {k[: -len(".weight")] for k, e in quantized.items() if k.endswith(".weight") and "scale" in e}
+    states = {k.rsplit(".", 1)[0] for k in quantized if k.endswith((".states_out", ".states_in"))}
+    names = find_blocks(model, weights | states)
+    if opts.iters <= 0 or not names or len(images) == 0:
+        return {"blocks": [], "seconds": 0.0}
+    gen = torch.Generator().manual_seed(opts.seed)
+    modules, originals = dict(model.named_modules()), dict(original.named_modules())
+    original_weights = {k: v for k, v in original.state_dict().items() if k in quantized}
+    pool = torch.cat([images, held])
+    n_fit = len(images)
+    traced = _trace(original, names, images[:1])
+    rows, start = [], time.perf_counter()
+    y_orig = y_comp = None
+    for i, name in enumerate(names):
+        once, chained, kwargs = traced[i]
+        block, reference = modules[name], originals[name]
+        if not once:
+            rows.append(dict(block=name, skipped="not called exactly once per forward pass with one tensor"))
+            y_orig = y_comp = None
+            continue
+        if chained and y_orig is not None:
+            x_orig, x_comp = y_orig, y_comp
+            y_orig = _run(reference, x_orig, kwargs)
+        else:
+            x_orig, y_orig = _block_io(original, reference, pool)
+            x_comp, _ = _block_io(model, block, pool)
+        before = _run(block, x_comp, kwargs)
+        saved = {k: v.clone() for k, v in block.state_dict().items()}
+        err_before = (_rel(before[:n_fit], y_orig[:n_fit]), _rel(before[n_fit:], y_orig[n_fit:]))
+        rounders, registered, floats = _tunables(block, name, original_weights, quantized)
+        groups = [{"params": [r.v for r in rounders], "lr": opts.lr}] if rounders else []
+        groups += [{"params": [p], "lr": opts.state_lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in floats]
+        try:
+            if groups:
+                _tune(block, kwargs, x_orig[:n_fit], x_comp[:n_fit], y_orig[:n_fit], rounders, groups, opts, gen)
+        finally:
+            for r in rounders:
+                r.hard = True
+            for module, attr in registered:
+                P.remove_parametrizations(module, attr, leave_parametrized=True)
+            for p in block.parameters():
+                p.requires_grad_(False)
+        after = _run(block, x_comp, kwargs)
+        err_after = (_rel(after[:n_fit], y_orig[:n_fit]), _rel(after[n_fit:], y_orig[n_fit:]))
+        judged = 1 if len(held) else 0
+        kept = not err_after[judged] > err_before[judged]
+        if not kept:  # worse where it is judged: put the block back as the sequential fit left it
+            block.load_state_dict(saved)
+            after = before
+        y_comp = after
+        rows.append(dict(block=name, tuned=len(rounders) + len(floats), fit_before=err_before[0], fit_after=err_after[0],
+                         held_before=err_before[1], held_after=err_after[1], kept=kept))
+        note(f"block {name}: output error {err_before[0]:.4f} -> {err_after[0]:.4f}"
+             + (f", held apart {err_before[1]:.4f} -> {err_after[1]:.4f}" if len(held) else "")
+             + ("" if kept else " (worse: left as fitted)"))
+        progress("reconstructing blocks", i + 1, len(names))
+    return {"blocks": rows, "seconds": time.perf_counter() - start, "images": n_fit, "held_apart": len(held),
+            "iters": opts.iters}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(sum(values) / len(values), 5) if values else None
+
+
+def _tune(block, kwargs, x_orig, x_comp, target, rounders, groups, opts: ReconOptions, gen) -> None:
+    for r in rounders:
+        r.v.requires_grad_(True)
+    for g in groups[1 if rounders else 0:]:
+        g["params"][0].requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    scale = target.pow(2).mean().clamp_min(1e-30)
+    count = sum(r.v.numel() for r in rounders)
+    for it in range(opts.iters):
+        idx = torch.randint(len(x_comp), (min(opts.batch, len(x_comp)),), generator=gen)
+        x = x_comp[idx]
+        if opts.qdrop > 0:
+            x = torch.where(torch.rand(x.shape, generator=gen) < opts.qdrop, x_orig[idx], x)
+        loss = (block(x, **kwargs) - target[idx]).pow(2).mean() / scale
+        done = it / opts.iters
+        if rounders and done >= opts.warmup:
+            beta = 20 + (2 - 20) * (done - opts.warmup) / (1 - opts.warmup)
+            loss = loss + opts.reg_weight * sum(r.regularizer(beta) for r in rounders) / count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def reconstruct_after_fit(model: nn.Module, original: nn.Module, batches, quantized: dict, *, iters: int,
+                          augmented: int = 0, seed: int = 0, on_progress=None, on_note=None) -> dict | None:
+    """The budget pipeline's stage after the sequential fit: hold a slice of the calibration
+    images apart, add ``augmented`` augmented images to the rest, reconstruct. None when off."""
+    if iters <= 0:
+        return None
+    images = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+    fit, held = held_apart(images)
+    if augmented > 0:
+        fit = torch.cat([fit, augment(fit, augmented, seed=seed)])
+    if not len(held) and on_note:
+        on_note(f"block reconstruction: only {len(images)} calibration images, none held apart "
+                "(blocks are kept when their error on the fitting images falls)")
+    out = reconstruct(model, original, fit, quantized, held=held, options=ReconOptions(iters=iters, seed=seed),
+                      on_progress=on_progress, on_note=on_note)
+    rows = [r for r in out["blocks"] if "kept" in r]
+    # compact: it goes into the .dyn's metadata, whose bytes the budget counts
+    return dict(iters=iters, blocks=len(rows), kept=sum(r["kept"] for r in rows), images=out["images"],
+                augmented=augmented, held_apart=out["held_apart"], seconds=round(out["seconds"], 1),
+                **{f"mean_{k}_before": _mean(rows, f"{k}_before") for k in ("fit", "held")},
+                **{f"mean_{k}_after": _mean([{"v": r[f"{k}_after" if r["kept"] else f"{k}_before"]} for r in rows], "v")
+                   for k in ("fit", "held")})

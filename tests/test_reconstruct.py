@@ -1,0 +1,218 @@
+"""Block-wise reconstruction and calibration augmentation (budget/reconstruct.py, budget/augment.py)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import one_line_error
+
+from dynconvert.budget.augment import augment, held_apart, with_synthetic
+from dynconvert.budget.quant import fake_quant
+from dynconvert.budget.reconstruct import ReconOptions, find_blocks, reconstruct
+from dynconvert.errors import DynError
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, 2 * c, 1)
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.b = nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.bn(self.a(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.Sequential(nn.Sequential(Residual(8), Residual(8)), Residual(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stages(torch.relu(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def quantized_copy(model, bits=4):
+    """Every Conv2d/Linear weight rounded to nearest with per-channel scales, as the budget stores it."""
+    model = copy.deepcopy(model)
+    quantized = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                q = 2 ** (bits - 1) - 1
+                scale = m.weight.reshape(len(m.weight), -1).abs().amax(1, keepdim=True) / q
+                m.weight.copy_(fake_quant(m.weight, bits, (0,)))
+                quantized[f"{name}.weight"] = {"bits": bits, "keep": [0], "scale": scale}
+    return model, quantized
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    original = Net().eval()
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2)
+    return original, torch.randn(40, 3, 12, 12)
+
+
+def test_blocks_are_the_children_of_containers_and_lone_layers():
+    original, _ = setup()
+    layers = [n for n, m in original.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert find_blocks(original, layers) == ["stem", "stages.0.0", "stages.0.1", "stages.1", "fc"]
+    assert find_blocks(original, ["stages.1.b"]) == ["stages.1"]
+
+
+def test_reconstruction_lowers_the_error_and_ends_on_the_grid():
+    original, x = setup()
+    model, quantized = quantized_copy(original, bits=4)
+    fit, held = held_apart(x)
+    before = (model(held) - original(held)).pow(2).mean()
+    summary = reconstruct(model, original, fit, quantized, held=held, options=ReconOptions(iters=60, batch=8))
+    after = (model(held) - original(held)).pow(2).mean()
+    assert after < before
+    assert [r["block"] for r in summary["blocks"]] == ["stem", "stages.0.0", "stages.0.1", "stages.1", "fc"]
+    state = model.state_dict()
+    for key, entry in quantized.items():
+        w = state[key]
+        q = w / entry["scale"].reshape([-1] + [1] * (w.ndim - 1))
+        assert torch.equal(q, q.round()) or (q - q.round()).abs().max() < 1e-5, key
+        assert q.round().abs().max() <= 7
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not hasattr(model.stem, "parametrizations")
+
+
+def test_reconstruction_is_deterministic_and_iters_zero_is_off():
+    original, x = setup()
+    runs = []
+    for _ in range(2):
+        model, quantized = quantized_copy(original)
+        reconstruct(model, original, x, quantized, options=ReconOptions(iters=10, batch=8, seed=3))
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    model, quantized = quantized_copy(original)
+    untouched = copy.deepcopy(model.state_dict())
+    assert reconstruct(model, original, x, quantized, options=ReconOptions(iters=0))["blocks"] == []
+    assert all(torch.equal(untouched[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_block_that_gets_worse_on_held_apart_images_is_put_back():
+    original, x = setup()
+    model, quantized = quantized_copy(original)
+    fitted = copy.deepcopy(model.state_dict())
+    # a learning rate that throws the rounding around: worse everywhere, so every block goes back
+    summary = reconstruct(model, original, x[:8], quantized, held=x[8:],
+                          options=ReconOptions(iters=5, batch=8, lr=50.0, warmup=0.0, reg_weight=0.0))
+    assert [r["kept"] for r in summary["blocks"]] == [False] * 5
+    assert all(r["held_after"] > r["held_before"] for r in summary["blocks"])
+    assert all(torch.equal(v, fitted[k]) for k, v in model.state_dict().items())
+
+
+def test_states_are_tuned_jointly_and_stay_on_their_grid():
+    from dynconvert.dynamics.layers import make_dynamic
+    from dynconvert.dynamics.modules import DynSpec
+    from dynconvert.dynamics.conversion import set_submodule
+
+    original, x = setup()
+    model, quantized = quantized_copy(original)
+    dyn = make_dynamic(model.stages[1].a, DynSpec(2, 4, "sql2", "linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        dyn.set_states(*(fake_quant(torch.randn(2, n, 4) * 0.3, 8, (0, 1)) for n in (16, 8)),
+                       torch.tensor([0.1, -0.1]), torch.tensor(0.0))
+    set_submodule(model, "stages.1.a", dyn)
+    del quantized["stages.1.a.weight"]
+    quantized.update({"stages.1.a.states_out": {"bits": 8, "keep": [0, 1]}, "stages.1.a.states_in": {"bits": 8, "keep": [0, 1]}})
+    start = dyn.states_out.detach().clone()
+    summary = reconstruct(model, original, x, quantized, options=ReconOptions(iters=20, batch=8, state_lr=0.05))
+    row = next(r for r in summary["blocks"] if r["block"] == "stages.1")
+    assert row["tuned"] == 1 + 4  # the rounding of b; both states, the couplings and the offset of a
+    s = dyn.states_out.detach()
+    assert row["kept"] and not torch.equal(s, start) and row["fit_after"] < row["fit_before"]
+    assert torch.equal(fake_quant(s, 8, (0, 1)), s)
+
+
+def test_held_apart_and_augmentation():
+    x = torch.randn(64, 3, 10, 10)
+    fit, held = held_apart(x)
+    assert len(fit) + len(held) == 64 and len(held) == 8
+    assert not any(torch.equal(h, f) for h in held for f in fit)
+    assert len(held_apart(x[:10])[1]) == 0  # too few to spare any
+    a, b = augment(x[:4], 12, seed=5), augment(x[:4], 12, seed=5)
+    assert a.shape == (12, 3, 10, 10) and torch.equal(a, b)
+    assert not torch.equal(a, augment(x[:4], 12, seed=6))
+    assert with_synthetic(x[:4], torch.randn(2, 3, 5, 5)).shape == (6, 3, 10, 10)
+    with pytest.raises(DynError):
+        augment(x[:0], 3)
+
+
+# ---------------------------------------------------------------- in the budget pipeline and the CLI
+
+def budget_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), Residual(64),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 12, 12))
+    return net.eval()
+
+
+def test_budgeted_conversion_reconstructs_and_reads_back_bit_exactly(tmp_path):
+    import dynconvert
+
+    x = torch.randn(48, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    conv = dynconvert.convert(budget_net(), size=0.15, calib=[x], min_params=100, input_size=(3, 12, 12), reconstruct=20)
+    r = conv.budget["reconstruction"]
+    kinds = [row["kind"] for row in conv.budget["layers"]]
+    assert "dyn" in kinds and "int8" in kinds, kinds
+    # blocks: the stem conv "0" and the residual "3" (int8 weights, states); the fp32 classifier is none
+    assert r["blocks"] == 2 and r["held_apart"] == 6 and r["images"] == 42 and r["iters"] == 20
+    assert r["mean_held_after"] <= r["mean_held_before"]
+    path = tmp_path / "m.dyn"
+    dynconvert.save(conv, path)
+    loaded = dynconvert.load(path, model=budget_net(seed=3))
+    mine, back = conv.model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(mine[k], back[k]) for k in mine)
+    off = dynconvert.convert(budget_net(), size=0.15, calib=[x], min_params=100, input_size=(3, 12, 12), reconstruct=0)
+    assert off.budget["reconstruction"] is None
+
+
+TINY_NET = """
+import torch.nn as nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 256, 1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 100))
+"""
+
+
+def test_cli_one_tiny_calibration_image_is_a_stated_fallback(cli, tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from PIL import Image
+
+    (tmp_path / "tinynet.py").write_text(TINY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tinynet", raising=False)
+    torch.save(importlib.import_module("tinynet").build().state_dict(), tmp_path / "net.pth")
+    (tmp_path / "one").mkdir()
+    Image.fromarray((torch.rand(3, 3, 3) * 255).byte().numpy()).save(tmp_path / "one" / "tiny.png")
+    out = tmp_path / "out.dyn"
+    args = ["convert", tmp_path / "net.pth", "--out", out, "--model", "tinynet:build", "--input-size", "3,12,12",
+            "--size", "1/4", "--min-params", "100"]
+    code, stdout, stderr = cli(*args, "--calib", tmp_path / "one", "--reconstruct-steps", "5")
+    assert code == 0, stderr
+    said = " ".join((stdout + stderr).split())
+    assert "only 1 calibration image: adding 31 augmented crops" in said and "from the same image" in said
+    assert out.exists()
+    code, stdout, stderr = cli(*args, "--no-reconstruct", "--reconstruct-steps", "3", "--force")
+    assert code == 2 and "contradict" in one_line_error(code, stdout, stderr)
+    code, stdout, stderr = cli(*args[:-4], "--no-reconstruct", "--force")
+    assert code == 2 and "add --size" in one_line_error(code, stdout, stderr)
