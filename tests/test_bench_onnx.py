@@ -56,13 +56,13 @@ def test_onnx_latency_rows(small_dyn):
     dyn, ckpt, factory = small_dyn
     res = onnx_latency(dyn, original=ckpt, factory=factory, batches=(1, 4), threads=(1,), repeats=3)
     kinds = [r["export"] for r in res["rows"]]
-    assert kinds == ["original", "materialized", "factorized", "weight-free", "int8"]
+    assert kinds == ["original", "default", "materialized", "factorized", "weight-free"]
     by = {r["export"]: r for r in res["rows"]}
     for r in res["rows"]:
         assert r["bytes"] > 0 and r["b1_ms"] > 0 and r["b4_ms"] > 0 and r["b1_threads"] == 1
     # the original and the materialized graph are the same layers: same size to within the names
     assert abs(by["original"]["bytes"] - by["materialized"]["bytes"]) < 0.05 * by["original"]["bytes"]
-    assert by["int8"]["bytes"] < by["materialized"]["bytes"]
+    assert "layout auto" in by["default"]["note"]
     table = latency_markdown(res)
     assert table.count("\n| ") == 5 and "factorized" in table and "batch 4 ms" in table
 
@@ -73,10 +73,10 @@ def test_bench_onnx_cli_and_report_latency(cli, small_dyn):
                             "--threads", "1", "--json")
     assert code == 0, err
     res = json.loads(stdout)
-    assert [r["export"] for r in res["rows"]][:2] == ["materialized", "factorized"] and res["batches"] == [1]
+    assert [r["export"] for r in res["rows"]][:3] == ["original", "default", "materialized"] and res["batches"] == [1]
     code, stdout, err = cli("report", dyn, "--model", factory, "--latency", "--json")
     assert code == 0, err
-    assert {r["export"] for r in json.loads(stdout)["latency"]["rows"]} >= {"materialized", "weight-free"}
+    assert {r["export"] for r in json.loads(stdout)["latency"]["rows"]} >= {"original", "default", "materialized", "weight-free"}
     code, stdout, err = cli("report", dyn, "--model", factory, "--latency", "--markdown")
     assert code == 0 and "ONNX Runtime latency (batch 1)" in stdout and "| factorized |" in stdout, err
     code, stdout, err = cli("bench", "--onnx", dyn, "--batches", "1")
