@@ -205,10 +205,14 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     path = tmp_path / "m.dyn"
     dynconvert.save(conv, path)
     dense_bytes = sum(t.numel() * 4 for t in bn_net().state_dict().values())
-    # its converted layer's int8 states (a scale per state vector) have no integer form in any graph
-    # layout yet: the export measures its own bytes against the file's budget and names what grew
+    # the default export keeps the budget: the converted layer goes factorized, its int8 states
+    # (a scale per state vector) staying integers in the thin layers' weights
+    result = dynconvert.export_onnx(path, tmp_path / "d.onnx", model=bn_net(seed=3))
+    assert result.layouts == {"14": "factorized"} and result.weight_bytes <= result.budget_bytes and not result.grew
+    assert len(result.quantized) >= 2 + 2 and result.max_abs_diff <= result.tolerance
+    # the materialized layout cannot: the export measures its own bytes against the budget, names what grew
     with pytest.raises(DynError, match=r"over the file's budget of [\d,]+; grew: 14: [\d,]+ B in the .dyn"):
-        dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
+        dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3), layout_name="materialized")
     assert not (tmp_path / "m.onnx").exists()
     result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3), keep_qdq=True, allow_larger=True,
                                     layout_name="materialized")

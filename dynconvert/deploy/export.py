@@ -25,7 +25,7 @@ from ..io.fileio import atomic_path, check_output_path
 from . import layout
 from .onnx_bytes import budget_check
 from .onnx_quant import quantize_graph, sources_of
-from .onnx_states import quantize_state_tables, weight_free_state_ints
+from .onnx_states import factor_tables, quantize_factor_tables, quantize_state_tables, weight_free_state_ints
 from ..dynfile.rebuild import materialized, open_converted, open_dyn
 from ..io.safetensors_io import read_safetensors
 
@@ -64,7 +64,7 @@ class OnnxResult:
     opset: int
     kept: list[tuple[str, str]] = field(default_factory=list)  # weight-free export: layers left materialized
     bytes: int = 0  # size of the written .onnx file
-    quantized: list[str] = field(default_factory=list)  # initializers stored as integers (+ scales)
+    quantized: list[str] = field(default_factory=list)  # .dyn tensors (and state tables) stored as integers
     layouts: dict[str, str] = field(default_factory=dict)  # converted layer -> the layout it got
     weight_bytes: int = 0  # bytes of all initializers in the graph
     budget_bytes: int | None = None  # the .dyn's byte budget, when it was converted to one
@@ -174,7 +174,8 @@ def export_onnx(
                 graph = onnx.version_converter.convert_version(graph, max(21, opset))
             rewritten = quantize_graph(graph, sources, keep_qdq)
             states = weight_free_state_ints(net, dense, described) if "weight-free" in got.values() else {}
-            done = [n for names in rewritten.stored.values() for n in names] + quantize_state_tables(graph, states)[0]
+            done = list(rewritten.stored) + quantize_state_tables(graph, states)[0]
+            done += quantize_factor_tables(graph, factor_tables(net, got, stored))[0]
         weight_bytes, grew = budget_check(graph, dense, stored, meta)
         if budget is not None and weight_bytes > budget and not allow_larger and activations == "float":
             raise DynError(f"the ONNX graph holds {weight_bytes:,} bytes of weights, over the file's budget of "

@@ -33,6 +33,9 @@ WF_STEP_S = 4e-9
 WF_NODE_S = 150e-6
 MARGIN = 0.8
 """A layout other than materialized is picked only when predicted below this fraction of dense."""
+FIT = 1.5
+"""For a budgeted file, a layout competes when its weights take at most this times the layer's
+bytes in the file (int8 factors carry two float rows/columns more than the states)."""
 
 
 def predicted_ms(layer: DynamicsLayer, vectors: int) -> dict[str, float]:
@@ -57,7 +60,10 @@ def graph_bytes(layer: DynamicsLayer, stored_bytes: int) -> dict[str, int]:
     spec, (m, n) = layer.spec, layer.matrix_shape
     g, channels = getattr(layer, "conv_groups", 1), spec.groups * spec.dim
     rank = channels + 2
-    return {"materialized": 4 * m * n, "factorized": 4 * rank * (g * n + m),
+    factorized = 4 * rank * (g * n + m)
+    if 0 < stored_bytes < factorized and g == 1:  # int8 states: the factors' state rows stay integers
+        factorized = stored_bytes + 8 * (n + m) + 4 * m
+    return {"materialized": 4 * m * n, "factorized": factorized,
             "weight-free": stored_bytes + (8 * channels * g * n if weight_free_path(layer) == "l1" else 0)}
 
 
@@ -68,7 +74,7 @@ def auto_choice(layer: DynamicsLayer, vectors: int, stored_bytes: int | None = N
     times = predicted_ms(layer, vectors)
     if stored_bytes is not None:
         sizes = {k: v for k, v in graph_bytes(layer, stored_bytes).items() if k in times}
-        fits = {k: times[k] for k in times if sizes[k] <= 1.1 * stored_bytes + 1024}
+        fits = {k: times[k] for k in times if sizes[k] <= FIT * stored_bytes + 1024}
         if not fits:
             return min(sizes, key=sizes.get)
         if "materialized" not in fits:

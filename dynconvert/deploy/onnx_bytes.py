@@ -39,7 +39,7 @@ def budget_check(model, dense, stored: dict, meta: dict) -> tuple[int, list[str]
         in_dyn[o] = in_dyn.get(o, 0) + t.numel() * t.element_size()
     quantized = {k for k, v in (meta.get("quantized") or {}).items() if v.get("bits") != 16}
     named = [Source(k, 32, v.detach().float().reshape(v.shape[0], -1).numpy())
-             for k, v in dense.state_dict().items() if v.is_floating_point() and v.ndim and v.numel() >= QUANT_MIN_NUMEL]
+             for k, v in dense.state_dict().items() if v.is_floating_point() and v.ndim >= 2 and v.numel() >= QUANT_MIN_NUMEL]
     index, in_graph, float_left = Index(named), {}, []
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT or _nbytes(init) < 1024:

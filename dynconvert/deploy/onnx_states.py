@@ -13,6 +13,8 @@ import torch.nn as nn
 from ..budget.quant import quantize
 from ..dynamics.modules import DynamicsLayer
 from ..dynamics.weightfree import WeightFreeCore
+from .layout import factorized_pair
+from .onnx_quant import _row_factors
 
 
 def weight_free_state_ints(net: nn.Module, wf: nn.Module, described: dict) -> dict[str, tuple]:
@@ -106,6 +108,95 @@ def quantize_state_tables(model, states: dict) -> tuple[list[str], int]:
         if target != name:  # sql2: the two float columns / rows follow the states
             nbytes += add(np.take(a, range(c, a.shape[axis]), axis=axis), f"{name}__rest")
             nodes.append(helper.make_node("Concat", [target, f"{name}__rest"], [name], name=f"{name}__concat", axis=axis))
+        done.append(name)
+    if done:
+        old = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes + old)
+    return done, nbytes
+
+
+
+def factor_tables(net: nn.Module, got: dict[str, str], stored: dict) -> list[tuple]:
+    """For the factorized layout (``layout.factorized_pair``): the thin layers' weights of sql2
+    layers whose states the .dyn stores as integers with a scale per state vector (keep (0, 1)), as
+    ``(float (rows, cols) weight, integers, scales, shifts, float rows/cols that follow, axis)``.
+
+    With centred states, the outer weight's first H*d columns are L[i, (k, t)] =
+    q_out[k, i, t] s_out[k, i] (-2 c_k) + centre[k, t] 2 c_k: integers times a scale per (row,
+    group) plus a shift per column; the inner weight's first H*d rows are R'[(k, t), j] =
+    q_in[k, j, t] s_in[k, j] - centre[k, t]. The two extra columns / rows (a + offset, 1; 1, b)
+    stay float."""
+    out = []
+    for name, choice in got.items():
+        layer = net.get_submodule(name)
+        sx, sy = stored.get(f"{name}.states_out:scale"), stored.get(f"{name}.states_in:scale")
+        if choice != "factorized" or sx is None or sy is None or getattr(layer, "conv_groups", 1) != 1:
+            continue
+        if tuple(sx.shape) != (*layer.states_out.shape[:2], 1) or tuple(sy.shape) != (*layer.states_in.shape[:2], 1):
+            continue  # not one scale per state vector
+        first, second = factorized_pair(layer)
+        x, y, c = (t.detach().float() for t in (layer.states_out, layer.states_in, layer.coupling))
+        h, m, d = x.shape
+        qx, qy = torch.round(x / sx.float()).to(torch.int8), torch.round(y / sy.float()).to(torch.int8)
+        centre = torch.cat([x, y], 1).mean(1, keepdim=True)  # (H, 1, d), as sql2_factors
+        outer = second.weight.detach().reshape(m, -1)  # (m, rank)
+        inner = first.weight.detach().reshape(h * d + 2, -1)  # (rank, n)
+        out.append((outer.numpy(), qx.permute(1, 0, 2).numpy(), (sx[:, :, 0].float() * (-2 * c)[:, None]).T[:, :, None].numpy(),
+                    (centre * (2 * c)[:, None, None]).permute(1, 0, 2).numpy(), 1))
+        out.append((inner.numpy(), qy.permute(0, 2, 1).numpy(), sy[:, :, 0].float()[:, None, :].numpy(),
+                    (-centre).permute(0, 2, 1).numpy(), 0))
+    return out
+
+
+def quantize_factor_tables(model, tables: list[tuple]) -> tuple[list[str], int]:
+    """Rewrite ``model`` (onnx.ModelProto) in place: each initializer holding a ``factor_tables``
+    weight (as is, transposed, or with a BatchNorm folded into its rows) gets its H*d state
+    columns / rows as int8 + scales + shifts (``Cast``/``Mul``/``Add``, folded at load); the two
+    float ones are concatenated back. Returns (the rewritten names, their bytes in the graph)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph, nodes, done, nbytes = model.graph, [], [], 0
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT or not tables:
+            continue
+        a = numpy_helper.to_array(init)
+        views = [(a.reshape(a.shape[0], -1), False)] + ([(a.T, True)] if a.ndim == 2 else [])
+        for view, transposed in views:
+            found = next(((t, f) for t in tables if t[0].shape == view.shape
+                          for f in [_row_factors(view, t[0])] if f is not None), None)
+            if found is not None:
+                break
+        else:
+            continue
+        (want, q, scale, shift, axis), factors = found
+        hd = q.shape[1] * q.shape[2] if axis == 1 else q.shape[0] * q.shape[1]
+        main = (want.shape[0], hd) if axis == 1 else (hd, want.shape[1])
+        recon = (q.astype(np.float32) * scale + shift).reshape(main) * (factors[:, None] if axis == 1 else 1)
+        body = view[:, :hd] if axis == 1 else view[:hd]
+        if not np.all(np.abs(recon - body) <= 1e-5 * max(float(np.abs(body).max()), 1e-30)):
+            continue
+        name, p = init.name, f"{init.name}__states"
+        rest = view[:, hd:] if axis == 1 else view[hd:]
+        consts = {"int8": q, "scale": scale.astype(np.float32), "shift": shift.astype(np.float32),
+                  "rest": np.ascontiguousarray(rest), "shape": np.array(main, np.int64),
+                  "out_shape": np.array(a.shape if not transposed else view.shape, np.int64)}
+        if axis == 1 and not np.all(factors == 1):
+            consts["rows"] = factors[:, None].astype(np.float32)
+        for k, v in consts.items():
+            graph.initializer.append(numpy_helper.from_array(v, f"{p}_{k}"))
+            nbytes += v.nbytes if k not in ("shape", "out_shape") else 0
+        graph.initializer.remove(init)
+        steps = [("Cast", [f"{p}_int8"], {"to": TensorProto.FLOAT}), ("Mul", ["@", f"{p}_scale"], {}),
+                 ("Add", ["@", f"{p}_shift"], {}), ("Reshape", ["@", f"{p}_shape"], {})]
+        steps += [("Mul", ["@", f"{p}_rows"], {})] if "rows" in consts else []
+        steps += [("Concat", ["@", f"{p}_rest"], {"axis": axis}), ("Reshape", ["@", f"{p}_out_shape"], {})]
+        steps += [("Transpose", ["@"], {"perm": [1, 0]})] if transposed else []
+        prev = None
+        for i, (op, inputs, attrs) in enumerate(steps):
+            outp = name if i == len(steps) - 1 else f"{p}_{i}"
+            nodes.append(helper.make_node(op, [prev if v == "@" else v for v in inputs], [outp], name=f"{p}_{op}{i}", **attrs))
+            prev = outp
         done.append(name)
     if done:
         old = list(graph.node)
