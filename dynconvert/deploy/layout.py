@@ -22,15 +22,19 @@ from ..errors import DynError
 
 LAYOUTS = ("auto", "materialized", "factorized", "weight-free")
 
-# ONNX Runtime, 2 intra-op threads, this project's 2-core machine (layer_cost.py in the deploy
-# notes: ResNet-18/Lite2/ViT layer shapes at batch 1 and 32): a dense conv/matmul runs at about
-# DENSE_MACS_PER_S plus a fixed cost per node; a thin one (few output channels) at a fraction of
-# that rate; the weight-free L1 graph costs WF_STEP_S per (vector, channel, input-or-output element).
-DENSE_MACS_PER_S = 40e9
-THIN_EFFICIENCY = 0.5
+# ONNX Runtime 1.32, 2 intra-op threads, this project's 2-core machine, from whole-model figures
+# (ResNet-18 recipe at batch 1, idle cores, issue 19: original 38.7 ms for 1.82 GMACs; factorized
+# 0.39x = 15.1 ms, 0.44 GMACs in the thin layers; weight-free 104.8 ms for 4.1e8 steps) and one
+# layer (Linear 1024x4096, batch 1: dense 0.201 ms, weight-free L1 H*d = 2: 0.095 ms): a dense
+# conv/matmul runs at DENSE_MACS_PER_S, or reads its weight at DENSE_BYTES_PER_S when that is
+# slower (a matvec), plus a fixed cost per node; the thin ones at THIN_EFFICIENCY of the rate; the
+# weight-free graph costs WF_STEP_S per (vector, channel, input-or-output element) plus WF_NODE_S.
+DENSE_MACS_PER_S = 47e9
+DENSE_BYTES_PER_S = 80e9
+THIN_EFFICIENCY = 0.75
 NODE_S = 15e-6
-WF_STEP_S = 4e-9
-WF_NODE_S = 150e-6
+WF_STEP_S = 2.5e-10
+WF_NODE_S = 90e-6
 MARGIN = 0.8
 """A layout other than materialized is picked only when predicted below this fraction of dense."""
 FIT = 1.5
@@ -43,12 +47,13 @@ def predicted_ms(layer: DynamicsLayer, vectors: int) -> dict[str, float]:
     (batch x output positions); only the layouts the layer has."""
     m, n = layer.matrix_shape
     g = getattr(layer, "conv_groups", 1)
-    out = {"materialized": 1e3 * (NODE_S + vectors * m * n * g / DENSE_MACS_PER_S)}
+    out = {"materialized": 1e3 * (NODE_S + max(vectors * m * n * g / DENSE_MACS_PER_S, 4 * m * n / DENSE_BYTES_PER_S))}
     spec = layer.spec
     if (spec.metric, spec.kernel) == ("sql2", "linear"):
         rank = spec.groups * spec.dim + 2
         macs = vectors * g * rank * (n + m / g)
-        out["factorized"] = 1e3 * (2 * NODE_S + macs / (DENSE_MACS_PER_S * THIN_EFFICIENCY))
+        weights = 4 * rank * (g * n + m)
+        out["factorized"] = 1e3 * (2 * NODE_S + max(macs / (DENSE_MACS_PER_S * THIN_EFFICIENCY), weights / DENSE_BYTES_PER_S))
     if weight_free_path(layer) is not None:
         out["weight-free"] = 1e3 * (WF_NODE_S + vectors * spec.groups * spec.dim * (g * n + m) * WF_STEP_S)
     return out
