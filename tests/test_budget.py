@@ -193,10 +193,20 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     path = tmp_path / "m.dyn"
     dynconvert.save(conv, path)
     dense_bytes = sum(t.numel() * 4 for t in bn_net().state_dict().values())
-    result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
-    assert result.quantized  # dense quantized weights travel as int8 + DequantizeLinear
-    # the deployment note (bench's "int8, folded at load" row): without its QDQ rules, ONNX Runtime
-    # dequantizes the constant weights once at load, and computes the same outputs
+    # the default export keeps the budget: the converted layer goes factorized, its int8 states
+    # (a scale per state vector) staying integers in the thin layers' weights
+    result = dynconvert.export_onnx(path, tmp_path / "d.onnx", model=bn_net(seed=3))
+    assert result.layouts == {"14": "factorized"} and result.weight_bytes <= result.budget_bytes and not result.grew
+    assert len(result.quantized) >= 2 + 2 and result.max_abs_diff <= result.tolerance
+    # the materialized layout cannot: the export measures its own bytes against the budget, names what grew
+    with pytest.raises(DynError, match=r"over the file's budget of [\d,]+; grew: 14: [\d,]+ B in the .dyn"):
+        dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3), layout_name="materialized")
+    assert not (tmp_path / "m.onnx").exists()
+    result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3), keep_qdq=True, allow_larger=True,
+                                    layout_name="materialized")
+    assert result.quantized and result.weight_bytes > result.budget_bytes and result.grew
+    # --keep-qdq: without its QDQ rules, ONNX Runtime dequantizes the constant weights once at load,
+    # and computes the same outputs (the default export folds them without any session option)
     import onnx
     import onnxruntime as ort
 
@@ -213,7 +223,7 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     assert not any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tmp_path / "folded.onnx")).graph.node)
     assert abs(folded - plain).max() <= 1e-5 * abs(plain).max()
     # states stay states (int8) only in the weight-free graph; the materialized one expands them to fp32
-    result = dynconvert.export_onnx(path, tmp_path / "wf.onnx", model=bn_net(seed=3), weight_free=True)
+    result = dynconvert.export_onnx(path, tmp_path / "wf.onnx", model=bn_net(seed=3), weight_free=True, allow_larger=True)
     assert (tmp_path / "wf.onnx").stat().st_size < 0.25 * dense_bytes, result.quantized
 
 

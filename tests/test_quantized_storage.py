@@ -6,6 +6,7 @@ import json
 import struct
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -190,13 +191,35 @@ def test_onnx_carries_int8_weights(qdyn, tmp_path):
     assert len(res.quantized) == 3 and {"3.weight", "9.weight"} <= set(res.quantized)
     assert not full.quantized and not plain.quantized
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
-    assert ops.count("DequantizeLinear") == 3
+    assert "DequantizeLinear" not in ops and ops.count("Cast") >= 3  # folded at load, see below
     assert sorted(tuple(i.dims) for i in int8_initializers(tmp_path / "q.onnx")) == [(10, 64), (16, 3, 3, 3), (32, 16, 3, 3)]
     assert res.bytes < full.bytes - 0.7 * 4 * (16 * 27 + 32 * 144 + 640)
     assert res.max_abs_diff <= res.tolerance
-    # below opset 13 (no per-axis DequantizeLinear): Cast + Mul
-    old = export_onnx(qpath, tmp_path / "o.onnx", model=build_net(), input_size=(3, 8, 8), opset=11)
-    assert len(old.quantized) == 3 and old.bytes < full.bytes
+    assert [g.split(":")[0] for g in res.grew] == ["7"]  # only the converted layer, materialized from its states
+    # a default session folds the integers to float weights once, at load: the graph it runs is the fp32 one
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "opt.onnx")).graph
+    assert not [i.name for i in folded.initializer if i.data_type != onnx.TensorProto.FLOAT and i.data_type != onnx.TensorProto.INT64]
+    assert not {"Cast", "DequantizeLinear"} & {n.op_type for n in folded.node}
+    # --keep-qdq: DequantizeLinear for runtimes with integer kernels
+    qdq = export_onnx(qpath, tmp_path / "k.onnx", model=build_net(), input_size=(3, 8, 8), keep_qdq=True)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "k.onnx")).graph.node]
+    assert ops.count("DequantizeLinear") == 3 and len(qdq.quantized) == 3 and qdq.max_abs_diff <= qdq.tolerance
+
+
+def test_no_quantized_tensor_leaves_as_float(qdyn, tmp_path, monkeypatch):
+    """The export's own check: a quantized tensor the rewrite misses is named as float in the graph."""
+    from dynconvert.deploy import export as ex
+
+    _, qpath, _ = qdyn
+    res = export_onnx(qpath, tmp_path / "q.onnx", model=build_net(), input_size=(3, 8, 8))
+    assert not [g for g in res.grew if "float in the graph" in g and "integers" in g]
+    real = ex.quantize_graph
+    monkeypatch.setattr(ex, "quantize_graph", lambda graph, sources, keep_qdq: real(graph, sources[1:], keep_qdq))
+    res = export_onnx(qpath, tmp_path / "m.onnx", model=build_net(), input_size=(3, 8, 8))
+    assert len([g for g in res.grew if "stored as integers in the .dyn but float in the graph" in g]) == 1, res.grew
 
 
 @pytest.mark.parametrize("metric", ["sql2", "l1"])

@@ -22,7 +22,7 @@ def report(
     data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
     original: Optional[Path] = original_option(" With --data it is also evaluated side by side."),
     trust_pickle: bool = trust_pickle_option(),
-    latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export (see `bench --onnx`)."),
+    latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export beside the original's (see `bench --onnx`); 'default' is what `export --onnx` writes."),
 ):
     """Per-layer and total parameters, bytes, FLOPs (dense vs weight-free) and errors vs truncated SVD."""
     from ..deploy.report import build_report, render_json, render_markdown, render_rich
@@ -42,7 +42,7 @@ def report(
         from ..deploy.bench import latency_markdown, onnx_latency
         from ..dynamics.workers import available_cores
 
-        rep["latency"] = onnx_latency(dyn, factory=model, batches=(1,), threads=(available_cores(),))
+        rep["latency"] = onnx_latency(dyn, factory=model, original=original, batches=(1,), threads=(available_cores(),))
     if json_out:
         typer.echo(render_json(rep), nl=False)
     elif markdown:
@@ -56,8 +56,14 @@ def report(
 @command
 def export(
     dyn: Path = typer.Argument(..., help="A .dyn file."),
-    onnx_arg: Optional[str] = typer.Option(None, "--onnx", show_default=False, help="Write an ONNX graph (materialized weights unless --weight-free), verified in ONNX Runtime; `--onnx` alone writes DYN's name with .onnx."),
-    weight_free: bool = typer.Option(False, "--weight-free", help="With --onnx: carry the states and sort orders instead of weight matrices (Gather, CumSum, MatMul)."),
+    onnx_arg: Optional[str] = typer.Option(None, "--onnx", show_default=False, help="Write an ONNX graph, verified in ONNX Runtime; `--onnx` alone writes DYN's name with .onnx. Quantized tensors stay integers (folded to float at session load)."),
+    layout: str = typer.Option("auto", "--layout", help="With --onnx: converted layers as materialized (dense weights), factorized (two thin convs/matmuls), weight-free (states: Gather, CumSum, MatMul), or auto (per layer, by a measured ONNX Runtime cost rule)."),
+    weight_free: bool = typer.Option(False, "--weight-free", help="With --onnx: the same as --layout weight-free."),
+    keep_qdq: bool = typer.Option(False, "--keep-qdq", help="With --onnx: quantized weights as DequantizeLinear (for runtimes with integer kernels; ONNX Runtime's default session runs them on every call)."),
+    activations: str = typer.Option("float", "--activations", help="With --onnx: int8 = ONNX Runtime's static QDQ quantization (int8 activations and weights), calibrated on --calib."),
+    calib: Optional[str] = typer.Option(None, help="With --activations int8: the images to calibrate on (an image folder, 'digits', 'fake'; the ones the file was converted on)."),
+    calib_images: int = typer.Option(256, help="How many --calib images to use."),
+    allow_larger: bool = typer.Option(False, "--allow-larger", help="With --onnx: write the graph even when its weights exceed the file's byte budget."),
     pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
     st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),
     dtype: str = typer.Option("fp16", help="State precision for --safetensors: fp16, bf16 or fp32."),
@@ -87,21 +93,42 @@ def export(
         raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ex.DTYPES)}")
     if not tolerance >= 0:
         raise DynError(f"--tolerance must be >= 0, got {tolerance}")
-    if weight_free and onnx_path is None:
-        raise DynError("--weight-free applies to --onnx; give --onnx OUT.onnx")
+    if weight_free:
+        layout = "weight-free"
+    if onnx_path is None and (weight_free or keep_qdq or layout != "auto" or activations != "float"):
+        raise DynError("--layout, --weight-free, --keep-qdq and --activations apply to --onnx; give --onnx OUT.onnx")
+    if activations not in ("float", "int8"):
+        raise DynError(f"unknown --activations {activations!r}; choose float or int8")
+    if activations == "int8" and not calib:
+        raise DynError("--activations int8 needs --calib (images to calibrate the activation ranges on)")
     # ONNX first: it is the export that can fail its own check
     if onnx_path is not None:
+        size = _parse_size(input_size) if input_size else None
+        images = None
+        if activations == "int8":
+            from ..dynfile.rebuild import read_meta
+            from ..io.data import calibration_batches
+
+            meta = read_meta(dyn)
+            images = calibration_batches(calib, meta.get("source"), size or tuple(meta.get("input_size") or (3, 224, 224)), calib_images)
         res = ex.export_onnx(
-            dyn, onnx_path, factory=model, original=original, trust_pickle=trust_pickle, input_size=_parse_size(input_size) if input_size else None, opset=opset,
-            dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, weight_free=weight_free,
+            dyn, onnx_path, factory=model, original=original, trust_pickle=trust_pickle, input_size=size, opset=opset,
+            dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, layout_name=layout, keep_qdq=keep_qdq,
+            activations=activations, calib=images, allow_larger=allow_larger,
         )
         for name, reason in res.kept:
             console.print(f"  {name}: materialized in the graph ({reason})")
+        for line in res.grew:
+            console.print(f"  grew: {line}", soft_wrap=True)
+        counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}
+        how = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no converted layers"
+        budget = f" (budget {res.budget_bytes:,})" if res.budget_bytes else ""
         out.print(
-            f"wrote {onnx_path} ({'weight-free, ' if weight_free else ''}opset {res.opset}, {onnx_path.stat().st_size:,} bytes) in {res.seconds:.1f} s: "
+            f"wrote {onnx_path} (layout {layout}: {how}; {len(res.quantized)} integer tensors; opset {res.opset}; "
+            f"{onnx_path.stat().st_size:,} bytes, weights {res.weight_bytes:,}{budget}) in {res.seconds:.1f} s: "
             f"ONNX Runtime vs PyTorch max abs diff {res.max_abs_diff:.3g} "
             f"({res.max_abs_diff / res.output_scale if res.output_scale else 0:.2g} x max |output| {res.output_scale:.3g}; "
-            f"allowed {tolerance:g} x)",
+            + ("int8 activations: not held to the tolerance)" if activations == "int8" else f"allowed {tolerance:g} x)"),
             soft_wrap=True,
         )
         if res.output_scale == 0:

@@ -174,10 +174,8 @@ def run_bench(
 
 # ---------------------------------------------------------------- ONNX Runtime latency of whole models
 
-ONNX_EXPORTS = ("original", "materialized", "factorized", "weight-free", "int8", "int8, folded at load")
-FOLD_AT_LOAD = "int8, folded at load"
-"""The int8 graph again, in a session that turns its DequantizeLinear of constant weights into
-float weights once, at load (``session.disable_quant_qdq``): int8 on disk, float at run time."""
+ONNX_EXPORTS = ("original", "default", "materialized", "factorized", "weight-free", "keep-qdq", "int8 activations")
+"""``default``: what ``dynconvert export --onnx`` writes (layout auto, stored integers folded at load)."""
 
 
 def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budget_s: float = 20.0) -> dict:
@@ -191,10 +189,9 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
     def options(kind):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-        # idle pool threads would otherwise spin after each run, on the core the next graph needs
+        # idle pool threads would otherwise spin after each run, on the core the next graph needs;
+        # the graph optimizations are the default session's
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if kind == FOLD_AT_LOAD:  # without the QDQ rules, constant folding dequantizes the weights once
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         return opts
 
     sessions = {k: ort.InferenceSession(str(p), options(k), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
@@ -213,35 +210,40 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
     return times
 
 
-def _exports(dyn, folder, original, factory, meta) -> dict:
-    """kind -> (path, note): every ONNX export of the same model that ``onnx_latency`` times."""
+def _exports(dyn, folder, original, factory, meta, calib=None) -> dict:
+    """kind -> (export result or None, note): every ONNX export of the same model that ``onnx_latency`` times."""
     made = {}
     if original is not None:
         src = meta.get("source") or {}
         net = load_model(original, arch=src.get("arch"), model=factory).model
         made["original"] = (export_onnx(net, folder / "original.onnx", input_size=tuple(meta["input_size"])), "")
-    quantized = any(v.get("bits") in (4, 8) for v in (meta.get("quantized") or {}).values())
-    made["materialized"] = (export_onnx(dyn, folder / "materialized.onnx", factory=factory, quantize=False),
-                            "" if original is not None else "the original's graph: same layers and shapes")
-    made["factorized"] = (export_onnx(dyn, folder / "factorized.onnx", factory=factory, factorize=True, quantize=False), "")
-    made["weight-free"] = (export_onnx(dyn, folder / "weight-free.onnx", factory=factory, weight_free=True), "")
-    if quantized:  # the file's own integer grid: int8 initializers + DequantizeLinear
-        made["int8"] = (export_onnx(dyn, folder / "int8.onnx", factory=factory, quantize=True), "the file's int8 grid")
-    else:  # nothing stored as integers: ONNX Runtime's own int8 quantization of the materialized graph
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(folder / "materialized.onnx"), str(folder / "int8.onnx"), weight_type=QuantType.QInt8)
-        made["int8"] = (None, "materialized, ONNX Runtime dynamic int8 (outputs not checked)")
+    else:  # the original's architecture and float weights: every layer dense, nothing stored as integers
+        made["original"] = (export_onnx(dyn, folder / "original.onnx", factory=factory, layout_name="materialized",
+                                        quantize=False, allow_larger=True), "the file materialized in fp32 (no original given)")
+    made["default"] = (export_onnx(dyn, folder / "default.onnx", factory=factory, allow_larger=True), "")
+    for kind in ("materialized", "factorized", "weight-free"):
+        made[kind] = (export_onnx(dyn, folder / f"{kind}.onnx", factory=factory, layout_name=kind, allow_larger=True), "")
+    if any(v.get("bits") in (2, 3, 4, 8) for v in (meta.get("quantized") or {}).values()):
+        made["keep-qdq"] = (export_onnx(dyn, folder / "keep-qdq.onnx", factory=factory, keep_qdq=True, allow_larger=True),
+                            "DequantizeLinear kept: runs on every call in a default session")
+    if calib is not None:
+        made["int8 activations"] = (export_onnx(dyn, folder / "int8 activations.onnx", factory=factory, activations="int8",
+                                                calib=calib, layout_name="materialized"), "ORT static QDQ, calibrated")
+    for kind, (res, note) in made.items():
+        if res is not None and res.layouts and kind == "default":
+            counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}
+            made[kind] = (res, "layout auto: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return made
 
 
 def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 32), threads=(2,), repeats: int = 10,
-                 on_row=None) -> dict:
+                 on_row=None, calib=None, keep: Path | None = None) -> dict:
     """ONNX Runtime latency of every export of one converted model, side by side with file bytes.
 
-    Exports (each checked against PyTorch by ``export_onnx``, except ORT's own int8): the
-    ``original`` checkpoint when given, the materialized graph, the factorized one (sql2 layers
-    as two thin convs), the weight-free one and int8. They are timed in turns (``_ort_rounds``)
+    Exports (each checked against PyTorch by ``export_onnx``, except int8 activations): the
+    ``original`` checkpoint when given, the default export (layout auto), each layout forced, the
+    stored integers as DequantizeLinear (``keep-qdq``, quantized files) and static int8 QDQ
+    (``calib`` given). ``keep``: a folder to leave the .onnx files in. They are timed in turns (``_ort_rounds``)
     at every batch size with ``intra_op_num_threads`` set to each of ``threads``, each keeping
     its best median (the row says which count).
     """
@@ -252,11 +254,10 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
     size = tuple(meta.get("input_size") or (3, 224, 224))
     load = _loadavg()
     with tempfile.TemporaryDirectory(prefix="dynconvert-onnx-") as tmp:
-        made = _exports(dyn, Path(tmp), original, factory, meta)
-        paths = {kind: Path(tmp) / f"{kind}.onnx" for kind in made}
-        if made["int8"][0] is not None:  # the file's own int8 grid: also time it dequantized at load
-            made[FOLD_AT_LOAD] = (made["int8"][0], "the int8 file; session.disable_quant_qdq=1")
-            paths[FOLD_AT_LOAD] = paths["int8"]
+        folder = Path(keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        made = _exports(dyn, folder, original, factory, meta, calib)
+        paths = {kind: folder / f"{kind}.onnx" for kind in made}
         rows = {kind: {"export": kind, "bytes": paths[kind].stat().st_size, "note": note,
                        "kept_materialized": len(res.kept) if res is not None else None}
                 for kind, (res, note) in made.items()}
@@ -284,16 +285,23 @@ def _ort_version() -> str:
 def latency_markdown(res: dict) -> str:
     """The ``onnx_latency`` rows as a Markdown table (ratios against the first row)."""
     base = res["rows"][0]
-    head = ["export", "bytes"] + [f"batch {b} ms (x {base['export']})" for b in res["batches"]] + ["note"]
+    agree = any("agreement" in r for r in res["rows"])
+    head = (["export", f"bytes (x {base['export']})"] + [f"batch {b} ms (x {base['export']})" for b in res["batches"]]
+            + (["top-1 agreement"] if agree else []) + ["note"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
-        cells = [r["export"], f"{r['bytes']:,}"]
+        cells = [r["export"], f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.3f}x)"]
         for b in res["batches"]:
             lo, hi = r[f"b{b}_spread_ms"]
             cells.append(f"{r[f'b{b}_ms']:.1f} [{lo:.1f}-{hi:.1f}] ({r[f'b{b}_ms'] / base[f'b{b}_ms']:.2f}x)")
+        if agree:
+            cells.append(f"{r['agreement']:.4f}" if "agreement" in r else "")
         kept = f"{r['kept_materialized']} layers kept materialized" if r.get("kept_materialized") else ""
         cells.append("; ".join(v for v in (r["note"], kept) if v))
         lines.append("| " + " | ".join(cells) + " |")
+    if "pytorch converted" in res.get("agreement", {}):
+        lines.append(f"\nPyTorch converted model: top-1 agreement {res['agreement']['pytorch converted']:.4f} "
+                     f"on {res.get('eval_crops')} held-apart crops")
     lines.append(f"\nONNX Runtime {res['onnxruntime']}, intra-op threads: best of {res['threads']}; load average "
                  f"before/after: {res['loadavg_before']} / {res['loadavg_after']} on {res['cpu_count']} CPUs")
     return "\n".join(lines) + "\n"

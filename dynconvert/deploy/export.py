@@ -8,7 +8,6 @@ disagreeing with PyTorch) leaves no file behind.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import time
 import warnings
@@ -19,16 +18,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..dynamics.attention import with_module_calls
-from ..dynamics.conversion import set_submodule
-from ..dynamics.modules import DynamicsLayer, DynLinear, DynSpec, materialize, sql2_factors
+from ..dynamics.modules import DynamicsLayer, DynSpec, materialize
 from ..dynfile.format import STATE_SUFFIXES, write_dyn
 from ..errors import DynError, first_line
 from ..io.data import check_input_size, probe_forward
 from ..io.fileio import atomic_path, check_output_path
-from .onnx_quant import quantize_initializers, weight_free_state_ints
+from . import layout
+from .onnx_bytes import budget_check
+from .onnx_quant import quantize_graph, sources_of
+from .onnx_states import factor_tables, quantize_factor_tables, quantize_state_tables, weight_free_state_ints
 from ..dynfile.rebuild import materialized, open_converted, open_dyn
-from ..dynamics.weightfree import to_weight_free
+from ..io.safetensors_io import read_safetensors
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
@@ -36,47 +36,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def factorized(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """A copy of ``model`` with every sql2 layer as two thin layers, and ``(name, reason)`` for
-    the converted layers that stay materialized (dense).
-
-    Squared-L2 states are a rank-(H*d + 2) factorization (``sql2_factors``):
-    ``W x = L (R' x) + (a + offset) (1' x) + 1 (b' x)``. So a conv becomes a conv with H*d + 2
-    output channels (rows R', 1', b'; same kernel, stride and padding) and a 1x1 conv (columns L,
-    a + offset, 1), and a Linear two Linears: (H*d + 2)(m + n) multiply-adds per output position
-    instead of m n, in the runtime's own fast kernels. l1/l2 relations are full rank.
-    """
-    # an MHA reads its projections' weights instead of calling them: the module-call form calls
-    # each one, so that two thin layers can stand in for it
-    net, kept = with_module_calls(copy.deepcopy(model).eval()), []
-    for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, DynamicsLayer)]:
-        spec, (m, n) = layer.spec, layer.matrix_shape
-        rank = spec.groups * spec.dim + 2
-        parent = net.get_submodule(name.rpartition(".")[0])
-        why = ("inside an attention that has no module-call form" if isinstance(parent, nn.MultiheadAttention)
-               else f"{spec.metric}/{spec.kernel} relations are not a low-rank product" if (spec.metric, spec.kernel) != ("sql2", "linear")
-               else f"rank {rank} costs no less than the dense {m}x{n}" if rank * (m + n) >= m * n else None)
-        if why:
-            kept.append((name, why))
-            set_submodule(net, name, layer.to_dense())
-            continue
-        with torch.no_grad():
-            left, right, a, b = sql2_factors(layer.states_out, layer.states_in, layer.coupling)
-            inner = torch.cat([right.T, torch.ones(1, n), b[None]])  # (rank, n)
-            outer = torch.cat([left, (a + layer.offset)[:, None], torch.ones(m, 1)], 1)  # (m, rank)
-            has_bias = layer.bias is not None
-            if isinstance(layer, DynLinear):
-                first, second = nn.Linear(n, rank, bias=False), nn.Linear(rank, m, bias=has_bias)
-                first.weight.copy_(inner)
-                second.weight.copy_(outer)
-            else:
-                g = layer.conv_groups  # every group applies the same inner rows to its own inputs
-                first = nn.Conv2d(layer.in_channels, g * rank, layer.kernel_size, bias=False, **layer.conv_kwargs())
-                second = nn.Conv2d(g * rank, m, 1, groups=g, bias=has_bias)
-                first.weight.copy_(inner.reshape(rank, *layer.weight_shape[1:]).repeat(g, 1, 1, 1))
-                second.weight.copy_(outer.reshape(m, rank, 1, 1))
-            if has_bias:
-                second.bias.copy_(layer.bias)
-        set_submodule(net, name, nn.Sequential(first, second))
+    """A copy of ``model`` with every sql2 layer as two thin layers (``layout.factorized_pair``),
+    and ``(name, reason)`` for the converted layers that stay materialized (dense)."""
+    names = {n: "factorized" for n, m in model.named_modules() if isinstance(m, DynamicsLayer)}
+    net, _, kept = layout.build(model, names)
     return net, kept
 
 
@@ -102,7 +65,12 @@ class OnnxResult:
     opset: int
     kept: list[tuple[str, str]] = field(default_factory=list)  # weight-free export: layers left materialized
     bytes: int = 0  # size of the written .onnx file
-    quantized: list[str] = field(default_factory=list)  # initializers stored as int8 (+ scale, DequantizeLinear)
+    quantized: list[str] = field(default_factory=list)  # .dyn tensors (and state tables) stored as integers
+    layouts: dict[str, str] = field(default_factory=dict)  # converted layer -> the layout it got
+    weight_bytes: int = 0  # bytes of all initializers in the graph
+    budget_bytes: int | None = None  # the .dyn's byte budget, when it was converted to one
+    grew: list[str] = field(default_factory=list)  # tensors with more bytes in the graph than in the .dyn
+    activations: str = "float"
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -133,54 +101,60 @@ def export_onnx(
     weight_free: bool = False,
     quantize: bool | None = None,
     factorize: bool = False,
+    layout_name: str | None = None,
+    keep_qdq: bool = False,
+    activations: str = "float",
+    calib: list[torch.Tensor] | None = None,
+    allow_larger: bool = False,
 ) -> OnnxResult:
-    """Materialize the weights into a standard ONNX graph, check it with ``onnx.checker`` and
-    compare ONNX Runtime with the PyTorch model on random inputs.
+    """Export a standard ONNX graph, check it with ``onnx.checker`` and compare ONNX Runtime with
+    the PyTorch model on random inputs.
 
-    ``weight_free``: the graph carries the states (and L1 sort orders) instead of weight
-    matrices and computes converted layers with Gather, CumSum and MatMul (weightfree.py); layers
-    without a weight-free path stay materialized and are listed in ``kept``.
+    ``layout_name`` (``layout.LAYOUTS``; default ``auto``, or ``weight-free`` / ``factorized`` for
+    the two older flags): how each converted layer is laid out; ``auto`` picks per layer by the
+    ONNX Runtime cost model of ``layout.predicted_ms``. Layers that cannot take their layout stay
+    materialized and are listed in ``kept``.
 
-    ``factorize``: sql2 layers as two thin convs / matmuls (``factorized``) instead of one dense
-    one; other converted layers stay materialized and are listed in ``kept``.
+    ``quantize`` (default: on when the .dyn lists quantized tensors): every tensor the file stores as
+    integers goes into the graph as integers + scales, found by value (``onnx_quant``), in nodes
+    ONNX Runtime folds at session load; ``keep_qdq``: as ``DequantizeLinear`` instead (for runtimes
+    with integer kernels; int4 and group-wise grids then need opset 21). The graph's weight bytes
+    are compared with the file's: a file converted to a byte budget is refused (DynError, no file)
+    when the graph exceeds it, naming the tensors that grew, unless ``allow_larger``.
 
-    ``quantize`` (default: on when the .dyn lists quantized tensors): weights that lie on an
-    integer grid in the file go into the graph as int8 initializers with float32 scales and a
-    ``DequantizeLinear`` (per output channel; ``Cast`` + ``Mul`` below opset 13 or for a grid with
-    several scaled dims), so the .onnx file is about a quarter of the fp32 size for them. The grid is
-    re-derived from each exported initializer, so a BatchNorm folded into a conv (which scales each
-    output channel) keeps it; ``OnnxResult.quantized`` lists what was stored as int8.
+    ``activations="int8"``: ONNX Runtime's static QDQ quantization (int8 activations and weights),
+    calibrated on ``calib``; its outputs are not held to ``rel_tolerance`` (the result reports them).
 
     Fails (DynError, no file) when max |ort - torch| > ``rel_tolerance`` x max |torch output|.
     """
     import onnx
     import onnxruntime as ort
 
+    if activations not in ("float", "int8"):
+        raise DynError(f"unknown activations {activations!r}; choose float or int8")
+    if activations == "int8" and not calib:
+        raise DynError("int8 activations need calibration images: give --calib (the images the file was converted on)")
     out = check_output_path(out, force)
     start = time.perf_counter()
     net, meta = open_converted(source, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
     size = check_input_size(tuple(input_size or meta.get("input_size") or (3, 224, 224)))
     probe_forward(net, size)  # one line, not the exporter's traceback
-    kept: list[tuple[str, str]] = []
-    if weight_free:
-        # Every layer with a path, not fused.layer_path's pick (as dynconvert.load does): the file
-        # is asked to carry states, not matrices, and the rule models numba, not ONNX Runtime.
-        # (ORT, batch 1, one thread, l1 H*d=2: a conv 16x27 over 16x16 0.006 ms dense vs 0.210 ms
-        # weight-free, Linear 1024x4096 0.201 vs 0.095 ms: the rule's picks, but its times are not ORT's.)
-        dense, kept = to_weight_free(copy.deepcopy(net))
-    elif factorize:
-        dense, kept = factorized(net)
-    else:
-        dense = materialized(net)
+    chosen = layout_name or ("weight-free" if weight_free else "factorized" if factorize else "auto")
+    stored = read_safetensors(source)[0] if not isinstance(source, nn.Module) else {}
+    budget = (meta.get("budget") or {}).get("target_bytes")
+    per_layer = None
+    if budget is not None:  # auto keeps each converted layer near its bytes in the file
+        per_layer = {name: sum(t.numel() * t.element_size() for k, t in stored.items() if k.startswith(name + "."))
+                     for name in meta.get("layers", {})}
+    dense, got, kept = layout.build(net, layout.plan(net, size, chosen, per_layer))
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(1, *size, generator=gen)
-    batch = check_batch if dynamic_batch else 1
-    x = torch.randn(batch, *size, generator=gen)
+    x = torch.randn(check_batch if dynamic_batch else 1, *size, generator=gen)
     with torch.no_grad():
         want = [t.float().numpy() for t in _flat(net(x))]  # the converted model itself, not the copy
-    n_out = len(want)
-    outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    outputs = ["output"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
+    described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (2, 3, 4, 8, 16)}
     with atomic_path(out) as tmp:
         try:
             with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_off():
@@ -188,32 +162,76 @@ def export_onnx(
                 torch.onnx.export(
                     dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
                     # constant folding would fold a weight-free graph's index arithmetic back into big initializers
-                    output_names=outputs, dynamic_axes=axes, do_constant_folding=not weight_free,
+                    output_names=outputs, dynamic_axes=axes, do_constant_folding="weight-free" not in got.values(),
                 )
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
             raise DynError(f"ONNX export failed at opset {opset} ({first_line(e)})") from None
-        # fp16-stored tensors (bits 16) stay float in the graph; only integers become DequantizeLinear
-        described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (4, 8)}
-        stored_int8 = []
-        if quantize if quantize is not None else bool(described):
-            states = weight_free_state_ints(net, dense, described) if weight_free else {}
-            stored_int8 = quantize_initializers(tmp, described, opset, states)
+        graph, done = onnx.load(str(tmp)), []
+        if activations == "int8":
+            static_int8(tmp, calib)
+            graph = onnx.load(str(tmp))
+        elif quantize if quantize is not None else bool(described):
+            sources = sources_of(net.state_dict(), stored, described)
+            if keep_qdq and any(s.bits < 8 or s.group < s.values.shape[1] for s in sources if s.bits != 16):
+                graph = onnx.version_converter.convert_version(graph, max(21, opset))
+            rewritten = quantize_graph(graph, sources, keep_qdq)
+            states = weight_free_state_ints(net, dense, described) if "weight-free" in got.values() else {}
+            done = list(rewritten.stored) + quantize_state_tables(graph, states)[0]
+            done += quantize_factor_tables(graph, factor_tables(net, got, stored))[0]
+        weight_bytes, grew = budget_check(graph, dense, stored, meta)
+        if budget is not None and weight_bytes > budget and not allow_larger and activations == "float":
+            raise DynError(f"the ONNX graph holds {weight_bytes:,} bytes of weights, over the file's budget of "
+                           f"{budget:,}; grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose another --layout, "
+                           "or pass --allow-larger; no file written")
+        onnx.save(graph, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
             raise DynError(f"the exported ONNX graph fails onnx.checker ({first_line(e)})") from None
-        opts = ort.SessionOptions()
+        opts = ort.SessionOptions()  # a default session: what users open
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": x.numpy()})
-        diff, scale = _compare(got, want)
+        got_out = session.run(None, {"input": x.numpy()})
+        diff, scale = _compare(got_out, want)
         tol = rel_tolerance * scale
-        if not diff <= tol:  # also catches NaN
+        if not diff <= tol and activations == "float":  # also catches NaN
             raise DynError(
                 f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max |output| "
                 f"{scale:.3g} = {tol:.3g}; no file written"
             )
-    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept, out.stat().st_size, stored_int8)
+    opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept, out.stat().st_size, done,
+                      got, weight_bytes, budget, grew, activations)
+
+
+def static_int8(path: Path, calib: list[torch.Tensor]) -> None:
+    """Rewrite the float graph at ``path`` with ONNX Runtime's static QDQ quantization: int8
+    activations (MinMax ranges over ``calib``) and per-channel int8 weights."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": b.float().numpy()} for b in calib])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor it leaves alone
+    try:
+        src = path.with_name(path.name + ".float.onnx")
+        path.replace(src)
+        try:
+            quantize_static(str(src), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        except Exception as e:
+            raise DynError(f"ONNX Runtime's static int8 quantization failed ({first_line(e)})") from None
+        finally:
+            src.unlink(missing_ok=True)
+    finally:
+        root.setLevel(level)
 
 
 def _compare(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:

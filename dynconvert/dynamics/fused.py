@@ -7,26 +7,35 @@ resident scratch row) and one over the outputs (read C(p_i) and B(p_i)), in floa
 
 Chosen by measurement (16384 x 16384, H*d = 16, batch 1, one thread, this project's 2-core
 machine): dense product 36.5 ms, eager path 0.87 ms, ``torch.compile`` of the eager path 1.35 ms
-(plus 18 s to compile), this kernel 0.35 ms. numba is an optional extra (``pip install
-dynconvert[fast]``); without it the eager path runs and nothing else changes.
+(plus 18 s to compile), this kernel 0.35 ms. numba is a dependency; where it cannot load (no
+wheel for the platform, a broken LLVM), the eager path runs, with a one-line note on first use.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
 
 from .metrics import weight_free_path
 
-try:  # optional: the default install runs the eager path
+try:  # a dependency; the eager path stays the fallback where it cannot load
     from numba import njit
-except ImportError:  # pragma: no cover - exercised where numba is absent
+    UNAVAILABLE = None
+except Exception as e:  # pragma: no cover - exercised where numba is absent or broken
     njit = None
+    UNAVAILABLE = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+_noted = False
 
 
 def available() -> bool:
+    """Whether the fused kernel runs; where numba cannot load, says so once (one line on stderr)."""
+    global _noted
+    if njit is None and not _noted:
+        _noted = True
+        sys.stderr.write(f"note: numba cannot load ({UNAVAILABLE}); weight-free L1 layers run the eager path (about 3x slower)\n")
     return njit is not None
 
 

@@ -1,0 +1,129 @@
+"""Quantized tensors in an exported ONNX graph (deploy/onnx_quant.py): found by value whatever the
+exporter did to them, stored as integers (int8, or packed nibbles for b <= 4, group-wise scales),
+and folded to the float weights by a default ONNX Runtime session."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynconvert.deploy.onnx_bytes import budget_check
+from dynconvert.deploy.onnx_quant import pack_nibbles, quantize_graph, sources_of
+
+
+class SamePad(nn.Conv2d):
+    """EfficientNet's "same" conv: pads in its own forward, so the exporter renames its weight."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = SamePad(3, 16, 3, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc, self.shared = nn.Linear(32, 10), nn.Linear(10, 10, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))))
+        t = x.flatten(2).transpose(1, 2)
+        y = self.fc(self.mha(t, t, t, need_weights=False)[0].mean(1))
+        return y + F.linear(y, self.shared.weight) + F.linear(y, self.shared.weight.T)  # one weight, two uses
+
+
+# name -> (bits, group size or None for one scale per row): the interface's grids, b in {2, 3, 4, 8}
+PLAN = {"c1.weight": (8, None), "c2.weight": (4, 16), "mha.in_proj_weight": (3, 8), "mha.out_proj.weight": (2, 32),
+        "fc.weight": (4, None), "shared.weight": (8, None)}
+
+
+def hand_quantized():
+    """A net whose weights lie on hand-made group grids (fp16 scales), with the .dyn-like
+    metadata and stored scales ``sources_of`` reads, and BatchNorms that flip some rows' signs."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(-1.5, 1.5)
+    described, stored = {}, {}
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, (bits, group) in PLAN.items():
+            w = params[name]
+            m = w.shape[0]
+            rows = w.reshape(m, -1)
+            g = group or rows.shape[1]
+            top = 2 ** (bits - 1) - 1
+            s = (rows.reshape(m, -1, g).abs().amax(2) / top).half().float().clamp_min(2 ** -14)
+            q = torch.round(rows.reshape(m, -1, g) / s[..., None]).clamp(-top - 1, top)
+            w.copy_((q * s[..., None]).reshape(w.shape))
+            described[name] = {"bits": bits, "keep": [0], "shape": list(w.shape), **({"group": group} if group else {})}
+            stored[f"{name}:scale"] = s.half() if group else s.reshape(m, *[1] * (w.ndim - 1))
+    return net, described, stored
+
+
+def export(net, path, x):
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "b"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("keep_qdq", [False, True])
+def test_group_quantized_weights_leave_as_integers_and_fold_at_load(tmp_path, keep_qdq):
+    net, described, stored = hand_quantized()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = net(x).numpy()
+    graph = export(net, tmp_path / "f.onnx", x)
+    sources = sources_of(net.state_dict(), stored, described)
+    assert sorted(s.name for s in sources) == sorted(PLAN)
+    if keep_qdq:
+        graph = onnx.version_converter.convert_version(graph, 21)
+    res = quantize_graph(graph, sources, keep_qdq)
+    assert sorted(res.stored) == sorted(PLAN)  # renamed (BN folded), transposed, packed: every one found
+    assert len(res.stored["shared.weight"]) == 2  # W and W.T are two initializers
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(tmp_path / "q.onnx"))
+    total, grew = budget_check(graph, net, stored, {"layers": {}, "quantized": described})
+    assert not [g for g in grew if "float in the graph" in g], grew
+    for src in sources if not keep_qdq else []:  # packed, fp16 group scales: the .dyn's bytes (+ fp32 row factors); QDQ scales are fp32
+        assert res.onnx_bytes[src.name] <= len(res.stored[src.name]) * (src.dyn_bytes + 4 * src.q.shape[0]) + 64
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    ran = onnx.load(str(tmp_path / "opt.onnx")).graph
+    kinds = {n.op_type for n in ran.node}
+    if keep_qdq:
+        assert "DequantizeLinear" in kinds
+    else:  # a default session folded every integer initializer to float at load
+        assert not kinds & {"DequantizeLinear", "Mod", "BitShift"}, kinds
+        assert all(i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for i in ran.initializer)
+
+
+def test_float_copy_of_a_quantized_weight_is_named(tmp_path):
+    """The check that fails an export: a quantized weight left float in the graph is named, by value."""
+    net, described, stored = hand_quantized()
+    graph = export(net, tmp_path / "f.onnx", torch.randn(1, 3, 8, 8))
+    sources = [s for s in sources_of(net.state_dict(), stored, described) if s.name != "c2.weight"]
+    quantize_graph(graph, sources)
+    _, grew = budget_check(graph, net, stored, {"layers": {}, "quantized": described})
+    assert grew == ["c2.weight: stored as integers in the .dyn but float in the graph"]
+
+
+@pytest.mark.parametrize("slot", [2, 4])
+def test_pack_nibbles_layout(slot):
+    q = np.array([-2, -1, 0, 1, 1], np.int8) if slot == 2 else np.array([-8, -1, 0, 7, 3], np.int8)  # padded
+    packed = pack_nibbles(q, slot)
+    assert packed.size == -(-q.size * slot // 8)
+    parts = [(packed >> (slot * j)) % (1 << slot) for j in range(8 // slot)]
+    assert (np.concatenate(parts).astype(np.int16) - (1 << (slot - 1)))[:5].tolist() == q.tolist()
