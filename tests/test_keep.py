@@ -121,7 +121,7 @@ def test_default_convert_keeps_the_network_and_report_shows_it(cli, budget_ckpt)
 
 
 def test_every_mode_ends_with_the_agreement_line(cli, budget_ckpt):
-    for i, args in enumerate((["--ratio", "0.25", "--steps", "2"], ["--size", "1/3"])):
+    for i, args in enumerate((["--ratio", "0.25", "--steps", "2"], ["--size", "1/3", "--calib", "fake", "--calib-images", "16"])):
         out = budget_ckpt / f"o{i}.dyn"
         code, stdout, stderr = cli("convert", budget_ckpt / "net.pth", "--out", out, "--model", "budgetnet:build",
                                    "--input-size", "3,16,16", "--min-params", "100", *args)
@@ -140,7 +140,7 @@ def test_report_data_replaces_the_probe_with_the_users_images(cli, budget_ckpt):
         pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"p{i}.png")
     code, _, stderr = cli("convert", budget_ckpt / "net.pth", "--out", out, "--model", "budgetnet:build",
-                          "--input-size", "3,16,16", "--size", "1/3")
+                          "--input-size", "3,16,16", "--ratio", "0.25", "--steps", "2", "--min-params", "100")
     assert code == 0, stderr
     code, stdout, stderr = cli("report", out, "--model", "budgetnet:build", "--json", "--data", folder,
                                "--original", budget_ckpt / "net.pth")
