@@ -109,14 +109,14 @@ def convert(
     ))
     from ..budget.allocation import parse_bytes, parse_size
 
-    fraction = parse_size(size) if size is not None else None
-    budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None
-    if (fraction is not None or budget_bytes is not None) and ratio is not None:
-        raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
     target = _keep_target(keep, dict(ratio=ratio, size=size, target_bytes=target_bytes, groups=groups, dim=dim,
                                      recipe=recipe),
                           dict(steps=steps, metric=metric, kernel=kernel, max_dim=max_dim, init=init, lr=lr,
                                calib_steps=calib_steps, resume=resume or None))
+    fraction = parse_size(size) if size is not None else None
+    budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None
+    if (fraction is not None or budget_bytes is not None) and ratio is not None:
+        raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
     if data_free and fraction is None and budget_bytes is None and target is None:
         raise DynError("--data-free needs a byte budget or a quality target: add --size (e.g. --size 1/6) or --keep")
     shape = _parse_size(input_size) if input_size else tuple((rec or {}).get("input_size", (3, 224, 224)))
@@ -167,8 +167,8 @@ def _keep_target(keep, modes: dict, states: dict) -> float | None:
         if given:
             raise DynError(f"--keep and {given[0]} each choose how small the file gets; give one of them")
         if shaping:
-            raise DynError(f"--keep chooses every layer's representation itself; {shaping[0]} shapes states fits "
-                           "(the research route: add --ratio, e.g. --ratio 0.25)")
+            raise DynError(f"--keep chooses every layer's representation itself; {shaping[0]} applies to the states "
+                           "route (the research route: --ratio, e.g. --ratio 0.25)")
         return target
     return None if given or shaping else DEFAULT_KEEP
 
