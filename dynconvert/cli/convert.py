@@ -186,8 +186,11 @@ def _print_trials(k: dict, original_bytes: int) -> None:
     if line:
         out.print(line, highlight=False, soft_wrap=True, markup=False)
     if not k["met"]:
-        console.print(f"warning: the target {k['target']:g} was not reached ({k['reached']:.3f} after the sequential fit); "
-                      "the file is the largest the search tried", highlight=False, soft_wrap=True, markup=False)
+        passed = [t for t in k["trials"] if t["agreement"] >= k["target"]]
+        why = ("no trial reached it, up to every layer at fp32" if not passed
+               else "the trial at this budget did; the sequential fit moved it")
+        console.print(f"warning: the target {k['target']:g} was not reached: {k['reached']:.3f} on the probe ({why})",
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_result(conv, out_path: Path) -> None:
