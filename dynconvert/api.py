@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from .dynfile import resume as rs
-from .budget.augment import augment
 from .budget.pipeline import convert_to_budget, model_bytes
 from .io.checkpoint import Source, load_model, source_of
 from .dynamics.conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
@@ -23,12 +24,15 @@ from .io.data import calibration_batches, check_input_size, probe_forward
 from .dynfile.format import write_dyn
 from .errors import DynError
 from .deploy.export import export_onnx, export_pth, export_safetensors
-from .io.fileio import check_output_path, sha256_file
 from .io.safetensors_io import OverBudget
+from .io.fileio import check_output_path, sha256_file
 from .dynamics.fit import FitResult
 from .dynamics.layers import layer_config
 from .dynfile.rebuild import load, read_meta, verify
 from .deploy.report import build_report
+from .budget.augment import augment
+from .budget.keep import convert_to_keep
+from .budget.probe import SEEN, image_probe, synthetic_probe
 from .budget.synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 from .dynamics.workers import WorkerDied
 
@@ -59,6 +63,10 @@ class Conversion:
     .dyn stores as integers (held in memory on their integer grid, see quant.py)."""
     budget: dict | None = None
     """How a byte budget was split (``--size``/``--target-bytes``): see budget.py."""
+    network: dict | None = None
+    """Top-1 agreement with the original on probe inputs: {"agreement", "images", "inputs"} (budget/probe.py)."""
+    keep: dict | None = None
+    """What ``--keep`` searched: target, probe kind, reached agreement, trials, time split (budget/keep.py)."""
 
 
 def convert(
@@ -74,6 +82,8 @@ def convert(
     target_bytes: int | None = None,
     data_free: bool = False,
     synthetic_images: int = 32,
+    keep: float | None = None,
+    probe: bool = False,
     reconstruct: int | None = None,
     on_progress=None,
     on_note=None,
@@ -89,11 +99,16 @@ def convert(
     bytes on disk instead of a uniform ratio, every layer's representation chosen by measured
     sensitivity and fitted to the original's outputs (budget.py). Without ``calib`` (or with
     ``data_free=True``) the inputs are synthesized from the model's BatchNorm statistics.
-    ``reconstruct``: steps per block of the block-wise reconstruction that follows a budgeted
-    fit (budget/reconstruct.py); 0 turns it off; None: ``RECONSTRUCT_ITERS`` with calibration
-    images, 0 on synthetic inputs. ``on_progress(phase, done, total)`` follows the long phases.
-    ``reserve``: bytes of the budget kept free beyond the header estimate (``save`` refuses a file
-    over its budget).
+    ``keep`` (0 < keep <= 1): instead, the smallest file whose top-1 agreement with the original on
+    probe inputs is at least ``keep`` (budget/keep.py): ``calib`` is split into fitting images and
+    held-apart probe images; without it both are synthesized.
+    ``probe``: also measure the result's top-1 agreement with the original (``Conversion.network``;
+    always done with ``keep``): on ``calib``, else on inputs synthesized from BatchNorm statistics,
+    else on standard-normal inputs. ``reconstruct``: steps per block of the block-wise
+    reconstruction that follows a budgeted fit (budget/reconstruct.py); 0 turns it off; None:
+    ``RECONSTRUCT_ITERS`` with calibration images, 0 on synthetic inputs. ``reserve``: bytes of the
+    budget kept free beyond the header estimate (``save`` refuses a file over its budget).
+    ``on_progress(phase, done, total)`` follows the long phases.
     """
     opts = replace(options or ConvertOptions())
     unknown = [k for k in overrides if k not in opts.to_dict()]
@@ -102,13 +117,61 @@ def convert(
     opts = replace(opts, **overrides)
     _check_include(model, opts.include)
     source = source or source_of(model)  # before any layer is replaced
+    if keep is not None:
+        return _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synthetic_images, source,
+                             tuple(input_size), "ratio" in overrides, on_progress, on_note, reconstruct)
+    original = None
+    if probe:  # the original is kept for the probe, which runs after the conversion (errors come first)
+        calib = None if calib is None else list(calib)  # read twice: by the fit and by the probe
+        original = copy.deepcopy(model).eval()
+    conv = _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
+                         synthetic_images, "ratio" in overrides, on_progress, on_note, reconstruct, reserve)
+    if original is not None:
+        conv.network = _network(original, conv.model, calib, input_size, on_progress, on_note)
+    return conv
+
+
+def _network(original: nn.Module, converted: nn.Module, calib, input_size, on_progress, on_note) -> dict | None:
+    """Top-1 agreement of ``converted`` with ``original`` on probe inputs (budget/probe.py)."""
+    checking = image_probe(calib, SEEN) if calib else synthetic_probe(original, input_size, on_progress=on_progress)
+    try:
+        checking.start(original)
+    except DynError as e:  # the states route needs no forward pass: the file is fine, the check is not possible
+        if on_note:
+            on_note(f"network agreement not measured: {e}")
+        return None
+    return checking.entry(checking.agreement(converted))
+
+
+def _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
+                  synthetic_images, ratio_given, on_progress, on_note, reconstruct=None, reserve=0) -> Conversion:
     if size is None and target_bytes is None:
         if data_free:
             raise DynError("data-free conversion needs a byte budget (--size or --target-bytes)")
         model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
         return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
-                              tuple(input_size), "ratio" in overrides, on_progress, on_note, reconstruct, reserve)
+                              tuple(input_size), ratio_given, on_progress, on_note, reconstruct, reserve)
+
+
+def _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synthetic_images, source, input_size,
+                  ratio_given, on_progress, on_note, reconstruct=None) -> Conversion:
+    if size is not None or target_bytes is not None or ratio_given:
+        raise DynError("--keep and --size/--target-bytes/--ratio each choose how small the file gets; give one of them")
+    if not 0 < keep <= 1:
+        raise DynError(f"--keep {keep} must be in (0, 1]: the top-1 agreement with the original to keep (e.g. 0.95)")
+    if calib is not None and data_free:
+        raise DynError("--data-free and --calib exclude each other: data-free synthesizes its own inputs")
+    batches = None
+    if calib is not None:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib]
+        if not batches or sum(len(b) for b in batches) == 0:
+            raise DynError("the calibration data gave no images; pass a folder with readable images")
+    res = convert_to_keep(model, keep, batches, input_size=input_size, include=opts.include, exclude=opts.exclude,
+                          min_params=opts.min_params, synthetic_images=synthetic_images, on_progress=on_progress,
+                          on_note=on_note, reconstruct_iters=_reconstruct_iters(reconstruct, batches is not None))
+    return Conversion(model.eval(), res.budget.layers, res.budget.skipped, opts, source, input_size=input_size,
+                      quantized=res.budget.quantized, budget=res.budget.summary, network=res.network, keep=res.keep)
 
 
 def _check_include(model: nn.Module, patterns: list[str]) -> None:
@@ -158,15 +221,20 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
                         f"from the same image{'s' if count > 1 else ''}: pass {FEW_IMAGES}+ images for a real check")
             batches = batches + [extra.to(batches[0].dtype)]
         mode = "images"
-    if reconstruct is not None and reconstruct < 0:
-        raise DynError(f"reconstruction steps {reconstruct} must be 0 (off) or more")
-    iters = (RECONSTRUCT_ITERS if mode == "images" else 0) if reconstruct is None else reconstruct
+    iters = _reconstruct_iters(reconstruct, mode == "images")
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
                                min_params=opts.min_params, reconstruct_iters=iters, on_progress=on_progress,
                                on_note=on_note, reserve=reserve)
     conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv
+
+
+def _reconstruct_iters(reconstruct: int | None, images: bool) -> int:
+    """Steps per block of the block-wise reconstruction: on by default only on real images."""
+    if reconstruct is not None and reconstruct < 0:
+        raise DynError(f"reconstruction steps {reconstruct} must be 0 (off) or more")
+    return (RECONSTRUCT_ITERS if images else 0) if reconstruct is None else reconstruct
 
 
 def dyn_metadata(conv: Conversion) -> dict:
@@ -185,13 +253,14 @@ def dyn_metadata(conv: Conversion) -> dict:
         "layers": layers,
         "skipped": [s.__dict__ for s in conv.skipped],
         "budget": conv.budget,
-    }
+    } | {k: v for k, v in (("network", conv.network), ("keep", conv.keep)) if v is not None}
 
 
 def save(conv: Conversion, path: str | Path) -> None:
     """Write the conversion as a .dyn file (atomically). A budgeted one is measured once written and
     refused (OverBudget, nothing written) when over its budget."""
-    limit = conv.budget["target_bytes"] if conv.budget else None
+    # (a --keep search's budget is its own choice, not the user's promise: no limit there)
+    limit = conv.budget["target_bytes"] if conv.budget and conv.keep is None else None
     write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized, max_bytes=limit)
 
 
@@ -213,10 +282,12 @@ def convert_checkpoint(
     size: float | None = None,
     target_bytes: int | None = None,
     data_free: bool = False,
+    keep: float | None = None,
     reconstruct: int | None = None,
     on_progress=None,
 ) -> Conversion:
-    """Checkpoint file -> .dyn file: what ``dynconvert convert`` does.
+    """Checkpoint file -> .dyn file: what ``dynconvert convert`` does. Every mode ends with the
+    network-level probe (``Conversion.network``, budget/probe.py); ``keep`` searches (budget/keep.py).
 
     ``calib``: a ``--data`` source ('digits', an image folder, ...) for calibrated conversion.
     Each finished layer's fit is saved in ``<out>.partial/`` (see resume.py); ``resume=True`` reuses
@@ -225,9 +296,9 @@ def convert_checkpoint(
     """
     out = check_output_path(out, force)
     options.validate()
-    budgeted = size is not None or target_bytes is not None
+    budgeted = size is not None or target_bytes is not None or keep is not None
     if budgeted and resume:
-        raise DynError("--resume is not available with --size/--target-bytes; rerun the conversion")
+        raise DynError("--resume is not available with --keep/--size/--target-bytes; rerun the conversion")
     if calib_images is not None and calib_images < 1:
         raise DynError(f"--calib-images must be at least 1, got {calib_images}")
     calib_images = calib_images or (256 if budgeted else 512)
@@ -253,14 +324,13 @@ def convert_checkpoint(
         reserve = 0
         while True:
             conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
-                           size=size, target_bytes=target_bytes, data_free=data_free, reconstruct=reconstruct,
-                           on_progress=on_progress,
-                           on_note=on_note, reserve=reserve)
+                           size=size, target_bytes=target_bytes, data_free=data_free, keep=keep, probe=True,
+                           reconstruct=reconstruct, on_progress=on_progress, on_note=on_note, reserve=reserve)
             conv.source_sha256 = source_sha256
             conv.source_bytes = Path(checkpoint).stat().st_size
+            start = time.perf_counter()
             try:
                 save(conv, out)
-                return conv
             except OverBudget as e:
                 if reserve:  # tightened once already
                     raise
@@ -268,6 +338,10 @@ def convert_checkpoint(
                 on_note(f"the file came out {e.size - e.limit:,} bytes over the budget; converting again with "
                         f"{reserve:,} bytes less for the layers")
                 loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
+                continue
+            if conv.keep is not None:  # printed, not stored: the file is written by then
+                conv.keep["seconds"]["writing"] = round(time.perf_counter() - start, 1)
+            return conv
     # saved fits are reusable only under the same options, source and calibration set
     print_ = rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), calib=calib, calib_images=calib_images))
     done: dict[str, FitResult] = {}
@@ -280,7 +354,7 @@ def convert_checkpoint(
     saving = rs.Checkpointing(callbacks, folder, print_, done)
     try:
         conv = convert(loaded.model, options=options, callbacks=saving, done=done, source=loaded.source,
-                       input_size=input_size, calib=batches)
+                       input_size=input_size, calib=batches, probe=True, on_progress=on_progress, on_note=on_note)
     except BaseException as e:
         kept = rs.saved(folder)
         if not kept:

@@ -14,6 +14,18 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def quick_probe(monkeypatch):
+    """Every conversion ends with a probe (budget/probe.py) and --keep synthesizes its inputs when
+    there are no images: a few steps on a few inputs keep tests fast (the real sizes are measured
+    in docs/budget.md)."""
+    from dynconvert.budget import keep, probe
+
+    monkeypatch.setattr(probe, "PROBE_STEPS", 5)
+    monkeypatch.setattr(probe, "PROBE_IMAGES", 16)
+    monkeypatch.setattr(keep, "FIT_STEPS", 20)
+
+
 @pytest.fixture
 def cli():
     """Run the dynconvert CLI in-process: returns (exit_code, stdout, stderr)."""

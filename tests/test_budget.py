@@ -148,7 +148,7 @@ def budget_ckpt(tmp_path, monkeypatch):
     ("net.pth", ["--target-bytes", "1GB"], "not below the original"),
     ("net.pth", ["--size", "1/4", "--calib", "{tmp}/empty"], "image"),
     ("plain.pth", ["--size", "1/4", "--data-free", "--model", "budgetnet:build_plain"], "BatchNorm"),
-    ("net.pth", ["--data-free"], "needs a byte budget"),
+    ("net.pth", ["--data-free", "--ratio", "0.5"], "needs a byte budget or a quality target"),
 ])
 def test_cli_budget_errors(cli, budget_ckpt, ckpt, args, message):
     out = budget_ckpt / "out.dyn"

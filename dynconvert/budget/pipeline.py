@@ -43,6 +43,7 @@ from .outputs import (
 from ..dynamics.fit import svd_rel_error
 from .quant import dequantize, quantize, stored_bytes
 from .reconstruct import reconstruct_after_fit
+from .table import Setup, Table, kept_fit
 
 STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
@@ -194,14 +195,16 @@ def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_
 
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
-                       min_params: int, on_progress=None, gptq: bool = True) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+                       min_params: int, on_progress=None, gptq: bool = True,
+                       fits: dict | None = None) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` and its output error (mean squared change of the outputs over
     their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
     rounding error of the same size move a network very differently.
 
     Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
-    unit of relative layer-output error of its int4 candidate, shown by ``report``)."""
+    unit of relative layer-output error of its int4 candidate, shown by ``report``). ``fits``, when
+    given, receives every fit (unit -> candidate index -> one per part) for ``Table.trial``."""
     reference = model(images)
     scale = reference.pow(2).mean().clamp_min(1e-30)
     options, sensitivity = {}, {}
@@ -213,11 +216,14 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
         measured = []
         try:
-            for cand in u.candidates(min_params):
+            for index, cand in enumerate(u.candidates(min_params)):
                 if cand.kind == "fp32":
                     measured.append((cand, 0.0))
                     continue
-                dense = [fit_candidate(cand, w, c, 0, gptq).dense() for w, c in zip(matrices, cs)]
+                fitted = [fit_candidate(cand, w, c, 0, gptq) for w, c in zip(matrices, cs)]
+                dense = [f.dense() for f in fitted]
+                if fits is not None:
+                    fits.setdefault(u.name, {})[index] = [kept_fit(f, d) for f, d in zip(fitted, dense)]
                 for w, d in zip(weights, dense):
                     w.data.copy_(d.reshape(w.shape))
                 err = float((model(images) - reference).pow(2).mean() / scale)
@@ -234,7 +240,7 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     return options, sensitivity
 
 
-# ---------------------------------------------------------------- the whole conversion
+# ---------------------------------------------------------------- the whole conversion, in three steps
 
 
 @dataclass
@@ -245,40 +251,13 @@ class BudgetResult:
     summary: dict
 
 
-def convert_to_budget(
-    model: nn.Module,
-    target_bytes: int,
-    calibration_inputs,
-    *,
-    calibration: str,
-    include=(),
-    exclude=(),
-    min_params: int = 10_000,
-    stages: int = 8,
-    state_steps: int = 60,
-    reconstruct_iters: int = 0,
-    on_progress=None,
-    reserve: int = 0,
-    on_note=None,
-) -> BudgetResult:
-    """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
-
-    ``calibration_inputs``: a list of input batches, or a function returning one (called only once
-    the budget is known to be reachable: synthesizing inputs takes a while).
-    ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
-    statistics)"). ``reconstruct_iters``: steps per block of the block-wise reconstruction after the
-    sequential fit (reconstruct.py; 0: none). ``on_progress(phase, done, total)`` reports progress,
-    ``on_note(text)`` what the reconstruction did per block. ``reserve``: bytes kept free beyond the
-    header estimate (a retry after a file came out over the budget).
-    """
+def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_000, reserve: int = 0) -> Setup:
+    """The units of ``model`` and the bytes outside them; the model is not changed yet. ``reserve``:
+    bytes kept free beyond the header estimate (a retry after a file came out over the budget)."""
     import copy
 
-    progress = on_progress or (lambda *a: None)
     model.eval()
     original_bytes = model_bytes(model)
-    if target_bytes >= original_bytes:
-        raise DynError(f"the budget {target_bytes:,} bytes is not below the original's {original_bytes:,} bytes; "
-                       "ask for a smaller --size (e.g. 1/4)")
     units, skipped = find_units(model, include, exclude)
     original = copy.deepcopy(model).eval()
     # everything that is not a budgeted weight (norms, biases) is stored as fp16: at 1/8 of an
@@ -290,19 +269,20 @@ def convert_to_budget(
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096
              + long_names(list(small), units, min_params) + reserve)
-    room = target_bytes - fixed
-    smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params)) for u in units)
-    if smallest > target_bytes:
-        raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
-                       f"(~{smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+    return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params)
+
+
+def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False) -> Table:
+    """Step 1: every candidate of every unit fitted on the original inputs and measured in the
+    network (measure_candidates). Rounds the model's norms and biases to fp16 in place.
+    ``keep_fits``: keep the fits for ``Table.trial`` (int8 per row: about 2 bytes per weight)."""
+    model, units, skipped = setup.model, setup.units, list(setup.skipped)
     with torch.no_grad():  # the model is only changed once the budget is known to be reachable
-        for k in halves:
-            small[k].copy_(small[k].half().to(small[k].dtype))
+        for k in setup.halves:
+            setup.small[k].copy_(setup.small[k].half().to(setup.small[k].dtype))
     batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
     by_first = {u.parts[0].name: u for u in units}
     units = [by_first[n] for n in execution_order(model, list(by_first), batches[0][:1])]
-
-    # 1-2: every candidate fitted on the original inputs and measured in the network
     everything = torch.cat(list(batches))
     held_apart = len(everything) >= 3 * SENSITIVITY_IMAGES  # measure on images the fits did not see
     images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
@@ -315,28 +295,33 @@ def convert_to_budget(
     for u in unreached:
         skipped.append(Skipped(u.name, "never called as a module (its owner reads .weight), so its outputs cannot "
                                        "be measured: left fp32"))
-        room -= 4 * u.numel
     units = [u for u in units if u not in unreached]
-    if not units or room < sum(min(c.bytes for c in u.candidates(min_params)) for u in units):
-        raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
-                       f"({', '.join(u.name for u in unreached[:3])}...); ask for a larger --size")
-    # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
-    # steered by that and rounding to nearest is safer; the upstream correction likewise
-    trusted = calibration == "images"
-    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress, gptq=trusted)
-    choice = allocate(options, room)
-    assert choice is not None  # the cheapest choice of every layer fits (checked above)
+    if not units:
+        raise DynError(f"no layer can be budgeted: {', '.join(u.name for u in unreached[:3])}... must stay fp32")
+    fits = {} if keep_fits else None
+    options, sensitivity = measure_candidates(model, units, moments, images, setup.min_params, on_progress,
+                                              gptq=calibration == "images", fits=fits)
+    return Table(model, setup.original, units, skipped, options, sensitivity, setup.fixed, unreached, setup.halves,
+                 batches, calibration, setup.original_bytes, fits)
 
-    # 4: sequential fitting, a stage at a time, on the inputs of the network compressed so far
+
+def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, stages: int = 8, state_steps: int = 60,
+                   reconstruct_iters: int = 0, on_progress=None, on_note=None) -> BudgetResult:
+    """Step 3: in execution order, a stage of layers at a time, each chosen candidate fitted again
+    on the inputs of the network compressed so far (aiming at the original's outputs), put in
+    place in ``table.model``; then ``reconstruct_iters`` steps per block of block-wise
+    reconstruction (reconstruct.py; 0: none), ``on_note(text)`` saying what it did per block."""
+    progress = on_progress or (lambda *a: None)
+    model, original, options, trusted = table.model, table.original, table.options, table.trusted
     chosen = {n: options[n][i][0] for n, i in choice.items()}
-    todo = [u for u in units if chosen[u.name].kind != "fp32"]
+    todo = [u for u in table.units if chosen[u.name].kind != "fp32"]
     per_stage = max(1, math.ceil(len(todo) / max(stages, 1)))
     layers, rows = [], []
-    quantized: dict[str, dict] = {k: {"bits": 16} for k in halves}
+    quantized: dict[str, dict] = {k: {"bits": 16} for k in table.halves}
     done = 0
     for s in range(0, len(todo), per_stage):
         stage = todo[s:s + per_stage]
-        paired = collect_moments([p.name for u in stage for p in u.parts], batches, model, original,
+        paired = collect_moments([p.name for u in stage for p in u.parts], table.batches, model, original,
                                  stop_after=stage[-1].parts[-1].name)
         for u in stage:
             cand = chosen[u.name]
@@ -358,7 +343,7 @@ def convert_to_budget(
                         weight_shape=list(p.layer.weight.shape), matrix_shape=[p.m, p.n], spec=cand.spec.to_dict(),
                         dense_params=p.m * p.n, state_params=new.num_state_params(), rel_error=f.rel_error,
                         svd_rel_error=svd_rel_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
-                        steps=state_steps, fit_mode=f"outputs ({calibration}, sequential)",
+                        steps=state_steps, fit_mode=f"outputs ({table.calibration}, sequential)",
                         output_rel_error=f.output_rel_error,
                     ))
                 else:
@@ -371,23 +356,58 @@ def convert_to_budget(
                     quantized[key] = {"bits": bits, "keep": [0], "scale": scale}
             done += 1
             progress("fitting", done, len(todo))
-    # 5: block-wise reconstruction towards the original's block outputs (reconstruct.py)
-    recon = reconstruct_after_fit(model, original, batches, quantized, iters=reconstruct_iters if todo else 0,
+    # block-wise reconstruction towards the original's block outputs (reconstruct.py)
+    recon = reconstruct_after_fit(model, original, table.batches, quantized, iters=reconstruct_iters if todo else 0,
                                   augmented=0, on_progress=progress, on_note=on_note)
     predicted_total = 0.0
-    for u in units:
+    for u in table.units:
         cand, err = options[u.name][choice[u.name]]
         predicted_total += err
         rows.append(dict(
             name=u.name, shape=u.shape, choice=cand.label, kind=cand.kind, bytes=cand.bytes,
-            fp32_bytes=4 * u.numel, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
+            fp32_bytes=4 * u.numel, sensitivity=table.sensitivity.get(u.name, 0.0), predicted_error=err,
             why=why(options[u.name], choice[u.name]),
             states_possible=u.convertible is None,
         ))
     summary = dict(
-        target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
-        planned_bytes=fixed + sum(r["bytes"] for r in rows), calibration=calibration,
-        calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
+        target_bytes=target_bytes, original_bytes=table.original_bytes, fixed_bytes=table.fixed,
+        planned_bytes=table.fixed + sum(r["bytes"] for r in rows), calibration=table.calibration,
+        calibration_images=int(sum(len(b) for b in table.batches)), predicted_error=predicted_total,
         stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, reconstruction=recon,
     )
-    return BudgetResult(layers, skipped, quantized, summary)
+    return BudgetResult(layers, table.skipped, quantized, summary)
+
+
+def convert_to_budget(
+    model: nn.Module,
+    target_bytes: int,
+    calibration_inputs,
+    *,
+    calibration: str,
+    include=(),
+    exclude=(),
+    min_params: int = 10_000,
+    stages: int = 8,
+    state_steps: int = 60,
+    reconstruct_iters: int = 0,
+    on_progress=None,
+    reserve: int = 0,
+    on_note=None,
+) -> BudgetResult:
+    """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc):
+    ``prepare`` and ``measure`` (step 1), ``Table.allocation`` (2), ``fit_allocation`` (3).
+
+    ``calibration_inputs``: a list of input batches, or a function returning one (called only once
+    the budget is known to be reachable: synthesizing inputs takes a while).
+    ``calibration`` says where they come from (recorded: "images", "synthetic (BatchNorm
+    statistics)"). ``reconstruct_iters``: steps per block of the block-wise reconstruction after the
+    sequential fit (reconstruct.py; 0: none). ``on_progress(phase, done, total)`` reports progress,
+    ``on_note(text)`` what the reconstruction did per block. ``reserve``: bytes kept free beyond the
+    header estimate (a retry after a file came out over the budget).
+    """
+    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, reserve=reserve)
+    setup.check(target_bytes)
+    table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress)
+    choice = table.allocation(target_bytes)
+    return fit_allocation(table, choice, target_bytes, stages=stages, state_steps=state_steps,
+                          reconstruct_iters=reconstruct_iters, on_progress=on_progress, on_note=on_note)

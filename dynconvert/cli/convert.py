@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..dynamics.conversion import ConvertOptions
+from ..budget.keep import DEFAULT_KEEP
 from ..errors import DynError
 from . import _parse_size, _plural, _split, command, console, default, out, shown
 
@@ -82,10 +83,11 @@ def convert(
     calib_images: Optional[int] = typer.Option(None, help="How many calibration images to use. [default: 256 with --size, else 512]"),
     size: Optional[str] = typer.Option(None, "--size", help="Byte budget as a fraction of the original's fp32 bytes (1/8, 0.125, 12.5%): each layer's representation (states, int8/int4, fp32) is chosen by measured sensitivity. Replaces --ratio."),
     target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Byte budget as a size (5MB, 800kB): like --size."),
-    data_free: bool = typer.Option(False, "--data-free", help="With --size: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
+    data_free: bool = typer.Option(False, "--data-free", help="With --size or --keep: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help=f"Quality target: the smallest file whose top-1 agreement with the original on probe images (held apart from --calib, else synthesized) is at least KEEP (0.95, 95%). With no mode flag (--ratio, --size, --target-bytes, --groups/--dim, --recipe) and no states flag (--steps, --metric, ...) convert runs --keep {DEFAULT_KEEP:g}."),
     calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib." + shown(ConvertOptions, "calib_steps")),
-    reconstruct_steps: Optional[int] = typer.Option(None, "--reconstruct-steps", help="With --size: steps per block of the block-wise reconstruction (learned rounding, QDrop) after the per-layer fit; 0 turns it off. [default: 100 with --calib images, 0 data-free]"),
-    no_reconstruct: bool = typer.Option(False, "--no-reconstruct", help="With --size: skip the block-wise reconstruction (same as --reconstruct-steps 0)."),
+    reconstruct_steps: Optional[int] = typer.Option(None, "--reconstruct-steps", help="With --size or --keep: steps per block of the block-wise reconstruction (learned rounding, QDrop) after the per-layer fit; 0 turns it off. [default: 100 with --calib images, 0 data-free]"),
+    no_reconstruct: bool = typer.Option(False, "--no-reconstruct", help="With --size or --keep: skip the block-wise reconstruction (same as --reconstruct-steps 0)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: this RUNS CODE from the file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and discard an interrupted run's saved layers)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the layers an interrupted run with the same checkpoint and options finished (kept in OUT.partial/)."),
@@ -109,16 +111,20 @@ def convert(
     ))
     from ..budget.allocation import parse_bytes, parse_size
 
+    target = _keep_target(keep, dict(ratio=ratio, size=size, target_bytes=target_bytes, groups=groups, dim=dim,
+                                     recipe=recipe),
+                          dict(steps=steps, metric=metric, kernel=kernel, max_dim=max_dim, init=init, lr=lr,
+                               calib_steps=calib_steps, resume=resume or None))
     fraction = parse_size(size) if size is not None else None
     budget_bytes = parse_bytes(target_bytes) if target_bytes is not None else None
     if (fraction is not None or budget_bytes is not None) and ratio is not None:
         raise DynError("--size/--target-bytes and --ratio both set how small layers get; give one of them")
-    if data_free and fraction is None and budget_bytes is None:
-        raise DynError("--data-free needs a byte budget: add --size (e.g. --size 1/6)")
+    if data_free and fraction is None and budget_bytes is None and target is None:
+        raise DynError("--data-free needs a byte budget or a quality target: add --size (e.g. --size 1/6) or --keep")
     if no_reconstruct and reconstruct_steps:
         raise DynError("--no-reconstruct and --reconstruct-steps contradict each other; give one of them")
-    if (no_reconstruct or reconstruct_steps is not None) and fraction is None and budget_bytes is None:
-        raise DynError("block-wise reconstruction follows a byte-budgeted fit: add --size (e.g. --size 1/8)")
+    if (no_reconstruct or reconstruct_steps is not None) and fraction is None and budget_bytes is None and target is None:
+        raise DynError("block-wise reconstruction follows a byte-budgeted fit: add --size (e.g. --size 1/8) or --keep")
     shape = _parse_size(input_size) if input_size else (3, 224, 224)
     if not input_size and "input_size" in (rec or {}):
         from ..io.data import check_input_size
@@ -132,7 +138,7 @@ def convert(
                 trust_pickle=trust_pickle, force=force, resume=resume, input_size=shape,
                 callbacks=RichConvertProgress(progress), on_note=progress.console.print,
                 calib=calib, calib_images=calib_images, size=fraction, target_bytes=budget_bytes, data_free=data_free,
-                reconstruct=0 if no_reconstruct else reconstruct_steps, on_progress=phases,
+                keep=target, reconstruct=0 if no_reconstruct else reconstruct_steps, on_progress=phases,
             )
     except KeyboardInterrupt:
         from ..dynfile.resume import partial_dir, saved
@@ -142,6 +148,62 @@ def convert(
         raise
     for s in conv.skipped:  # every layer left as it was, with the reason
         out.print(f"  skipped {s.name}: {s.reason}", highlight=False, soft_wrap=True)
+    if conv.keep is not None:
+        _print_trials(conv.keep, conv.budget["original_bytes"])
+    _print_result(conv, out_path)
+    if conv.network is not None:
+        from ..budget.probe import warning
+
+        n = conv.network
+        out.print(f"network: top-1 agreement {n['agreement']:.3f} with the original on {n['images']} probe images "
+                  f"({n['inputs']})", highlight=False, soft_wrap=True, markup=False)
+        if warning(n):
+            console.print(warning(n), highlight=False, soft_wrap=True, markup=False)
+    if conv.keep is not None:
+        t = conv.keep["seconds"]
+        out.print(f"time: inputs {t['inputs']:.1f} s, candidate fitting {t['candidates']:.1f} s, search {t['search']:.1f} s "
+                  f"({len(conv.keep['trials'])} trials), sequential fit {t['fitting']:.1f} s, writing {t['writing']:.1f} s",
+                  highlight=False, soft_wrap=True, markup=False)
+
+
+def _keep_target(keep, modes: dict, states: dict) -> float | None:
+    """--keep's value; the default target when no flag chooses a mode; None for the other routes."""
+    from ..budget.keep import parse_keep
+
+    given = [f"--{k.replace('_', '-')}" for k, v in modes.items() if v is not None]
+    shaping = [f"--{k.replace('_', '-')}" for k, v in states.items() if v is not None]
+    if keep is not None:
+        target = parse_keep(keep)
+        if given:
+            raise DynError(f"--keep and {given[0]} each choose how small the file gets; give one of them")
+        if shaping:
+            raise DynError(f"--keep chooses every layer's representation itself; {shaping[0]} applies to the states "
+                           "route (the research route: --ratio, e.g. --ratio 0.25)")
+        return target
+    return None if given or shaping else DEFAULT_KEEP
+
+
+def _print_trials(k: dict, original_bytes: int) -> None:
+    from ..budget.keep import tradeoff_line
+
+    out.print(f"--keep {k['target']:g}: trials on {k['probe_images']} probe images ({k['probe']})",
+              highlight=False, soft_wrap=True, markup=False)
+    out.print(f"  {'budget':>14}  {'x fp32':>7}  {'agreement':>9}", highlight=False, markup=False)
+    for t in k["trials"]:
+        mark = "  <- chosen" if t["budget"] == k["budget_bytes"] else ""
+        out.print(f"  {t['budget']:>14,}  {t['fraction']:>7.3f}  {t['agreement']:>9.3f}{mark}", highlight=False, markup=False)
+    line = tradeoff_line(k["target"], k["budget_bytes"], original_bytes, k["trials"])
+    if line:
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+    if not k["met"]:
+        passed = [t for t in k["trials"] if t["agreement"] >= k["target"]]
+        why = ("no trial reached it, up to every layer at fp32" if not passed
+               else "the trial at this budget did; the sequential fit moved it")
+        console.print(f"warning: the target {k['target']:g} was not reached: {k['reached']:.3f} on the probe ({why})",
+                      highlight=False, soft_wrap=True, markup=False)
+
+
+def _print_result(conv, out_path: Path) -> None:
     if conv.budget is not None:
         b = conv.budget
         from collections import Counter

@@ -19,7 +19,7 @@ def report(
     json_out: bool = typer.Option(False, "--json", help="Print JSON (keys documented in docs/report.md)."),
     model: Optional[str] = model_option(),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for the FLOP counts. [default: the file's]"),
-    data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`)."),
+    data: Optional[str] = typer.Option(None, help="Also measure top-1/top-5 on this dataset (see `eval`); with --original, the top-1 agreement with it on these images (labels not needed) replaces the file's probe figure."),
     original: Optional[Path] = original_option(" With --data it is also evaluated side by side."),
     trust_pickle: bool = trust_pickle_option(),
     latency: bool = typer.Option(False, "--latency", help="Also measure ONNX Runtime latency at batch 1 of each export beside the original's (see `bench --onnx`); 'default' is what `export --onnx` writes."),
@@ -35,9 +35,15 @@ def report(
         from ..train.evaluation import evaluate_file
 
         kw = dict(factory=model, original=original, trust_pickle=trust_pickle, input_size=tuple(rep["input_size"]))
-        rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
+        labeled = True
         if original is not None:
-            rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
+            from ..train.evaluation import agreement_file
+
+            rep["network"], labeled = agreement_file(dyn, data, **kw)
+        if labeled:
+            rep["accuracy"] = {"data": data, "converted": evaluate_file(dyn, data, **kw)}
+            if original is not None:
+                rep["accuracy"]["original"] = evaluate_file(original, data, **kw)
     if latency:
         from ..deploy.bench import latency_markdown, onnx_latency
         from ..dynamics.workers import available_cores

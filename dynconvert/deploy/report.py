@@ -176,6 +176,8 @@ def build_report(
         "skipped": meta.get("skipped", []),
         "totals": totals,
         "budget": meta.get("budget"),
+        "network": meta.get("network"),
+        "keep": meta.get("keep"),
     }
 
 
@@ -223,7 +225,22 @@ def summary_lines(rep: dict) -> list[tuple[str, str]]:
                             f"at input {'x'.join(map(str, rep['input_size']))}"),
         ("mean weight error", f"states {_err(t['mean_weight_rel_error'])} vs truncated SVD {_err(t['mean_svd_rel_error'])} at the same parameter budget"),
         ("layers", f"{t['converted_layers']} converted, {t['skipped_layers']} skipped"),
-    ] + _accuracy_lines(rep)
+    ] + _network_lines(rep) + _accuracy_lines(rep)
+
+
+def _network_lines(rep: dict) -> list[tuple[str, str]]:
+    """The network-level probe (budget/probe.py) and what ``--keep`` searched (budget/keep.py)."""
+    lines = []
+    n = rep.get("network")
+    if n:
+        lines.append(("network", f"top-1 agreement {n['agreement']:.3f} with the original on {n['images']} probe "
+                                 f"images ({n['inputs']})"))
+    k = rep.get("keep")
+    if k:
+        lines.append(("quality target", f"--keep {k['target']:g} {'met' if k['met'] else 'NOT met'}: "
+                                        f"{k['reached']:.3f} on {k['probe_images']} probe images ({k['probe']}) at "
+                                        f"{k['fraction']:.3f}x the fp32 bytes, chosen from {len(k['trials'])} trials"))
+    return lines
 
 
 def _accuracy_lines(rep: dict) -> list[tuple[str, str]]:

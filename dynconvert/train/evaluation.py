@@ -61,3 +61,26 @@ def evaluate_file(path, data: str, *, factory=None, arch=None, original=None, tr
     check_classes(d, output_classes(model, size))
     dataset = d.val if d.val is not None else d.train
     return evaluate(model.to(device), dataset, batch_size=batch_size, device=device, workers=workers)
+
+
+@torch.no_grad()
+def agreement_file(path, data: str, *, original, factory=None, trust_pickle=False, input_size=None,
+                   batch_size: int = 64, workers: int = 0) -> tuple[dict, bool]:
+    """(top-1 agreement of a .dyn with the checkpoint it was converted from on ``data``'s images,
+    labels not needed; whether ``data`` has labels): what ``report --data --original`` puts in
+    place of the file's own probe (budget/probe.py)."""
+    model, _, source, size = load_any(path, factory=factory, original=original, trust_pickle=trust_pickle,
+                                      input_size=input_size)
+    reference = load_any(original, factory=factory, trust_pickle=trust_pickle, input_size=size)[0]
+    d = open_data(data, preprocess_for(source, size), augment=False)
+    dataset = d.val if d.val is not None else d.train
+    model.eval()
+    reference.eval()
+    same = total = 0
+    for item in batches(dataset, batch_size, workers):
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        same += int((model(x).argmax(1) == reference(x).argmax(1)).sum())
+        total += len(x)
+    if total == 0:
+        raise DynError(f"--data {data}: no images to compare on")
+    return {"agreement": round(same / total, 4), "images": total, "inputs": f"images from {data}"}, bool(d.labeled)

@@ -1,0 +1,188 @@
+"""``--keep A``: the smallest file whose top-1 agreement with the original on probe inputs is at
+least A (the quality target users state, as Intel Neural Compressor's ``tolerable_loss`` or
+AIMET's ``allowed_accuracy_drop``), instead of a byte budget.
+
+The candidate tables are measured once (pipeline.measure); then the budget axis is searched:
+each trial allocates a budget (allocation.allocate, milliseconds), puts the measured fits in
+place (``Table.trial``: fitted on the original's inputs, not yet refitted in sequence) and runs
+the probe once. 1/8 and 1/4 of the original's bytes are always tried (the honest trade-off: what
+a smaller file would cost), then bisection between the largest failing and the smallest passing
+budget, at most ``MAX_TRIALS`` trials. Only the chosen budget is fitted in sequence
+(pipeline.fit_allocation), and its agreement measured again: that is the figure recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import DynError
+from .pipeline import BudgetResult, Table, fit_allocation, measure, prepare
+from .probe import HELD_APART, SYNTHETIC, Probe, affordable_steps, synthetic_probe
+from .synth import bn_synthetic_batches, synthesis_size
+
+DEFAULT_KEEP = 0.95
+"""The quality target of a `convert` with no mode flag (docs/budget.md: the table that chose it)."""
+MAX_TRIALS = 10
+ANCHORS = (1 / 8, 1 / 4)
+"""Budgets (fractions of the original's bytes) every search tries: the trade-off users see."""
+CLOSE = 1.02
+"""Bisection stops when the smallest passing budget is within 2% of the largest failing one."""
+NEAR_FP32 = 0.5
+"""A target met only above this fraction of the fp32 bytes is said so in one line."""
+MIN_PROBE, MAX_PROBE = 16, 64
+"""Calibration images held apart for the probe: a quarter of them, at least 16 (else the probe is
+synthetic), at most 64."""
+FIT_STEPS = 500
+"""Synthesis steps of the fitting set (synth.py's default), scaled down for large networks."""
+NORMAL_CALIBRATION = "standard-normal (no images, no BatchNorm to synthesize from)"
+
+
+@dataclass
+class Trial:
+    budget: int  # the byte budget allocated
+    bytes: int  # the planned file bytes of its allocation
+    agreement: float  # top-1 agreement of the trial network on the probe
+
+
+def parse_keep(text: str) -> float:
+    """``0.95`` or ``95%`` -> 0.95; anything outside (0, 1] is a one-line error naming --keep."""
+    t = str(text).strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise DynError(f"--keep {text!r}: give the top-1 agreement with the original to keep, a number in (0, 1] "
+                       "such as 0.95") from None
+    if not 0 < value <= 1:
+        raise DynError(f"--keep {text!r} must be in (0, 1]: the fraction of probe images on which the converted "
+                       "network must answer as the original does (e.g. 0.95)")
+    return value
+
+
+def search(table: Table, probe: Probe, keep: float, *, max_trials: int = MAX_TRIALS, on_trial=None) -> tuple[int, list[Trial]]:
+    """(the chosen byte budget, every trial in the order run). The chosen budget is the smallest
+    tried whose trial met ``keep``; if none did, the largest (every layer at its dearest)."""
+    smallest = table.smallest
+    largest = table.fixed + sum(4 * u.numel for u in table.unreached) + sum(
+        max(c.bytes for c, _ in table.options[u.name]) for u in table.units)
+    trials: list[Trial] = []
+    passed: dict[int, bool] = {}
+
+    def run(budget: int) -> None:
+        choice = table.allocation(budget)
+        with table.trial(choice) as model:
+            a = probe.agreement(model)
+        trials.append(Trial(budget, table.planned_bytes(choice), a))
+        passed[budget] = a >= keep
+        if on_trial:
+            on_trial(trials[-1])
+
+    def bracket() -> tuple[int | None, int | None]:
+        """(the largest failing budget below the smallest passing one, the smallest passing one)."""
+        ok = min((b for b, p in passed.items() if p), default=None)
+        fail = max((b for b, p in passed.items() if not p and ok is not None and b < ok), default=None)
+        return fail, ok
+
+    for f in sorted(ANCHORS, reverse=True):
+        b = int(f * table.original_bytes)
+        if smallest <= b < largest:
+            run(b)
+    if not any(passed.values()):
+        run(largest)
+    fail, ok = bracket()
+    if ok is not None and fail is None and smallest < ok:
+        run(smallest)
+        fail, ok = bracket()
+    while ok is not None and fail is not None and ok / fail > CLOSE and len(trials) < max_trials:
+        run(int(math.sqrt(ok * fail)))
+        fail, ok = bracket()
+    return (ok if ok is not None else largest), trials
+
+
+def tradeoff_line(keep: float, chosen: int, original_bytes: int, trials: list[dict]) -> str | None:
+    """When the target holds only near the fp32 size, what 1/4 and 1/8 would have cost
+    (``trials``: as ``trials_dicts`` gives them)."""
+    if chosen <= NEAR_FP32 * original_bytes:
+        return None
+    at = {round(t["budget"] / original_bytes, 3): t["agreement"] for t in trials}
+    parts = [f"at {name} of the bytes the trials reached {at[round(f, 3)]:.3f}"
+             for name, f in (("1/4", 1 / 4), ("1/8", 1 / 8)) if round(f, 3) in at]
+    return (f"the target {keep:g} is met only at {chosen / original_bytes:.2f}x the fp32 bytes"
+            + (f"; {', '.join(parts)}" if parts else "") + ": a smaller file costs that much agreement")
+
+
+def trials_dicts(trials: list[Trial], original_bytes: int) -> list[dict]:
+    return [dict(asdict(t), fraction=round(t.budget / original_bytes, 4), agreement=round(t.agreement, 4)) for t in trials]
+
+
+@dataclass
+class KeepResult:
+    budget: BudgetResult
+    network: dict  # probe.entry of the final network
+    keep: dict  # target, probe kind, reached agreement, the trials, the time split
+
+
+def split_probe(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fitting images, held-apart probe images or None when there are too few to spare)."""
+    n = min(MAX_PROBE, len(images) // 4)
+    if n < MIN_PROBE:
+        return images, None
+    return images[:-n], images[-n:]
+
+
+def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | None, *, input_size,
+                    include=(), exclude=(), min_params: int = 10_000, synthetic_images: int = 32,
+                    reconstruct_iters: int = 0, on_progress=None, on_note=None, on_trial=None) -> KeepResult:
+    """Compress ``model`` in place to the smallest allocation whose probe agreement is >= ``keep``
+    (``reconstruct_iters``: block-wise reconstruction after the final fit, pipeline.fit_allocation)."""
+    note = on_note or (lambda text: None)
+    clock = time.perf_counter
+    start = clock()
+    setup = prepare(model, include=include, exclude=exclude, min_params=min_params)
+    if calib is not None:
+        images = torch.cat(calib)
+        fitting, held = split_probe(images)
+        if held is None:
+            probe = synthetic_probe(setup.original, input_size, on_progress=on_progress)
+            note(f"{len(images)} calibration images are too few to hold {MIN_PROBE} apart for the probe (that needs "
+                 f"{4 * MIN_PROBE}): the target is checked on {probe.kind} inputs instead")
+        else:
+            probe = Probe(held, HELD_APART)
+            note(f"{len(fitting)} calibration images for fitting, {len(held)} held apart to check the target on")
+        batches, mode = list(fitting.split(64)), "images"
+    else:
+        probe = synthetic_probe(setup.original, input_size, on_progress=on_progress)
+        if probe.kind == SYNTHETIC:
+            note("no calibration images: synthesizing inputs from the model's BatchNorm statistics (data-free); "
+                 "the target is checked on synthetic inputs, not on real images (--calib DIR checks it on yours)")
+            size = synthesis_size(model, input_size)
+            step = (lambda s, n, loss: on_progress("synthesizing inputs", s, n)) if on_progress else None
+            batches = bn_synthetic_batches(model, images=synthetic_images, input_size=size, on_step=step,
+                                           steps=affordable_steps(FIT_STEPS, model, size))
+            mode = "synthetic (BatchNorm statistics)"
+        else:
+            note("no calibration images and no BatchNorm statistics to synthesize inputs from: measuring on "
+                 "standard-normal inputs, a rough guide only; pass --calib DIR for a target checked on real images")
+            gen = torch.Generator().manual_seed(0)
+            batches, mode = [torch.randn((synthetic_images, *input_size), generator=gen)], NORMAL_CALIBRATION
+    probe.start(setup.original)
+    inputs_s = clock() - start
+    table = measure(setup, batches, calibration=mode, on_progress=on_progress, keep_fits=True)
+    measured = clock()
+    budget, trials = search(table, probe, keep, on_trial=on_trial)
+    searched = clock()
+    result = fit_allocation(table, table.allocation(budget), budget, reconstruct_iters=reconstruct_iters,
+                            on_progress=on_progress, on_note=on_note)
+    table.fits = None  # the trials' fits are not needed any more
+    reached = probe.agreement(table.model)
+    done = clock()
+    info = dict(target=keep, probe=probe.kind, probe_images=len(probe.inputs), reached=round(reached, 4),
+                met=reached >= keep, budget_bytes=budget, fraction=round(budget / table.original_bytes, 4),
+                trials=trials_dicts(trials, table.original_bytes),
+                seconds=dict(inputs=round(inputs_s, 1), candidates=round(measured - start - inputs_s, 1),
+                             search=round(searched - measured, 1), fitting=round(done - searched, 1)))
+    return KeepResult(result, probe.entry(reached), info)

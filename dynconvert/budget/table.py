@@ -1,0 +1,130 @@
+"""What the budget pipeline's steps hand each other (pipeline.py): the ``Setup`` known before any
+input is seen, and the measured ``Table`` any number of byte budgets can be allocated from, with
+``Table.trial`` to try an allocation in the network (what ``--keep`` searches with, keep.py)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..dynamics.conversion import Skipped
+from ..errors import DynError
+from .allocation import Candidate, allocate
+
+
+@dataclass
+class Table:
+    """Step 1's result: every unit's candidates with their measured network errors, and what the
+    allocation (step 2) and the sequential fit (step 3) need. Any number of budgets can be
+    allocated from one table (``--keep`` searches over them); ``trial`` puts an allocation's
+    measured fits in place to try it."""
+
+    model: nn.Module  # compressed in place by fit_allocation; norms and biases already on fp16
+    original: nn.Module  # the untouched original
+    units: list  # pipeline.Unit, in execution order
+    skipped: list[Skipped]
+    options: dict[str, list[tuple[Candidate, float]]]
+    sensitivity: dict[str, float]
+    fixed: int  # bytes of everything outside the budgeted weights (fp16 norms, header)
+    unreached: list  # pipeline.Unit: layers that stay fp32 (never called as modules)
+    halves: set[str]
+    batches: list[torch.Tensor]
+    calibration: str
+    original_bytes: int
+    fits: dict[str, dict[int, list]] | None = None  # unit -> candidate index -> kept fits, for trials
+
+    @property
+    def trusted(self) -> bool:
+        # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would
+        # be steered by that and rounding to nearest is safer; the upstream correction likewise
+        return self.calibration == "images"
+
+    @property
+    def smallest(self) -> int:
+        """The fewest bytes any allocation takes (every layer at its cheapest), header included."""
+        return self.fixed + sum(4 * u.numel for u in self.unreached) + sum(
+            min(c.bytes for c, _ in self.options[u.name]) for u in self.units)
+
+    def allocation(self, target_bytes: int) -> dict[str, int]:
+        """Step 2: the candidate index of every unit for ``target_bytes`` (allocation.allocate)."""
+        room = target_bytes - self.fixed - sum(4 * u.numel for u in self.unreached)
+        if room < sum(min(c.bytes for c, _ in self.options[u.name]) for u in self.units):
+            raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
+                           f"({', '.join(u.name for u in self.unreached[:3])}...); ask for a larger --size")
+        choice = allocate(self.options, room)
+        assert choice is not None  # the cheapest choice of every layer fits (checked above)
+        return choice
+
+    def planned_bytes(self, choice: dict[str, int]) -> int:
+        return self.fixed + sum(self.options[n][i][0].bytes for n, i in choice.items())
+
+    @contextmanager
+    def trial(self, choice: dict[str, int]):
+        """The network with ``choice``'s measured fits in place (fitted on the original's inputs,
+        not refitted in sequence), restored afterwards. Needs ``measure(..., keep_fits=True)``."""
+        saved = []
+        try:
+            with torch.no_grad():
+                for u in self.units:
+                    i = choice[u.name]
+                    if self.options[u.name][i][0].kind == "fp32":
+                        continue
+                    for p, kept in zip(u.parts, self.fits[u.name][i]):
+                        w = p.layer.weight
+                        saved.append((w, w.detach().clone()))
+                        w.data.copy_(_unkept(kept).reshape(w.shape))
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for w, o in reversed(saved):
+                    w.data.copy_(o)
+
+
+def kept_fit(fitted, dense: torch.Tensor):
+    """What a trial needs of one fit, small: states as they are, a per-row integer grid as int8."""
+    if getattr(fitted, "states", None) is not None:  # pipeline.Fitted of states
+        return fitted
+    if fitted.scale is not None and tuple(fitted.scale.shape) == (dense.shape[0], 1):
+        return torch.round(dense / fitted.scale).to(torch.int8), fitted.scale
+    return dense.clone()
+
+
+def _unkept(kept) -> torch.Tensor:
+    if hasattr(kept, "dense"):  # pipeline.Fitted
+        return kept.dense()
+    if isinstance(kept, tuple):
+        return kept[0].float() * kept[1]
+    return kept
+
+
+@dataclass
+class Setup:
+    """What is known before any input is seen: the units, the fixed bytes, the original."""
+
+    model: nn.Module
+    original: nn.Module
+    units: list  # pipeline.Unit, in execution order
+    skipped: list[Skipped]
+    small: dict[str, torch.Tensor]
+    halves: set[str]
+    fixed: int
+    original_bytes: int
+    min_params: int
+
+    @property
+    def smallest(self) -> int:
+        return self.fixed + sum(min(c.bytes for c in u.candidates(self.min_params)) for u in self.units)
+
+    def check(self, target_bytes: int) -> None:
+        """A one-line error when ``target_bytes`` cannot be met, before any costly work."""
+        if target_bytes >= self.original_bytes:
+            raise DynError(f"the budget {target_bytes:,} bytes is not below the original's {self.original_bytes:,} "
+                           "bytes; ask for a smaller --size (e.g. 1/4)")
+        if self.smallest > target_bytes:
+            raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
+                           f"(~{self.smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+
+
