@@ -32,16 +32,11 @@ import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
-from ..dynamics.conversion import LayerStats, Skipped, matches, set_submodule, uncovered_skips
-from ..dynamics.modules import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
-from ..dynamics.layers import dense_kind, dense_target, make_dynamic
+from .candidates import fit_candidate, install, unit_candidates, worth_measuring
+from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
+from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
-from .outputs import (
-    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
-    row_scales,
-)
-from ..dynamics.fit import svd_rel_error
-from .quant import dequantize, quantize, stored_bytes
+from .outputs import Moments, collect_moments, execution_order, output_error
 
 STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
@@ -87,25 +82,8 @@ class Unit:
             return [sum(p.m for p in self.parts), self.parts[0].n]
         return [self.numel]
 
-    def candidates(self, min_params: int) -> list[Candidate]:
-        def dense(bits):
-            return sum(stored_bytes(p.m * p.n, bits, p.m) for p in self.parts)
-
-        out = [Candidate("fp32", 4 * self.numel), Candidate("int8", dense(8)), Candidate("int4", dense(4))]
-        if self.convertible is None and min(p.m * p.n for p in self.parts) >= min_params:
-            # H from 1 up to where states would cost as much as int4, spaced geometrically
-            most = math.floor(0.9 * out[2].bytes / sum((p.m + p.n) * (STATE_DIM + 4) for p in self.parts))
-            groups = sorted({max(1, round(most ** (k / (DYN_CANDIDATES - 1)))) for k in range(DYN_CANDIDATES)}) if most >= 1 else []
-            for h in groups:
-                spec = DynSpec(h, STATE_DIM, "sql2", "linear")
-                out.append(Candidate("dyn", sum(state_bytes(spec, p.m, p.n) for p in self.parts), spec))
-        return out
-
-
-def state_bytes(spec: DynSpec, m: int, n: int) -> int:
-    """int8 states with one fp32 scale per (group, state vector), fp32 couplings and offset."""
-    vectors = spec.groups * (m + n)
-    return stored_bytes(vectors * spec.dim, 8, vectors) + 4 * (spec.groups + 1)
+    def candidates(self, min_params: int, group: int | None = None) -> list[Candidate]:
+        return unit_candidates(self, min_params, group)
 
 
 def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
@@ -144,50 +122,22 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-# ---------------------------------------------------------------- fitting one candidate
-
-
-@dataclass
-class Fitted:
-    weight: torch.Tensor | None = None  # dense (m, n) on its integer grid
-    scale: torch.Tensor | None = None  # that grid's per-row scales
-    states: object = None  # FitResult for "dyn"
-
-    def dense(self) -> torch.Tensor:
-        """The (m, n) weight this fit stands for."""
-        if self.states is None:
-            return self.weight
-        f = self.states
-        return sql2_lowrank(f.states_out, f.states_in, f.coupling, f.offset)
-
-
-def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
-    if cand.kind == "fp32":
-        return Fitted(weight=target)
-    if cand.kind in ("int8", "int4"):
-        bits = 8 if cand.kind == "int8" else 4
-        if gptq:
-            w, scale = gptq_quantize(target, c, bits)
-        else:  # nearest rounding (clipping still searched): what synthetic inputs cannot mislead
-            scale = row_scales(target, bits)
-            w = dequantize(*quantize(target, bits, (0,), scale))
-        return Fitted(weight=w, scale=scale)
-    return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
-
-
 # ---------------------------------------------------------------- measured network error
 
 
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
-                       min_params: int, on_progress=None, gptq: bool = True) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+                       min_params: int, on_progress=None, gptq: bool = True, group: int | None = None,
+                       notes: dict | None = None) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` and its output error (mean squared change of the outputs over
     their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
-    rounding error of the same size move a network very differently.
+    rounding error of the same size move a network very differently. A candidate whose layer
+    output error is far above its unit's (bytes, error) hull is not run (``worth_measuring``).
 
     Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
-    unit of relative layer-output error of its int4 candidate, shown by ``report``)."""
+    unit of relative layer-output error of its int4 candidate, shown by ``report``); ``notes``
+    (optional) receives per layer every candidate's label, bytes, layer and network error."""
     reference = model(images)
     scale = reference.pow(2).mean().clamp_min(1e-30)
     options, sensitivity = {}, {}
@@ -197,24 +147,32 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         matrices = [o.reshape(p.m, p.n) for o, p in zip(originals, u.parts)]
         cs = [moments[p.name].own for p in u.parts]
         layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
-        measured = []
+        cands = u.candidates(min_params, group)
+        dense = [[w if c.kind == "fp32" else fit_candidate(c, w, m, 0, gptq).dense() for w, m in zip(matrices, cs)]
+                 for c in cands]
+        layer_errs = [sum(output_error(w, d, m) for w, d, m in zip(matrices, ds, cs)) / layer_scale for ds in dense]
+        keep = worth_measuring([(c.bytes, e) for c, e in zip(cands, layer_errs)])
+        measured, rows = [], []
         try:
-            for cand in u.candidates(min_params):
+            for cand, ds, layer_err, run in zip(cands, dense, layer_errs, keep):
+                err = None
                 if cand.kind == "fp32":
-                    measured.append((cand, 0.0))
-                    continue
-                dense = [fit_candidate(cand, w, c, 0, gptq).dense() for w, c in zip(matrices, cs)]
-                for w, d in zip(weights, dense):
-                    w.data.copy_(d.reshape(w.shape))
-                err = float((model(images) - reference).pow(2).mean() / scale)
-                measured.append((cand, err))
-                if cand.kind == "int4":
-                    layer_err = sum(output_error(w, d, c) for w, d, c in zip(matrices, dense, cs))
-                    sensitivity[u.name] = err / max(layer_err / layer_scale, 1e-30)
+                    err = 0.0
+                elif run:
+                    for w, d in zip(weights, ds):
+                        w.data.copy_(d.reshape(w.shape))
+                    err = float((model(images) - reference).pow(2).mean() / scale)
+                    if cand.kind == "int4" and u.name not in sensitivity:
+                        sensitivity[u.name] = err / max(layer_err, 1e-30)
+                if err is not None:
+                    measured.append((cand, err))
+                rows.append(dict(choice=cand.label, kind=cand.kind, bytes=cand.bytes, layer_error=layer_err, network_error=err))
         finally:
             for w, o in zip(weights, originals):
                 w.data.copy_(o)
         options[u.name] = measured
+        if notes is not None:
+            notes[u.name] = rows
         if on_progress:
             on_progress("measuring candidates", i + 1, len(units))
     return options, sensitivity
@@ -242,6 +200,7 @@ def convert_to_budget(
     min_params: int = 10_000,
     stages: int = 8,
     state_steps: int = 60,
+    group: int | None = None,
     on_progress=None,
 ) -> BudgetResult:
     """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc).
@@ -270,10 +229,13 @@ def convert_to_budget(
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096)
     room = target_bytes - fixed
-    smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params)) for u in units)
+    if group is not None and (type(group) is not int or group <= 0):
+        raise DynError(f"group size {group!r} must be a positive number of inputs per scale (e.g. 64)")
+    smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params, group)) for u in units)
     if smallest > target_bytes:
         raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
-                       f"(~{smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+                       f"({smallest:,} bytes, --size {smallest / original_bytes:.4f}, with every layer at its "
+                       f"cheapest: int2 or states); ask for at least that")
     with torch.no_grad():  # the model is only changed once the budget is known to be reachable
         for k in halves:
             small[k].copy_(small[k].half().to(small[k].dtype))
@@ -296,13 +258,15 @@ def convert_to_budget(
                                        "be measured: left fp32"))
         room -= 4 * u.numel
     units = [u for u in units if u not in unreached]
-    if not units or room < sum(min(c.bytes for c in u.candidates(min_params)) for u in units):
+    if not units or room < sum(min(c.bytes for c in u.candidates(min_params, group)) for u in units):
         raise DynError(f"the budget {target_bytes:,} bytes cannot hold the layers that must stay fp32 "
                        f"({', '.join(u.name for u in unreached[:3])}...); ask for a larger --size")
     # synthetic inputs miss how channels move together (synth.py): GPTQ's error feedback would be
     # steered by that and rounding to nearest is safer; the upstream correction likewise
     trusted = calibration == "images"
-    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress, gptq=trusted)
+    notes: dict[str, list[dict]] = {}
+    options, sensitivity = measure_candidates(model, units, moments, images, min_params, progress, gptq=trusted,
+                                              group=group, notes=notes)
     choice = allocate(options, room)
     assert choice is not None  # the cheapest choice of every layer fits (checked above)
 
@@ -318,36 +282,8 @@ def convert_to_budget(
         paired = collect_moments([p.name for u in stage for p in u.parts], batches, model, original,
                                  stop_after=stage[-1].parts[-1].name)
         for u in stage:
-            cand = chosen[u.name]
-            scales = []
-            for p in u.parts:
-                mom = paired[p.name]
-                w = dense_matrix(dense_target(original, p.name))
-                target = corrected_target(w, mom) if trusted else w
-                fitted = fit_candidate(cand, target, mom.own, state_steps, gptq=trusted)
-                if cand.kind == "dyn":
-                    new = make_dynamic(p.layer, cand.spec)
-                    f = fitted.states
-                    new.set_states(f.states_out, f.states_in, f.coupling, f.offset)
-                    set_submodule(model, p.name, new)
-                    for t in ("states_out", "states_in"):
-                        quantized[f"{p.name}.{t}"] = {"bits": 8, "keep": list(STATE_KEEP)}
-                    layers.append(LayerStats(
-                        name=p.name, kind=dense_kind(p.layer).name,
-                        weight_shape=list(p.layer.weight.shape), matrix_shape=[p.m, p.n], spec=cand.spec.to_dict(),
-                        dense_params=p.m * p.n, state_params=new.num_state_params(), rel_error=f.rel_error,
-                        svd_rel_error=svd_rel_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
-                        steps=state_steps, fit_mode=f"outputs ({calibration}, sequential)",
-                        output_rel_error=f.output_rel_error,
-                    ))
-                else:
-                    p.layer.weight.data.copy_(fitted.weight.reshape(p.layer.weight.shape))
-                    scales.append(fitted.scale)
-            if scales:  # a packed q/k/v tensor: its rows' scales, in order
-                bits = 8 if cand.kind == "int8" else 4
-                grouped = [torch.cat(scales)] if len(u.stored) == 1 else scales
-                for key, scale in zip(u.stored, grouped):
-                    quantized[key] = {"bits": bits, "keep": [0], "scale": scale}
+            layers += install(model, original, u, chosen[u.name], paired, trusted=trusted, state_steps=state_steps,
+                              calibration=calibration, quantized=quantized)
             done += 1
             progress("fitting", done, len(todo))
     predicted_total = 0.0
@@ -358,12 +294,33 @@ def convert_to_budget(
             name=u.name, shape=u.shape, choice=cand.label, kind=cand.kind, bytes=cand.bytes,
             fp32_bytes=4 * u.numel, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
             why=why(options[u.name], choice[u.name]),
-            states_possible=u.convertible is None,
+            states_possible=u.convertible is None, **best_states(notes.get(u.name, [])),
         ))
     summary = dict(
         target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
         planned_bytes=fixed + sum(r["bytes"] for r in rows), calibration=calibration,
         calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
-        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows,
+        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, kinds=kind_counts(rows),
     )
     return BudgetResult(layers, skipped, quantized, summary)
+
+
+def kind_counts(rows: list[dict]) -> dict[str, int]:
+    """How many units chose each kind (states, state corrections, each grid), for the report."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def best_states(rows: list[dict]) -> dict:
+    """The best-measured states and state-correction candidates of a unit ([label, bytes, layer
+    error, network error (None: not run, far off the hull)]): why they were not chosen, or were."""
+    out = {}
+    for key, test in (("best_states", lambda k: k == "dyn"), ("best_correction", lambda k: k.endswith("+dyn"))):
+        found = [r for r in rows if test(r["kind"])]
+        if found:
+            r = min(found, key=lambda r: (r["network_error"] is None, r["network_error"] or 0.0, r["layer_error"]))
+            out[key] = [r["choice"], r["bytes"], float(f"{r['layer_error']:.3g}"),
+                        None if r["network_error"] is None else float(f"{r['network_error']:.3g}")]
+    return out

@@ -191,7 +191,7 @@ def export_onnx(
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
             raise DynError(f"ONNX export failed at opset {opset} ({first_line(e)})") from None
         # fp16-stored tensors (bits 16) stay float in the graph; only integers become DequantizeLinear
-        described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (4, 8)}
+        described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (2, 3, 4, 8)}
         stored_int8 = []
         if quantize if quantize is not None else bool(described):
             states = weight_free_state_ints(net, dense, described) if weight_free else {}
@@ -276,7 +276,8 @@ def export_safetensors(
         skipped.append({"name": name, "reason": "materialized at export"})
     # quantized tensors stay integers (their dequantized values are exact); states of layers
     # materialized above are gone, and the dense weight built from them is not on a grid
-    quantized = {k: {"bits": v["bits"], "keep": v["keep"]} for k, v in meta.pop("quantized", {}).items() if k in tensors}
+    quantized = {k: {key: v[key] for key in ("bits", "keep", "group") if key in v}
+                 for k, v in meta.pop("quantized", {}).items() if k in tensors}
     for name in layers:
         for s in STATE_SUFFIXES:
             if f"{name}.{s}" not in quantized:

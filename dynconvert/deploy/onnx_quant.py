@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..dynamics.modules import DynamicsLayer
-from ..budget.quant import qmax, quantize
+from ..budget.quant import qmax, quantize, quantize_grouped, recover_scales
 from ..dynamics.weightfree import WeightFreeCore
 
 
@@ -103,7 +103,10 @@ def quantize_initializers(path: Path, described: dict, opset: int, states: dict 
     from onnx import TensorProto, helper, numpy_helper
 
     by_shape: dict[tuple, list[tuple[int, list[int]]]] = {}
+    grouped = {tuple(i["shape"]): (i["bits"], i["group"]) for i in described.values() if "group" in i}
     for info in described.values():
+        if "group" in info:
+            continue
         shape, keep = tuple(info["shape"]), list(info["keep"])
         by_shape.setdefault(shape, []).append((info["bits"], keep))
         if len(shape) == 2:  # a Linear weight may be exported transposed (MatMul)
@@ -145,6 +148,21 @@ def quantize_initializers(path: Path, described: dict, opset: int, states: dict 
                 new_nodes.append(helper.make_node("Concat", [target, f"{name}__rest"], [name], name=f"{name}__concat", axis=axis))
             done.append(name)
             continue
+        if init.data_type == TensorProto.FLOAT and tuple(init.dims) in grouped:
+            found = _grouped(numpy_helper.to_array(init), *grouped[tuple(init.dims)])
+            if found is not None:  # int8 + (m, n // G, 1) scales, reshaped around the Mul
+                (q, scale), name, shape = found, init.name, list(init.dims)
+                graph.initializer.remove(init)
+                graph.initializer.extend([numpy_helper.from_array(q, f"{name}__int8"),
+                                          numpy_helper.from_array(scale, f"{name}__scale"),
+                                          numpy_helper.from_array(np.array(shape, np.int64), f"{name}__shape")])
+                new_nodes += [
+                    helper.make_node("Cast", [f"{name}__int8"], [f"{name}__float"], name=f"{name}__cast", to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [f"{name}__float", f"{name}__scale"], [f"{name}__scaled"], name=f"{name}__dequantize"),
+                    helper.make_node("Reshape", [f"{name}__scaled", f"{name}__shape"], [name], name=f"{name}__reshape"),
+                ]
+                done.append(name)
+                continue
         if init.data_type != TensorProto.FLOAT or tuple(init.dims) not in by_shape:
             continue
         w = numpy_helper.to_array(init)
@@ -182,3 +200,13 @@ def quantize_initializers(path: Path, described: dict, opset: int, states: dict 
         graph.node.extend(new_nodes + nodes)  # the dequantized weights exist before any use
         onnx.save(model, str(path))
     return done
+
+
+def _grouped(w: np.ndarray, bits: int, group: int):
+    """(int8 integers (m, n // G, G), float32 scales (m, n // G, 1)) of a group-wise weight, or None."""
+    scales = recover_scales(torch.from_numpy(w.copy()), bits, group)
+    if scales is None:
+        return None
+    m = w.shape[0]
+    q = quantize_grouped(torch.from_numpy(w.copy()), bits, scales).reshape(m, -1, group)
+    return q.numpy(), scales.reshape(m, -1, 1).numpy()
