@@ -16,7 +16,7 @@ from benchmarks import baselines as B
 from benchmarks.real_families import Bench, torch_predictor
 
 
-KINDS = ("fp32", "int8", "int4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill")
+KINDS = ("fp32", "int8", "int4", "gptq4", "ort", "svd", "svd_int8", "dynconvert", "data_free", "distill")
 DATA_FREE_SIZE = Fraction(1, 6)
 DISTILL_SIZE = Fraction(1, 8)
 
@@ -82,6 +82,40 @@ def build_int4(bench: Bench, stem: Path) -> Built:
     return Built(path, torch_predictor(dynconvert.load(path, model=bench.family.fresh())), dict(int4_layers=len(keys)))
 
 
+def build_gptq4(bench: Bench, stem: Path) -> Built:
+    """int4 GPTQ of every Conv2d/Linear (depthwise too) on the calibration crops, the grid of
+    dynconvert's int4 candidate (one fp16 scale per ~64 inputs, ``quant.pick_group``), layers
+    rounded in execution order in 8 stages, each on the inputs of the network rounded so far
+    (GPTQ's protocol); norms and biases fp32 as in the int4 RTN row."""
+    import dynconvert
+    from dynconvert.api import Conversion
+    from dynconvert.budget.outputs import collect_moments, execution_order, gptq_quantize
+    from dynconvert.budget.pipeline import find_units
+    from dynconvert.budget.quant import pick_group
+    from dynconvert.dynamics.conversion import ConvertOptions
+
+    model, original = copy.deepcopy(bench.family.original), bench.family.original
+    units, _ = find_units(model)
+    names = execution_order(model, [u.name for u in units], bench.family.calib[:1])
+    layers = {u.name: u.parts[0].layer for u in units}
+    batches, quantized, per_stage = bench.calib_batches(), {}, -(-len(names) // 8)
+    for s in range(0, len(names), per_stage):
+        stage = names[s:s + per_stage]
+        moments = collect_moments(stage, batches, model, original, stop_after=stage[-1])
+        for name in stage:
+            w = layers[name].weight
+            g = pick_group(w[0].numel())
+            q, scale = gptq_quantize(original.get_submodule(name).weight.detach().reshape(w.shape[0], -1),
+                                     moments[name].own, 4, group=g)
+            with torch.no_grad():
+                w.copy_(q.reshape(w.shape))
+            quantized[f"{name}.weight"] = {"bits": 4, "group": g, "scale": scale}
+    conv = Conversion(model, [], [], ConvertOptions(), quantized=quantized)
+    path = stem.with_suffix(".dyn")
+    dynconvert.save(conv, path)
+    return Built(path, torch_predictor(dynconvert.load(path, model=bench.family.fresh())), dict(gptq4_layers=len(names)))
+
+
 def build_onnx_fp32(bench: Bench, stem: Path) -> Built:
     path = bench.onnx_fp32()
     return Built(path, B.ort_predictor(path, bench.args.threads))
@@ -141,7 +175,11 @@ def dyn_calibrated(bench: Bench, size: Fraction):
 
 def build_dynconvert(size: Fraction):
     def build(bench: Bench, stem: Path) -> Built:
-        return dyn_read_back(bench, dyn_calibrated(bench, size), stem.with_suffix(".dyn"))
+        conv = dyn_calibrated(bench, size)
+        built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
+        built.extra.update(kinds=conv.budget["kinds"])  # how many layers chose each representation
+        print(f"   {label(size)}: layers per choice {conv.budget['kinds']}", flush=True)
+        return built
 
     return build
 
@@ -207,6 +245,7 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
         RowSpec("fp32 original", "fp32", "fp32", build_fp32),
         RowSpec("int8 per-channel RTN", "int8", "int8 RTN", build_int8),
         RowSpec("int4 per-channel RTN (weight-only)", "int4", "int4 RTN", build_int4),
+        RowSpec("int4 GPTQ g~64, every layer", "gptq4", "int4 GPTQ", build_gptq4),
         RowSpec("ONNX fp32 (ORT)", "ort", "ONNX fp32", build_onnx_fp32),
         RowSpec("ORT quantize_dynamic", "ort", "ORT dynamic", build_ort_dynamic),
         RowSpec("ORT quantize_static QDQ", "ort", "ORT static", build_ort_static),

@@ -45,8 +45,8 @@ DYN_CANDIDATES = 5
 SENSITIVITY_IMAGES = 16
 """Images the network error of each candidate is measured on (held apart from the fitting ones
 when there are enough)."""
-HEADER_BYTES_PER_LAYER = 700
-"""The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
+HEADER_BYTES_PER_LAYER = 850
+"""The .dyn's JSON metadata per budgeted layer (its allocation row with its best states and correction candidates, statistics)."""
 HEADER_BYTES_PER_TENSOR = 160
 """The safetensors header entry and the metadata's storage entry of one stored tensor."""
 
@@ -294,7 +294,7 @@ def convert_to_budget(
             name=u.name, shape=u.shape, choice=cand.label, kind=cand.kind, bytes=cand.bytes,
             fp32_bytes=4 * u.numel, sensitivity=sensitivity.get(u.name, 0.0), predicted_error=err,
             why=why(options[u.name], choice[u.name]),
-            states_possible=u.convertible is None, **best_states(notes.get(u.name, [])),
+            states_possible=u.convertible is None, per_channel=cand.group == 0, **best_states(notes.get(u.name, [])),
         ))
     summary = dict(
         target_bytes=target_bytes, original_bytes=original_bytes, fixed_bytes=fixed,
@@ -309,7 +309,8 @@ def kind_counts(rows: list[dict]) -> dict[str, int]:
     """How many units chose each kind (states, state corrections, each grid), for the report."""
     counts: dict[str, int] = {}
     for r in rows:
-        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+        key = r["kind"] + (" per-channel" if r.get("per_channel") else "")
+        counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
