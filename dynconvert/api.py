@@ -135,7 +135,11 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
             raise DynError("the calibration data gave no images; pass a folder with readable images")
         mode = "images"
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
-                               min_params=opts.min_params, on_progress=on_progress)
+                               min_params=opts.min_params, group=opts.quant_group, on_progress=on_progress)
+    fallback = result.summary.get("per_channel_fallback")
+    if fallback and on_note:
+        on_note(f"--quant-group {opts.quant_group} does not divide the row length of {len(fallback)} layer(s) "
+                f"({', '.join(fallback[:3])}{', ...' if len(fallback) > 3 else ''}): they use one scale per output channel")
     conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv

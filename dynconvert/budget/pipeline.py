@@ -230,7 +230,7 @@ def convert_to_budget(
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096)
     room = target_bytes - fixed
     if group is not None and (type(group) is not int or group <= 0):
-        raise DynError(f"group size {group!r} must be a positive number of inputs per scale (e.g. 64)")
+        raise DynError(f"--quant-group {group!r} must be a positive number of inputs per scale (e.g. 64)")
     smallest = fixed + sum(min(c.bytes for c in u.candidates(min_params, group)) for u in units)
     if smallest > target_bytes:
         raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
@@ -302,6 +302,8 @@ def convert_to_budget(
         calibration_images=int(sum(len(b) for b in batches)), predicted_error=predicted_total,
         stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, kinds=kind_counts(rows),
     )
+    if group is not None:  # the stated fallback: rows that group does not divide keep one scale per channel
+        summary["per_channel_fallback"] = [u.name for u in units if any(p.n % group for p in u.parts)]
     return BudgetResult(layers, skipped, quantized, summary)
 
 
@@ -325,3 +327,26 @@ def best_states(rows: list[dict]) -> dict:
             out[key] = [r["choice"], r["bytes"], float(f"{r['layer_error']:.3g}"),
                         None if r["network_error"] is None else float(f"{r['network_error']:.3g}")]
     return out
+
+
+def choice_lines(summary: dict) -> list[str]:
+    """What a budget chose, in words: layers per kind, and how states and state corrections fared
+    (measured on how many layers, chosen on how many, the closest miss and its measured errors)."""
+    rows = summary.get("layers", [])
+    lines = ["layers per choice: " + ", ".join(f"{n} {k}" for k, n in (summary.get("kinds") or kind_counts(rows)).items())]
+    for key, what, test in (("best_states", "states", lambda k: k == "dyn"),
+                            ("best_correction", "state corrections (intK + states)", lambda k: k.endswith("+dyn"))):
+        offered = [r for r in rows if r.get(key)]
+        if not offered:
+            continue
+        run = [r for r in offered if r[key][3] is not None]
+        chosen = [r for r in rows if test(r["kind"])]
+        text = f"{what}: offered on {len(offered)} layers, measured in the network on {len(run)}, chosen on {len(chosen)}"
+        missed = [r for r in run if not test(r["kind"])]
+        if missed:
+            r = min(missed, key=lambda r: r[key][3] - r["predicted_error"])
+            label, nbytes, layer_err, net_err = r[key]
+            text += (f"; closest miss {r['name']}: {label} ({nbytes:,} B) network error {net_err:.3g} "
+                     f"(layer {layer_err:.3g}) vs the chosen {r['choice']} ({r['bytes']:,} B) {r['predicted_error']:.3g}")
+        lines.append(text)
+    return lines
