@@ -86,7 +86,7 @@ def unit_candidates(unit, min_params: int, group: int | None = None) -> list[Can
         for h in hs:
             spec = DynSpec(h, STATE_DIM, "sql2", "linear")
             out.append(Candidate("dyn", sum(state_bytes(spec, p.m, p.n) for p in parts), spec))
-        if len(parts) == 1 and correctable(parts[0].layer):
+        if len(parts) == 1 and correctable(parts[0].layer) and 2 * STATE_DIM * CORRECTION_H <= min(parts[0].m, parts[0].n):
             spec = DynSpec(CORRECTION_H, STATE_DIM, "sql2", "linear")
             extra = state_bytes(spec, parts[0].m, parts[0].n)
             out += [Candidate(f"int{b}+dyn", grouped(b, g) + extra, spec, group=g) for b in GROUPED_BITS]

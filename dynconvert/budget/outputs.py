@@ -11,9 +11,8 @@ goes one step further and aims at the original outputs). With ``x~ = x`` it is `
 
 Three representations are fitted this way:
 
-- ``gptq_quantize``: dense integer weights, one scale per output channel (int8) or per group of
-  inputs (int2-int4, ``quant`` group grids), rounded column by column with the error pushed onto
-  the columns not yet rounded (Frantar et al., GPTQ).
+- ``gptq_quantize``: dense integer weights (one scale per row, or per group of inputs), rounded
+  column by column, each error pushed onto the columns not yet rounded (Frantar et al., GPTQ).
 - ``fit_states``: dynamics states (sql2 metric): the closed-form start is the truncated SVD of
   ``W* L`` mapped back (``L^-1``), turned into states exactly (``fit.sql2_svd_init``), then the
   stress forces of the output error move the states with their storage precision in the loop
@@ -238,17 +237,14 @@ def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
     """Round ``w`` (m x n) to ``bits``, minimizing tr(E C E').
 
     Columns are rounded in order; each rounding error is spread over the later columns through
-    the Cholesky factor of C^-1 (GPTQ). ``group=None``: one symmetric scale per row (the int8
-    grid); ``group=G``: one fp16 scale per G columns of a row on the full signed range
-    (``quant.group_scales``), chosen when the group's first column is reached, from the weights
-    as the error feedback has left them. Returns the dequantized weight (on its integer grid)
-    and its scales: (m, 1), or (m, n // G).
-    """
+    the Cholesky factor of C^-1 (GPTQ). ``group=None``: one symmetric scale per row; ``group=G``:
+    one fp16 scale per G columns (``quant.group_scales``), chosen when the group's first column is
+    reached, on the weights as the error feedback left them. Returns the dequantized weight and
+    its scales, (m, 1) or (m, n // G)."""
     w = w.double().clone()
     m, n = w.shape
     if group is None:
-        q = qmax(bits)
-        lo, hi = -q, q
+        lo, hi = -qmax(bits), qmax(bits)
         scales = row_scales(w.float(), bits).double()
     else:
         lo, hi = group_range(bits)

@@ -32,21 +32,20 @@ import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
-from .candidates import fit_candidate, install, unit_candidates, worth_measuring
+from .candidates import (  # noqa: F401 (STATE_DIM, DYN_CANDIDATES, Fitted, state_bytes: public names of the stage)
+    DYN_CANDIDATES, STATE_DIM, Fitted, fit_candidate, install, state_bytes, unit_candidates, worth_measuring,
+)
 from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
 from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
 from .outputs import Moments, collect_moments, execution_order, output_error
 
-STATE_DIM = 16
-"""d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
-DYN_CANDIDATES = 5
-"""Dynamics candidates per layer: H from 1 to where states cost 0.9 x int4, spaced geometrically."""
 SENSITIVITY_IMAGES = 16
 """Images the network error of each candidate is measured on (held apart from the fitting ones
 when there are enough)."""
 HEADER_BYTES_PER_LAYER = 850
-"""The .dyn's JSON metadata per budgeted layer (its allocation row with its best states and correction candidates, statistics)."""
+"""The .dyn's JSON metadata per budgeted layer (its allocation row, with its best states and
+correction candidates, and statistics)."""
 HEADER_BYTES_PER_TENSOR = 160
 """The safetensors header entry and the metadata's storage entry of one stored tensor."""
 
