@@ -249,10 +249,9 @@ def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
     else:
         lo, hi = group_range(bits)
         scales = torch.zeros(m, n // group, dtype=torch.float64)
-        block = max(group, block // group * group)  # a group never straddles two blocks
+        block = block // group * group or block  # groups up to a block never straddle two
     h = damped(c.double(), 1e-2)
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1
+    h[h.diagonal() <= 0, h.diagonal() <= 0] = 1
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(w)
     for i0 in range(0, n, block):
@@ -263,7 +262,8 @@ def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
         for j in range(i1 - i0):
             col = i0 + j
             if group is not None and col % group == 0:
-                scales[:, col // group] = group_scales(wb[:, j:j + group], bits, group)[:, 0].double()
+                span = torch.cat([wb[:, j:], w[:, i1:]], 1)[:, :group]  # past the block: not yet updated
+                scales[:, col // group] = group_scales(span, bits, group)[:, 0].double()
             s = scales[:, 0] if group is None else scales[:, col // group]
             qc = torch.round(wb[:, j] / s).clamp(lo, hi) * s
             out[:, col] = qc
