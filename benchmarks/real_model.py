@@ -9,6 +9,8 @@ and top-5 containment (the original's top-1 within the row's top-5):
     fp32        the original, a saved state dict (the reference for every ratio)
     int8        int8 per-channel weights of every Conv2d/Linear, round-to-nearest, no data
     int4        the same at int4 (packed in a .dyn): the weight-only point below int8's bytes
+    gptq4       int4 GPTQ of every Conv2d/Linear on the calibration crops (sequential, 8 stages),
+                one fp16 scale per ~64 inputs as dynconvert's int4 candidate (a .dyn)
     int4_recon  int4 RTN of every layer, then block-wise reconstruction on the calibration crops
     gptq4_recon int4 GPTQ of every layer (calibration crops), then block-wise reconstruction
     ort         the fp32 ONNX export; ONNX Runtime quantize_dynamic (per-channel QInt8) and

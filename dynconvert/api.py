@@ -168,7 +168,8 @@ def _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synth
         if not batches or sum(len(b) for b in batches) == 0:
             raise DynError("the calibration data gave no images; pass a folder with readable images")
     res = convert_to_keep(model, keep, batches, input_size=input_size, include=opts.include, exclude=opts.exclude,
-                          min_params=opts.min_params, synthetic_images=synthetic_images, on_progress=on_progress,
+                          min_params=opts.min_params, group=opts.quant_group, synthetic_images=synthetic_images,
+                          on_progress=on_progress,
                           on_note=on_note, reconstruct_iters=_reconstruct_iters(reconstruct, batches is not None))
     return Conversion(model.eval(), res.budget.layers, res.budget.skipped, opts, source, input_size=input_size,
                       quantized=res.budget.quantized, budget=res.budget.summary, network=res.network, keep=res.keep)
@@ -223,8 +224,12 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
         mode = "images"
     iters = _reconstruct_iters(reconstruct, mode == "images")
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
-                               min_params=opts.min_params, reconstruct_iters=iters, on_progress=on_progress,
-                               on_note=on_note, reserve=reserve)
+                               min_params=opts.min_params, group=opts.quant_group, reconstruct_iters=iters,
+                               on_progress=on_progress, on_note=on_note, reserve=reserve)
+    fallback = result.summary.get("per_channel_fallback")
+    if fallback and on_note:
+        on_note(f"--quant-group {opts.quant_group} does not divide the row length of {len(fallback)} layer(s) "
+                f"({', '.join(fallback[:3])}{', ...' if len(fallback) > 3 else ''}): they use one scale per output channel")
     conv = Conversion(model.eval(), result.layers, result.skipped, opts, source,
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv

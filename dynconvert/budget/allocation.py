@@ -14,15 +14,20 @@ from ..errors import DynError
 
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # "fp32" | "int8" | "int4" | "dyn"
+    kind: str  # "fp32" | "int8" | "int4" | "int3" | "int2" | "dyn" | "int4+dyn" | "int3+dyn" | "int2+dyn"
     bytes: int
     spec: DynSpec | None = None
+    group: int | None = None  # group-wise kinds: inputs per fp16 scale (0: one scale per output channel)
 
     @property
     def label(self) -> str:
+        states = f"states H={self.spec.groups} d={self.spec.dim} int8" if self.spec is not None else ""
         if self.kind == "dyn":
-            return f"states H={self.spec.groups} d={self.spec.dim} int8"
-        return "fp32 (kept)" if self.kind == "fp32" else f"dense {self.kind}"
+            return states
+        if self.kind == "fp32":
+            return "fp32 (kept)"
+        grid = "" if self.group is None else f" g{self.group}" if self.group else " per-channel"
+        return f"{self.kind[:4]}{grid} + {states}" if self.spec is not None else f"dense {self.kind}{grid}"
 
 
 def allocate(options: dict[str, list[tuple[Candidate, float]]], budget: int) -> dict[str, int] | None:

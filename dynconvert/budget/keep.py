@@ -135,14 +135,15 @@ def split_probe(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | None, *, input_size,
-                    include=(), exclude=(), min_params: int = 10_000, synthetic_images: int = 32,
+                    include=(), exclude=(), min_params: int = 10_000, group: int | None = None,
+                    synthetic_images: int = 32,
                     reconstruct_iters: int = 0, on_progress=None, on_note=None, on_trial=None) -> KeepResult:
     """Compress ``model`` in place to the smallest allocation whose probe agreement is >= ``keep``
     (``reconstruct_iters``: block-wise reconstruction after the final fit, pipeline.fit_allocation)."""
     note = on_note or (lambda text: None)
     clock = time.perf_counter
     start = clock()
-    setup = prepare(model, include=include, exclude=exclude, min_params=min_params)
+    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, group=group)
     if calib is not None:
         images = torch.cat(calib)
         fitting, held = split_probe(images)

@@ -11,8 +11,8 @@ goes one step further and aims at the original outputs). With ``x~ = x`` it is `
 
 Three representations are fitted this way:
 
-- ``gptq_quantize``: dense weights at int8 / int4, one scale per output channel, rounded column by
-  column with the error pushed onto the columns not yet rounded (Frantar et al., GPTQ).
+- ``gptq_quantize``: dense integer weights (one scale per row, or per group of inputs), rounded
+  column by column, each error pushed onto the columns not yet rounded (Frantar et al., GPTQ).
 - ``fit_states``: dynamics states (sql2 metric): the closed-form start is the truncated SVD of
   ``W* L`` mapped back (``L^-1``), turned into states exactly (``fit.sql2_svd_init``), then the
   stress forces of the output error move the states with their storage precision in the loop
@@ -34,7 +34,7 @@ from ..dynamics.attention import input_taps
 from ..dynamics.modules import DynSpec, sql2_factors, sql2_lowrank
 from ..dynamics.fit import FitResult, _descend
 from ..dynamics.fit_sql2 import solve_coupling_sql2, sql2_svd_init
-from .quant import fake_quant, qmax
+from .quant import fake_quant, group_range, group_scales, qmax
 
 STATE_KEEP = (0, 1)
 """Quantized states (H, rows, d) keep one scale per sub-model state vector: a shared scale per
@@ -232,36 +232,46 @@ def row_scales(w: torch.Tensor, bits: int, grid: int = 20) -> torch.Tensor:
     return best
 
 
-def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round ``w`` (m x n) to ``bits`` with one scale per row, minimizing tr(E C E').
+def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
+                  group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``w`` (m x n) to ``bits``, minimizing tr(E C E').
 
     Columns are rounded in order; each rounding error is spread over the later columns through
-    the Cholesky factor of C^-1 (GPTQ). Returns the dequantized weight (on its integer grid) and
-    the per-row scales (m, 1) of that grid.
-    """
+    the Cholesky factor of C^-1 (GPTQ). ``group=None``: one symmetric scale per row; ``group=G``:
+    one fp16 scale per G columns (``quant.group_scales``), chosen when the group's first column is
+    reached, on the weights as the error feedback left them. Returns the dequantized weight and
+    its scales, (m, 1) or (m, n // G)."""
     w = w.double().clone()
-    q = qmax(bits)
-    scale = row_scales(w.float(), bits).double()
+    m, n = w.shape
+    if group is None:
+        lo, hi = -qmax(bits), qmax(bits)
+        scales = row_scales(w.float(), bits).double()
+    else:
+        lo, hi = group_range(bits)
+        scales = torch.zeros(m, n // group, dtype=torch.float64)
+        block = block // group * group or block  # groups up to a block never straddle two
     h = damped(c.double(), 1e-2)
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1
+    h[h.diagonal() <= 0, h.diagonal() <= 0] = 1
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(w)
-    n = w.shape[1]
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
         wb = w[:, i0:i1].clone()
         errs = torch.zeros_like(wb)
         hb = hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
-            col = wb[:, j]
-            qc = torch.round(col[:, None] / scale).clamp(-q, q) * scale
-            out[:, i0 + j] = qc[:, 0]
-            err = (col - qc[:, 0]) / hb[j, j]
+            col = i0 + j
+            if group is not None and col % group == 0:
+                span = torch.cat([wb[:, j:], w[:, i1:]], 1)[:, :group]  # past the block: not yet updated
+                scales[:, col // group] = group_scales(span, bits, group)[:, 0].double()
+            s = scales[:, 0] if group is None else scales[:, col // group]
+            qc = torch.round(wb[:, j] / s).clamp(lo, hi) * s
+            out[:, col] = qc
+            err = (wb[:, j] - qc) / hb[j, j]
             wb[:, j:] -= err[:, None] * hb[j, j:][None, :]
             errs[:, j] = err
         w[:, i1:] -= errs @ hinv[i0:i1, i1:]
-    return out.float(), scale.float()
+    return out.float(), scales.float()
 
 
 # ---------------------------------------------------------------- dynamics states

@@ -32,28 +32,22 @@ import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
-from ..dynamics.conversion import LayerStats, Skipped, matches, set_submodule, uncovered_skips
-from ..dynamics.modules import DynConv2d, DynSpec, dense_matrix, sql2_lowrank
-from ..dynamics.layers import dense_kind, dense_target, make_dynamic
-from ..errors import DynError
-from .outputs import (
-    STATE_KEEP, Moments, collect_moments, corrected_target, execution_order, fit_states, gptq_quantize, output_error,
-    row_scales,
+from .candidates import (  # noqa: F401 (STATE_DIM, DYN_CANDIDATES, Fitted, state_bytes: public names of the stage)
+    DYN_CANDIDATES, STATE_DIM, Fitted, fit_candidate, install, state_bytes, unit_candidates, worth_measuring,
 )
-from ..dynamics.fit import svd_rel_error
-from .quant import dequantize, quantize, stored_bytes
+from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
+from ..dynamics.modules import DynConv2d, dense_matrix
+from ..errors import DynError
+from .outputs import Moments, collect_moments, execution_order, output_error
 from .reconstruct import reconstruct_after_fit
 from .table import Setup, Table, kept_fit
 
-STATE_DIM = 16
-"""d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
-DYN_CANDIDATES = 5
-"""Dynamics candidates per layer: H from 1 to where states cost 0.9 x int4, spaced geometrically."""
 SENSITIVITY_IMAGES = 16
 """Images the network error of each candidate is measured on (held apart from the fitting ones
 when there are enough)."""
-HEADER_BYTES_PER_LAYER = 700
-"""The .dyn's JSON metadata per budgeted layer (its allocation row and statistics)."""
+HEADER_BYTES_PER_LAYER = 850
+"""The .dyn's JSON metadata per budgeted layer (its allocation row, with its best states and
+correction candidates, and statistics)."""
 HEADER_BYTES_PER_TENSOR = 160
 """The safetensors header entry and the metadata's storage entry of one stored tensor."""
 NAME_CHARS = 32
@@ -102,25 +96,8 @@ class Unit:
             return [sum(p.m for p in self.parts), self.parts[0].n]
         return [self.numel]
 
-    def candidates(self, min_params: int) -> list[Candidate]:
-        def dense(bits):
-            return sum(stored_bytes(p.m * p.n, bits, p.m) for p in self.parts)
-
-        out = [Candidate("fp32", 4 * self.numel), Candidate("int8", dense(8)), Candidate("int4", dense(4))]
-        if self.convertible is None and min(p.m * p.n for p in self.parts) >= min_params:
-            # H from 1 up to where states would cost as much as int4, spaced geometrically
-            most = math.floor(0.9 * out[2].bytes / sum((p.m + p.n) * (STATE_DIM + 4) for p in self.parts))
-            groups = sorted({max(1, round(most ** (k / (DYN_CANDIDATES - 1)))) for k in range(DYN_CANDIDATES)}) if most >= 1 else []
-            for h in groups:
-                spec = DynSpec(h, STATE_DIM, "sql2", "linear")
-                out.append(Candidate("dyn", sum(state_bytes(spec, p.m, p.n) for p in self.parts), spec))
-        return out
-
-
-def state_bytes(spec: DynSpec, m: int, n: int) -> int:
-    """int8 states with one fp32 scale per (group, state vector), fp32 couplings and offset."""
-    vectors = spec.groups * (m + n)
-    return stored_bytes(vectors * spec.dim, 8, vectors) + 4 * (spec.groups + 1)
+    def candidates(self, min_params: int, group: int | None = None) -> list[Candidate]:
+        return unit_candidates(self, min_params, group)
 
 
 def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
@@ -159,52 +136,24 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-# ---------------------------------------------------------------- fitting one candidate
-
-
-@dataclass
-class Fitted:
-    weight: torch.Tensor | None = None  # dense (m, n) on its integer grid
-    scale: torch.Tensor | None = None  # that grid's per-row scales
-    states: object = None  # FitResult for "dyn"
-
-    def dense(self) -> torch.Tensor:
-        """The (m, n) weight this fit stands for."""
-        if self.states is None:
-            return self.weight
-        f = self.states
-        return sql2_lowrank(f.states_out, f.states_in, f.coupling, f.offset)
-
-
-def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
-    if cand.kind == "fp32":
-        return Fitted(weight=target)
-    if cand.kind in ("int8", "int4"):
-        bits = 8 if cand.kind == "int8" else 4
-        if gptq:
-            w, scale = gptq_quantize(target, c, bits)
-        else:  # nearest rounding (clipping still searched): what synthetic inputs cannot mislead
-            scale = row_scales(target, bits)
-            w = dequantize(*quantize(target, bits, (0,), scale))
-        return Fitted(weight=w, scale=scale)
-    return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
-
-
 # ---------------------------------------------------------------- measured network error
 
 
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
-                       min_params: int, on_progress=None, gptq: bool = True,
-                       fits: dict | None = None) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+                       min_params: int, on_progress=None, gptq: bool = True, group: int | None = None,
+                       notes: dict | None = None, fits: dict | None = None,
+                       ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` and its output error (mean squared change of the outputs over
     their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
-    rounding error of the same size move a network very differently.
+    rounding error of the same size move a network very differently. A candidate whose layer
+    output error is far above its unit's (bytes, error) hull is not run (``worth_measuring``).
 
     Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
-    unit of relative layer-output error of its int4 candidate, shown by ``report``). ``fits``, when
-    given, receives every fit (unit -> candidate index -> one per part) for ``Table.trial``."""
+    unit of relative layer-output error of its int4 candidate, shown by ``report``); ``notes``
+    (optional) receives per layer every candidate's label, bytes, layer and network error; ``fits``,
+    when given, every measured fit (unit -> index in its options -> one per part) for ``Table.trial``."""
     reference = model(images)
     scale = reference.pow(2).mean().clamp_min(1e-30)
     options, sensitivity = {}, {}
@@ -214,27 +163,35 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         matrices = [o.reshape(p.m, p.n) for o, p in zip(originals, u.parts)]
         cs = [moments[p.name].own for p in u.parts]
         layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
-        measured = []
+        cands = u.candidates(min_params, group)
+        fitted = [[None if c.kind == "fp32" else fit_candidate(c, w, m, 0, gptq) for w, m in zip(matrices, cs)]
+                  for c in cands]
+        dense = [[w if f is None else f.dense() for w, f in zip(matrices, fs)] for fs in fitted]
+        layer_errs = [sum(output_error(w, d, m) for w, d, m in zip(matrices, ds, cs)) / layer_scale for ds in dense]
+        keep = worth_measuring([(c.bytes, e) for c, e in zip(cands, layer_errs)])
+        measured, rows = [], []
         try:
-            for index, cand in enumerate(u.candidates(min_params)):
+            for cand, fs, ds, layer_err, run in zip(cands, fitted, dense, layer_errs, keep):
+                err = None
                 if cand.kind == "fp32":
-                    measured.append((cand, 0.0))
-                    continue
-                fitted = [fit_candidate(cand, w, c, 0, gptq) for w, c in zip(matrices, cs)]
-                dense = [f.dense() for f in fitted]
-                if fits is not None:
-                    fits.setdefault(u.name, {})[index] = [kept_fit(f, d) for f, d in zip(fitted, dense)]
-                for w, d in zip(weights, dense):
-                    w.data.copy_(d.reshape(w.shape))
-                err = float((model(images) - reference).pow(2).mean() / scale)
-                measured.append((cand, err))
-                if cand.kind == "int4":
-                    layer_err = sum(output_error(w, d, c) for w, d, c in zip(matrices, dense, cs))
-                    sensitivity[u.name] = err / max(layer_err / layer_scale, 1e-30)
+                    err = 0.0
+                elif run:
+                    for w, d in zip(weights, ds):
+                        w.data.copy_(d.reshape(w.shape))
+                    err = float((model(images) - reference).pow(2).mean() / scale)
+                    if cand.kind == "int4" and u.name not in sensitivity:
+                        sensitivity[u.name] = err / max(layer_err, 1e-30)
+                if err is not None:
+                    if fits is not None and cand.kind != "fp32":
+                        fits.setdefault(u.name, {})[len(measured)] = [kept_fit(f, d) for f, d in zip(fs, ds)]
+                    measured.append((cand, err))
+                rows.append(dict(choice=cand.label, kind=cand.kind, bytes=cand.bytes, layer_error=layer_err, network_error=err))
         finally:
             for w, o in zip(weights, originals):
                 w.data.copy_(o)
         options[u.name] = measured
+        if notes is not None:
+            notes[u.name] = rows
         if on_progress:
             on_progress("measuring candidates", i + 1, len(units))
     return options, sensitivity
@@ -251,9 +208,13 @@ class BudgetResult:
     summary: dict
 
 
-def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_000, reserve: int = 0) -> Setup:
+def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_000, reserve: int = 0,
+            group: int | None = None) -> Setup:
     """The units of ``model`` and the bytes outside them; the model is not changed yet. ``reserve``:
-    bytes kept free beyond the header estimate (a retry after a file came out over the budget)."""
+    bytes kept free beyond the header estimate (a retry after a file came out over the budget);
+    ``group``: inputs per scale of the group-wise grids (None: ``quant.pick_group`` per layer)."""
+    if group is not None and (type(group) is not int or group <= 0):
+        raise DynError(f"--quant-group {group!r} must be a positive number of inputs per scale (e.g. 64)")
     import copy
 
     model.eval()
@@ -269,7 +230,7 @@ def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_00
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096
              + long_names(list(small), units, min_params) + reserve)
-    return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params)
+    return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params, group)
 
 
 def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False) -> Table:
@@ -299,10 +260,11 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
     if not units:
         raise DynError(f"no layer can be budgeted: {', '.join(u.name for u in unreached[:3])}... must stay fp32")
     fits = {} if keep_fits else None
+    notes: dict[str, list[dict]] = {}
     options, sensitivity = measure_candidates(model, units, moments, images, setup.min_params, on_progress,
-                                              gptq=calibration == "images", fits=fits)
+                                              gptq=calibration == "images", group=setup.group, notes=notes, fits=fits)
     return Table(model, setup.original, units, skipped, options, sensitivity, setup.fixed, unreached, setup.halves,
-                 batches, calibration, setup.original_bytes, fits)
+                 batches, calibration, setup.original_bytes, fits, notes, setup.group)
 
 
 def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, stages: int = 8, state_steps: int = 60,
@@ -324,36 +286,8 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
         paired = collect_moments([p.name for u in stage for p in u.parts], table.batches, model, original,
                                  stop_after=stage[-1].parts[-1].name)
         for u in stage:
-            cand = chosen[u.name]
-            scales = []
-            for p in u.parts:
-                mom = paired[p.name]
-                w = dense_matrix(dense_target(original, p.name))
-                target = corrected_target(w, mom) if trusted else w
-                fitted = fit_candidate(cand, target, mom.own, state_steps, gptq=trusted)
-                if cand.kind == "dyn":
-                    new = make_dynamic(p.layer, cand.spec)
-                    f = fitted.states
-                    new.set_states(f.states_out, f.states_in, f.coupling, f.offset)
-                    set_submodule(model, p.name, new)
-                    for t in ("states_out", "states_in"):
-                        quantized[f"{p.name}.{t}"] = {"bits": 8, "keep": list(STATE_KEEP)}
-                    layers.append(LayerStats(
-                        name=p.name, kind=dense_kind(p.layer).name,
-                        weight_shape=list(p.layer.weight.shape), matrix_shape=[p.m, p.n], spec=cand.spec.to_dict(),
-                        dense_params=p.m * p.n, state_params=new.num_state_params(), rel_error=f.rel_error,
-                        svd_rel_error=svd_rel_error(w, cand.spec.rank_budget), svd_rank=cand.spec.rank_budget,
-                        steps=state_steps, fit_mode=f"outputs ({table.calibration}, sequential)",
-                        output_rel_error=f.output_rel_error,
-                    ))
-                else:
-                    p.layer.weight.data.copy_(fitted.weight.reshape(p.layer.weight.shape))
-                    scales.append(fitted.scale)
-            if scales:  # a packed q/k/v tensor: its rows' scales, in order
-                bits = 8 if cand.kind == "int8" else 4
-                grouped = [torch.cat(scales)] if len(u.stored) == 1 else scales
-                for key, scale in zip(u.stored, grouped):
-                    quantized[key] = {"bits": bits, "keep": [0], "scale": scale}
+            layers += install(model, original, u, chosen[u.name], paired, trusted=trusted, state_steps=state_steps,
+                              calibration=table.calibration, quantized=quantized)
             done += 1
             progress("fitting", done, len(todo))
     # block-wise reconstruction towards the original's block outputs (reconstruct.py)
@@ -367,14 +301,18 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
             name=u.name, shape=u.shape, choice=cand.label, kind=cand.kind, bytes=cand.bytes,
             fp32_bytes=4 * u.numel, sensitivity=table.sensitivity.get(u.name, 0.0), predicted_error=err,
             why=why(options[u.name], choice[u.name]),
-            states_possible=u.convertible is None,
+            states_possible=u.convertible is None, per_channel=cand.group == 0,
+            **best_states((table.notes or {}).get(u.name, [])),
         ))
     summary = dict(
         target_bytes=target_bytes, original_bytes=table.original_bytes, fixed_bytes=table.fixed,
         planned_bytes=table.fixed + sum(r["bytes"] for r in rows), calibration=table.calibration,
         calibration_images=int(sum(len(b) for b in table.batches)), predicted_error=predicted_total,
-        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, reconstruction=recon,
+        stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, kinds=kind_counts(rows),
+        reconstruction=recon,
     )
+    if table.group is not None:  # the stated fallback: rows that group does not divide keep one scale per channel
+        summary["per_channel_fallback"] = [u.name for u in table.units if any(p.n % table.group for p in u.parts)]
     return BudgetResult(layers, table.skipped, quantized, summary)
 
 
@@ -389,6 +327,7 @@ def convert_to_budget(
     min_params: int = 10_000,
     stages: int = 8,
     state_steps: int = 60,
+    group: int | None = None,
     reconstruct_iters: int = 0,
     on_progress=None,
     reserve: int = 0,
@@ -405,9 +344,54 @@ def convert_to_budget(
     ``on_note(text)`` what the reconstruction did per block. ``reserve``: bytes kept free beyond the
     header estimate (a retry after a file came out over the budget).
     """
-    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, reserve=reserve)
+    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, reserve=reserve, group=group)
     setup.check(target_bytes)
     table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress)
     choice = table.allocation(target_bytes)
     return fit_allocation(table, choice, target_bytes, stages=stages, state_steps=state_steps,
                           reconstruct_iters=reconstruct_iters, on_progress=on_progress, on_note=on_note)
+
+
+def kind_counts(rows: list[dict]) -> dict[str, int]:
+    """How many units chose each kind (states, state corrections, each grid), for the report."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = r["kind"] + (" per-channel" if r.get("per_channel") else "")
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def best_states(rows: list[dict]) -> dict:
+    """The best-measured states and state-correction candidates of a unit ([label, bytes, layer
+    error, network error (None: not run, far off the hull)]): why they were not chosen, or were."""
+    out = {}
+    for key, test in (("best_states", lambda k: k == "dyn"), ("best_correction", lambda k: k.endswith("+dyn"))):
+        found = [r for r in rows if test(r["kind"])]
+        if found:
+            r = min(found, key=lambda r: (r["network_error"] is None, r["network_error"] or 0.0, r["layer_error"]))
+            out[key] = [r["choice"], r["bytes"], float(f"{r['layer_error']:.3g}"),
+                        None if r["network_error"] is None else float(f"{r['network_error']:.3g}")]
+    return out
+
+
+def choice_lines(summary: dict) -> list[str]:
+    """What a budget chose, in words: layers per kind, and how states and state corrections fared
+    (measured on how many layers, chosen on how many, the closest miss and its measured errors)."""
+    rows = summary.get("layers", [])
+    lines = ["layers per choice: " + ", ".join(f"{n} {k}" for k, n in (summary.get("kinds") or kind_counts(rows)).items())]
+    for key, what, test in (("best_states", "states", lambda k: k == "dyn"),
+                            ("best_correction", "state corrections (intK + states)", lambda k: k.endswith("+dyn"))):
+        offered = [r for r in rows if r.get(key)]
+        if not offered:
+            continue
+        run = [r for r in offered if r[key][3] is not None]
+        chosen = [r for r in rows if test(r["kind"])]
+        text = f"{what}: offered on {len(offered)} layers, measured in the network on {len(run)}, chosen on {len(chosen)}"
+        missed = [r for r in run if not test(r["kind"])]
+        if missed:
+            r = min(missed, key=lambda r: r[key][3] - r["predicted_error"])
+            label, nbytes, layer_err, net_err = r[key]
+            text += (f"; closest miss {r['name']}: {label} ({nbytes:,} B) network error {net_err:.3g} "
+                     f"(layer {layer_err:.3g}) vs the chosen {r['choice']} ({r['bytes']:,} B) {r['predicted_error']:.3g}")
+        lines.append(text)
+    return lines

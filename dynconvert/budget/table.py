@@ -35,6 +35,8 @@ class Table:
     calibration: str
     original_bytes: int
     fits: dict[str, dict[int, list]] | None = None  # unit -> candidate index -> kept fits, for trials
+    notes: dict[str, list[dict]] | None = None  # unit -> every candidate's bytes and errors (report)
+    group: int | None = None  # inputs per scale of the group-wise grids (None: picked per layer)
 
     @property
     def trusted(self) -> bool:
@@ -113,10 +115,11 @@ class Setup:
     fixed: int
     original_bytes: int
     min_params: int
+    group: int | None = None
 
     @property
     def smallest(self) -> int:
-        return self.fixed + sum(min(c.bytes for c in u.candidates(self.min_params)) for u in self.units)
+        return self.fixed + sum(min(c.bytes for c in u.candidates(self.min_params, self.group)) for u in self.units)
 
     def check(self, target_bytes: int) -> None:
         """A one-line error when ``target_bytes`` cannot be met, before any costly work."""
@@ -125,6 +128,7 @@ class Setup:
                            "bytes; ask for a smaller --size (e.g. 1/4)")
         if self.smallest > target_bytes:
             raise DynError(f"the budget {target_bytes:,} bytes is below the smallest this model can be "
-                           f"(~{self.smallest:,} bytes with every layer at its cheapest); ask for a larger --size")
+                           f"({self.smallest:,} bytes, --size {self.smallest / self.original_bytes:.4f}, with every "
+                           "layer at its cheapest: int2 or states); ask for at least that")
 
 

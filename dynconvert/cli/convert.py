@@ -83,6 +83,7 @@ def convert(
     calib_images: Optional[int] = typer.Option(None, help="How many calibration images to use. [default: 256 with --size, else 512]"),
     size: Optional[str] = typer.Option(None, "--size", help="Byte budget as a fraction of the original's fp32 bytes (1/8, 0.125, 12.5%): each layer's representation (states, int8/int4, fp32) is chosen by measured sensitivity. Replaces --ratio."),
     target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Byte budget as a size (5MB, 800kB): like --size."),
+    quant_group: Optional[int] = typer.Option(None, "--quant-group", help="With --size or --keep: inputs per fp16 scale of the int4/int3/int2 choices; a layer whose row length it does not divide gets one scale per output channel (said at the end). [default: the divisor of each row's length nearest 64 in 32-128]"),
     data_free: bool = typer.Option(False, "--data-free", help="With --size or --keep: no images; calibrate on inputs synthesized from the model's BatchNorm statistics (also what happens without --calib)."),
     keep: Optional[str] = typer.Option(None, "--keep", help=f"Quality target: the smallest file whose top-1 agreement with the original on probe images (held apart from --calib, else synthesized) is at least KEEP (0.95, 95%). With no mode flag (--ratio, --size, --target-bytes, --groups/--dim, --recipe) and no states flag (--steps, --metric, ...) convert runs --keep {DEFAULT_KEEP:g}."),
     calib_steps: Optional[int] = typer.Option(None, help="Output-fitting steps per layer with --calib." + shown(ConvertOptions, "calib_steps")),
@@ -107,7 +108,7 @@ def convert(
     opts = options_from(rec, dict(
         ratio=ratio, min_params=min_params, include=_split(include), exclude=_split(exclude), metric=metric,
         kernel=kernel, max_dim=max_dim, groups=groups, dim=dim, steps=steps, lr=lr, seed=seed, device=device,
-        calib_steps=calib_steps, init=init,
+        calib_steps=calib_steps, init=init, quant_group=quant_group,
     ))
     from ..budget.allocation import parse_bytes, parse_size
 
@@ -206,16 +207,16 @@ def _print_trials(k: dict, original_bytes: int) -> None:
 def _print_result(conv, out_path: Path) -> None:
     if conv.budget is not None:
         b = conv.budget
-        from collections import Counter
+        from ..budget.pipeline import choice_lines
 
-        kinds = Counter({"dyn": "states int8"}.get(row["kind"], row["kind"]) for row in b["layers"])
-        split = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         out.print(
             f"wrote {out_path}: {out_path.stat().st_size:,} bytes for a budget of {b['target_bytes']:,} "
             f"({b['original_bytes'] / out_path.stat().st_size:.2f}x smaller than {b['original_bytes']:,}); "
-            f"calibration: {b['calibration']}, {b['calibration_images']} images; layers: {split}. "
-            f"`dynconvert report {out_path}` shows the allocation"
+            f"calibration: {b['calibration']}, {b['calibration_images']} images. "
+            f"`dynconvert report {out_path}` shows the allocation", soft_wrap=True,
         )
+        for line in choice_lines(b):
+            out.print(f"  {line}", highlight=False, soft_wrap=True)
         return
     n_dense = sum(s.dense_params for s in conv.layers)
     n_state = sum(s.state_params for s in conv.layers)

@@ -296,7 +296,8 @@ def export_safetensors(
         skipped.append({"name": name, "reason": "materialized at export"})
     # quantized tensors stay integers (their dequantized values are exact); states of layers
     # materialized above are gone, and the dense weight built from them is not on a grid
-    quantized = {k: {"bits": v["bits"], "keep": v["keep"]} for k, v in meta.pop("quantized", {}).items() if k in tensors}
+    quantized = {k: {key: v[key] for key in ("bits", "keep", "group") if key in v}
+                 for k, v in meta.pop("quantized", {}).items() if k in tensors}
     for name in layers:
         for s in STATE_SUFFIXES:
             if f"{name}.{s}" not in quantized:

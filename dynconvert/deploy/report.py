@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..budget.pipeline import choice_lines
 from ..dynamics.attention import with_module_calls
 from ..dynamics.modules import DynamicsLayer
 from ..dynfile.format import STATE_SUFFIXES
@@ -337,6 +338,8 @@ def render_budget_rich(rep: dict, console) -> None:
     for row in _budget_rows(rep):
         table.add_row(*(row[i] for i in keep))
     console.print(table)
+    for line in choice_lines(rep["budget"]):  # layers per kind; how states and state corrections fared
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def render_markdown(rep: dict) -> str:
@@ -346,6 +349,7 @@ def render_markdown(rep: dict) -> str:
         lines += ["", f"## {_budget_title(rep)}", "", "| " + " | ".join(BUDGET_COLUMNS) + " |",
                   "|" + "|".join("---:" if 3 <= i <= 6 else "---" for i in range(len(BUDGET_COLUMNS))) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _budget_rows(rep)]
+        lines += [""] + [f"- {line}" for line in choice_lines(rep["budget"])]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _row(r)) + " |" for r in rep["layers"]]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,9 @@ class ConvertOptions:
     init: str = "svd"
     seed: int = 0
     device: str = "cpu"
+    quant_group: int | None = None
+    """Byte budgets: inputs per fp16 scale of the int4/int3/int2 candidates (None: the divisor of
+    each row's length nearest 64 in [32, 128]; where it does not divide, one scale per channel)."""
     layers: dict = field(default_factory=dict)
     """Per-layer overrides: glob pattern on layer names -> {field: value} for the fields in
     LAYER_FIELDS (what a layer becomes and how it is fitted); where several patterns match a layer,
@@ -74,6 +77,8 @@ class ConvertOptions:
             DynSpec(self.groups or 1, self.dim or 1, self.metric, self.kernel)
         except ValueError as e:
             raise DynError(str(e)) from None
+        if self.quant_group is not None and (type(self.quant_group) is not int or self.quant_group <= 0):
+            raise DynError(f"--quant-group {self.quant_group!r} must be a positive number of inputs per scale (e.g. 64)")
         if self.init not in ("svd", "random"):
             raise DynError(f"init must be 'svd' or 'random', got {self.init!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,6 +17,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .attention import DynProj, ProjTarget, find_proj_target, proj_targets
+from .corrected import CorrectedConv2d, CorrectedLinear
 from .modules import DynConv2d, DynamicsLayer, DynLinear, DynSpec
 
 
@@ -52,7 +53,19 @@ def _modules_of(cls):
 
 
 KINDS: tuple[LayerKind, ...] = (
-    # most specific first: a DynProj is also a DynLinear
+    # most specific first: a DynProj and a CorrectedLinear are also DynLinears.
+    # A quantized weight plus a state correction (budgets only: no dense layer is their target)
+    LayerKind(
+        "linear+q", CorrectedLinear, lambda name, module: [], lambda layer: None,
+        lambda c, spec: CorrectedLinear(c["in_features"], c["out_features"], c["bias"], spec),
+        _linear_config, "",
+    ),
+    LayerKind(
+        "conv2d+q", CorrectedConv2d, lambda name, module: [], lambda layer: None,
+        lambda c, spec: CorrectedConv2d(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"],
+                                        c["padding"], c["dilation"], c["groups"], c["bias"], spec),
+        _conv_config, "",
+    ),
     LayerKind(
         "mha_proj", DynProj, proj_targets, lambda target: None,
         lambda c, spec: DynProj(c["in_features"], c["out_features"], spec),

@@ -433,6 +433,9 @@ def to_weight_free(model: nn.Module, vectors: dict[str, int] | int | None = None
         if weight_free_path(layer) is None:
             kept.append((name, why_materialized(layer)))
             continue
+        if getattr(layer, "base", None) is not None:  # corrected.py: already thin beside its quantized weight
+            kept.append((name, "a quantized weight with a state correction runs as it is"))
+            continue
         if vectors is not None:
             per_call = vectors.get(name, default) if isinstance(vectors, dict) else default
             if why := _slower_weight_free(layer, per_call):

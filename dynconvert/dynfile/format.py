@@ -13,7 +13,12 @@ all tensors; ``load`` and ``dynconvert verify`` check it).
 Version 2 adds quantized tensors: a tensor listed in the metadata's ``quantized`` object
 (``{NAME: {"bits": 4|8, "keep": [dims with their own scale], "shape": [...]}}``) is stored as
 ``NAME:q`` (int8 for 8 bits; for 4 bits uint8, two values per byte, ``quant.pack_int4``) and
-``NAME:scale`` (float32, one scale per slice along ``keep``, shaped to broadcast). A colon never
+``NAME:scale`` (float32, one scale per slice along ``keep``, shaped to broadcast).
+
+Version 3 adds group-wise weights (``quant`` group grids): ``{"bits": 2|3|4|8, "group": G,
+"shape": [...]}`` stored as ``NAME:q`` (bits 8: int8 in the tensor's shape; 2, 3, 4: uint8 [ceil(numel
+* bits / 8)], packed least significant bit first, ``quant.pack_bits``) and ``NAME:scale`` (float16,
+(m, n // G) for the tensor viewed as (m, n)). A colon never
 occurs in a PyTorch state-dict key, so these names cannot collide with real tensors. ``read_dyn``
 gives every caller the float32 tensors under their original names; the checksum covers the
 tensors as stored.
@@ -32,13 +37,14 @@ import torch
 
 from ..version import __version__
 from ..budget import quant
+from .grouped import decode_grouped, encode_grouped
 from ..dynamics.modules import DynSpec
 from ..errors import DynError
 from ..io.data import check_input_size
 from ..io.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dynconvert"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META_KEY = "dynconvert"
 REQUIRED_KEYS = ("format", "format_version", "source", "layers", "tensors_sha256")
 STATE_SUFFIXES = ("states_out", "states_in", "coupling", "offset")
@@ -139,6 +145,10 @@ def encode_quantized(path, tensors: dict[str, torch.Tensor], quantized: dict) ->
             stored[f"{name}{QUANT_SEP}f16"] = t.half().contiguous()
             described[name] = {"bits": FLOAT16_BITS, "keep": [], "shape": list(t.shape)}
             continue
+        if isinstance(spec, dict) and "group" in spec:
+            stored[f"{name}{QUANT_SEP}q"], stored[f"{name}{QUANT_SEP}scale"], described[name] = encode_grouped(path, name, t, spec)
+            del stored[name]
+            continue
         if type(bits) is not int or bits not in quant.BITS:
             raise DynError(f"refusing to write {path}: quantized tensor {name!r} has bits {bits!r}; choose 4, 8 (or 16: fp16)")
         keep = _keep_dims(spec.get("keep", [0]), t.ndim) if t.ndim else []  # a scalar has one scale
@@ -194,11 +204,16 @@ def decode_quantized(path: Path, stored: dict[str, torch.Tensor], meta: dict) ->
         if QUANT_SEP in name or name in tensors:
             raise DynError(f"{what} is also stored unquantized, or has an invalid name (corrupt file)")
         bits, shape = info.get("bits"), info.get("shape")
-        if type(bits) is not int or bits not in (*quant.BITS, FLOAT16_BITS):
-            raise DynError(f"{what} declares bits {bits!r}; only 4, 8 and 16 (fp16) exist")
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                 or not all(type(s) is int and 0 <= s < 2**40 for s in shape)):
             raise DynError(f"{what} declares an invalid shape {shape!r}")
+        if "group" in info:
+            qname, sname = f"{name}{QUANT_SEP}q", f"{name}{QUANT_SEP}scale"
+            expected |= {qname, sname}
+            tensors[name] = decode_grouped(what, info, stored.get(qname), stored.get(sname))
+            continue
+        if type(bits) is not int or bits not in (*quant.BITS, FLOAT16_BITS):
+            raise DynError(f"{what} declares bits {bits!r}; only 4, 8 and 16 (fp16) exist")
         if bits == FLOAT16_BITS:
             fname = f"{name}{QUANT_SEP}f16"
             expected.add(fname)

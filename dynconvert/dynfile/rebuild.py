@@ -166,9 +166,12 @@ def load_any(path: str | Path, *, factory: str | None = None, arch: str | None =
 
 
 def materialized(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every converted layer replaced by its dense twin: the original architecture."""
+    """A copy of ``model`` with every converted layer replaced by its dense twin: the original
+    architecture (``corrected`` layers excepted: their forward is already a dense quantized weight
+    and a thin correction)."""
     dense = copy.deepcopy(model)
-    for name in [n for n, m in dense.named_modules() if isinstance(m, DynamicsLayer)]:
+    # a quantized weight with a state correction stays as it is: its correction is two thin products
+    for name in [n for n, m in dense.named_modules() if isinstance(m, DynamicsLayer) and not hasattr(m, "base")]:
         set_submodule(dense, name, dense.get_submodule(name).to_dense())
     return dense.eval()
 

@@ -30,7 +30,19 @@ import torch.nn.utils.parametrize as P
 
 from ..budget.augment import augment as augmented, held_apart
 from ..errors import DynError
-from ..budget.quant import dequantize, quantize
+from ..budget.quant import dequantize, grid_of, quantize
+
+
+class _OnGroups(nn.Module):
+    """Parametrization: a group-wise weight rounded to its fixed grid (straight-through gradient)."""
+
+    def __init__(self, entry: dict, scales: torch.Tensor):
+        super().__init__()
+        self.entry, self.scales = entry, scales
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        scale, lo, hi = grid_of(t, self.entry, self.scales)
+        return t + (torch.round(t / scale).clamp(lo, hi) * scale - t).detach()
 
 
 class _OnGrid(nn.Module):
@@ -91,6 +103,10 @@ def distill(
     for name, spec in quantized.items():
         module_name, attr = _split(name)
         module = model.get_submodule(module_name)
+        if "group" in spec:  # group-wise: its scales stay as fitted
+            P.register_parametrization(module, attr, _OnGroups(spec, spec["scale"].detach().float()))
+            registered.append((module, attr))
+            continue
         keep = tuple(spec.get("keep", [0] if spec["bits"] != 16 else []))
         scale = spec.get("scale")
         if isinstance(scale, torch.Tensor):
