@@ -97,8 +97,31 @@ def plan(net: nn.Module, input_size, layout: str, stored: dict[str, int] | None 
     if layout != "auto":
         return {n: layout for n in names}
     vectors = vectors_per_call(net, input_size, batch=1)
-    return {n: auto_choice(net.get_submodule(n), vectors.get(n, 1), None if stored is None else stored.get(n, 0))
+    # a quantized weight with a state correction (corrected.py) is already as small as it gets
+    # beside its thin correction: its dense form would lose the integer grid
+    return {n: "factorized" if _corrected(net.get_submodule(n)) else
+            auto_choice(net.get_submodule(n), vectors.get(n, 1), None if stored is None else stored.get(n, 0))
             for n in names}
+
+
+def _corrected(layer: nn.Module) -> bool:
+    return getattr(layer, "base", None) is not None
+
+
+class CorrectedForm(nn.Module):
+    """A corrected layer (corrected.py) for export: its quantized base as a plain Linear/Conv2d
+    (the exporter keeps its integers) plus the correction's two thin layers (``factorized_pair``)."""
+
+    def __init__(self, layer: DynamicsLayer):
+        super().__init__()
+        with torch.no_grad():
+            self.base = layer.to_dense()
+            self.base.weight.copy_(layer.base.reshape(self.base.weight.shape))
+            self.correction = factorized_pair(layer)
+            self.correction[1].bias = None  # the base carries the bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.correction(x)
 
 
 def factorized_pair(layer: DynamicsLayer) -> nn.Sequential:
@@ -153,6 +176,10 @@ def build(net: nn.Module, choices: dict[str, str]) -> tuple[nn.Module, dict[str,
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
         choice = choices.get(name, "materialized")
         parent = model.get_submodule(name.rpartition(".")[0])
+        if choice == "factorized" and _corrected(layer):
+            set_submodule(model, name, CorrectedForm(layer))
+            got[name] = choice
+            continue
         if choice == "factorized" and (why := _why_not_factorized(layer, parent)):
             kept.append((name, why))
             choice = "materialized"

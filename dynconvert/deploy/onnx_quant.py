@@ -169,17 +169,23 @@ class _Builder:
         return out
 
 
-def slot_bits(bits: int) -> int:
-    """Bits each integer takes in the graph: int2 four per byte, int3/int4 two per byte."""
-    return 2 if bits <= 2 else 4
+def planes(bits: int) -> list[tuple[int, int]]:
+    """(slot bits, shift) of the bit planes an integer of ``bits`` travels in: int4 in nibbles, int2
+    four per byte, int3 as a 2-bit plane plus a 1-bit plane (3 bits a value, as in the .dyn)."""
+    return {2: [(2, 0)], 3: [(2, 0), (1, 2)], 4: [(4, 0)]}[bits]
 
 
 def pack_nibbles(q: np.ndarray, slot: int = 4) -> np.ndarray:
     """Integers in [-2^(slot-1), 2^(slot-1) - 1] -> uint8, 8 // slot per byte: with L = ceil(N / k),
     element j L + i sits in bits [slot j, slot (j + 1)) of byte i (padding: the zero code)."""
-    k, zero = 8 // slot, 1 << (slot - 1)
-    flat = (q.reshape(-1).astype(np.int16) + zero).astype(np.uint8)
-    flat = np.concatenate([flat, np.full(-flat.size % k, zero, np.uint8)])
+    zero = 1 << (slot - 1)
+    return pack_unsigned((q.reshape(-1).astype(np.int16) + zero).astype(np.uint8), slot, zero)
+
+
+def pack_unsigned(flat: np.ndarray, slot: int, pad: int = 0) -> np.ndarray:
+    """Values in [0, 2^slot) -> uint8, 8 // slot per byte, laid out as ``pack_nibbles`` says."""
+    k = 8 // slot
+    flat = np.concatenate([flat.reshape(-1).astype(np.uint8), np.full(-flat.size % k, pad, np.uint8)])
     parts = flat.reshape(k, -1)
     out = np.zeros(parts.shape[1], np.uint8)
     for j in range(k):
@@ -220,20 +226,26 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
         if src.bits == 8:
             vals = b.node("Cast", [b.const("int8", q)], "cast", to=TensorProto.FLOAT)
         else:
-            slot = slot_bits(src.bits)
-            p = b.const(f"packed{slot}", pack_nibbles(q, slot))
-            modulus = b.const("modulus", np.array([1 << slot], np.uint8), False)
-            parts = []
-            for j in range(8 // slot):  # part j: bits [slot j, slot (j + 1)) of every byte
-                shifted = b.node("BitShift", [p, b.const(f"shift{j}", np.array([slot * j], np.uint8), False)],
-                                 f"shifted{j}", direction="RIGHT") if j else p
-                parts.append(b.node("Mod", [shifted, modulus], f"part{j}"))
-            u = b.node("Concat", parts, "parts", axis=0)
-            if q.size % (8 // slot):
-                u = b.node("Slice", [u, b.const("start", np.array([0], np.int64), False),
-                                     b.const("end", np.array([q.size], np.int64), False)], "trim")
-            f = b.node("Cast", [u], "cast", to=TensorProto.FLOAT)
-            vals = b.node("Sub", [f, b.const("zero", np.array([1 << (slot - 1)], np.float32), False)], "centre")
+            unsigned = (q.reshape(-1).astype(np.int16) + (1 << (src.bits - 1))).astype(np.uint8)
+            total = None
+            for slot, shift in planes(src.bits):
+                tag = f"{slot}_{shift}"
+                p = b.const(f"packed{tag}", pack_unsigned((unsigned >> shift) & ((1 << slot) - 1), slot))
+                modulus = b.const(f"modulus{tag}", np.array([1 << slot], np.uint8), False)
+                parts = []
+                for j in range(8 // slot):  # part j: bits [slot j, slot (j + 1)) of every byte
+                    shifted = b.node("BitShift", [p, b.const(f"shift{tag}_{j}", np.array([slot * j], np.uint8), False)],
+                                     f"shifted{tag}_{j}", direction="RIGHT") if j else p
+                    parts.append(b.node("Mod", [shifted, modulus], f"part{tag}_{j}"))
+                u = b.node("Concat", parts, f"parts{tag}", axis=0)
+                if q.size % (8 // slot):
+                    u = b.node("Slice", [u, b.const(f"start{tag}", np.array([0], np.int64), False),
+                                         b.const(f"end{tag}", np.array([q.size], np.int64), False)], f"trim{tag}")
+                f = b.node("Cast", [u], f"cast{tag}", to=TensorProto.FLOAT)
+                if shift:
+                    f = b.node("Mul", [f, b.const(f"weight{tag}", np.array([1 << shift], np.float32), False)], f"high{tag}")
+                total = f if total is None else b.node("Add", [total, f], f"sum{tag}")
+            vals = b.node("Sub", [total, b.const("zero", np.array([1 << (src.bits - 1)], np.float32), False)], "centre")
         if per_row:
             vals = b.node("Reshape", [vals, b.const("rows", np.array([r, n], np.int64), False)], "rows") if src.bits != 8 else vals
             deq = b.node("Mul", [vals, b.const("scale", (s[:, :1] * a[:, None]).astype(np.float32))], "scaled")
