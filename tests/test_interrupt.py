@@ -131,7 +131,8 @@ CASES = [  # (point, signal, overwrite an earlier output?)
 def test_interrupt_convert(workdir, point, sig, overwrite):
     out = workdir / "out.dyn"
     previous = b"an earlier conversion" if overwrite else None
-    args = ["convert", workdir / "tiny.pth", "--out", out, "--model", FACTORY, "--steps", STEPS, "--min-params", "100"]
+    args = ["convert", workdir / "tiny.pth", "--out", out, "--model", FACTORY, "--steps", STEPS, "--min-params", "100",
+            "--input-size", "1,8,8"]
     code, stderr = interrupt(workdir, args, out, point, sig, previous)
     if point != "startup":  # once the CLI runs, the exit is the documented one with a message
         assert code == 130 and "interrupted" in stderr, stderr
@@ -145,7 +146,8 @@ def test_interrupt_convert(workdir, point, sig, overwrite):
 
 def test_kill_then_resume_skips_finished_layers(workdir, cli, monkeypatch):
     out = workdir / "out.dyn"
-    args = ["convert", workdir / "tiny.pth", "--out", out, "--model", FACTORY, "--steps", STEPS, "--min-params", "100"]
+    args = ["convert", workdir / "tiny.pth", "--out", out, "--model", FACTORY, "--steps", STEPS, "--min-params", "100",
+            "--input-size", "1,8,8"]
     proc = start(workdir, args)
     seen = layer_lines(wait_for(proc, lambda lines: len(layer_lines(lines)) >= 2))
     assert len(seen) == 2 and proc.poll() is None
@@ -174,7 +176,7 @@ def test_resume_refuses_other_options(workdir, cli, monkeypatch):
     ckpt = tiny_checkpoint(workdir, layers=3)
     use_factory(monkeypatch, workdir)
     out = workdir / "o.dyn"
-    base = ["convert", ckpt, "--out", out, "--model", FACTORY, "--min-params", "100"]
+    base = ["convert", ckpt, "--out", out, "--model", FACTORY, "--min-params", "100", "--input-size", "1,8,8"]
     import dynconvert.dynfile.resume as rs
 
     real = rs.Checkpointing.layer_done

@@ -117,7 +117,7 @@ def test_no_worker_outlives_the_conversion(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}", COLUMNS="200")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynconvert", "convert", "tiny.pth", "--out", out, "--model", FACTORY,
-         "--steps", "4000", "--min-params", "100", "--threads", "2"],
+         "--steps", "4000", "--min-params", "100", "--threads", "2", "--input-size", "1,8,8"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

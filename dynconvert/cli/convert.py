@@ -78,7 +78,7 @@ def convert(
     lr: Optional[float] = typer.Option(None, help="Fitting step size." + shown(ConvertOptions, "lr")),
     seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives a byte-identical .dyn." + shown(ConvertOptions, "seed")),
     device: str = typer.Option(default(ConvertOptions, "device"), help="cpu, cuda or cuda:N."),
-    input_size: Optional[str] = typer.Option(None, help="C,H,W used for FLOP counts, recorded in the file. [default: 3,224,224]"),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W the model takes (checked with one forward pass before any work), used for FLOP counts and recorded in the file. [default: 3,224,224]"),
     calib: Optional[str] = typer.Option(None, help="Calibrated conversion: also fit each layer's outputs on images from this source (an image folder, 'digits', 'fake')."),
     calib_images: Optional[int] = typer.Option(None, help="How many calibration images to use. [default: 256 with --size, else 512]"),
     size: Optional[str] = typer.Option(None, "--size", help="Byte budget as a fraction of the original's fp32 bytes (1/8, 0.125, 12.5%): each layer's representation (states, int8/int4, fp32) is chosen by measured sensitivity. Replaces --ratio."),
