@@ -196,7 +196,8 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     # the default export keeps the budget: the converted layer goes factorized, its int8 states
     # (a scale per state vector) staying integers in the thin layers' weights
     result = dynconvert.export_onnx(path, tmp_path / "d.onnx", model=bn_net(seed=3))
-    assert result.layouts == {"14": "factorized"} and result.weight_bytes <= result.budget_bytes and not result.grew
+    assert "14" in result.layouts and set(result.layouts.values()) == {"factorized"}, result.layouts
+    assert result.weight_bytes <= result.budget_bytes and not result.grew
     assert len(result.quantized) >= 2 + 2 and result.max_abs_diff <= result.tolerance
     # the materialized layout cannot: the export measures its own bytes against the budget, names what grew
     with pytest.raises(DynError, match=r"over the file's budget of [\d,]+; grew: 14: [\d,]+ B in the .dyn"):

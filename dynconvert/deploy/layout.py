@@ -176,9 +176,9 @@ def build(net: nn.Module, choices: dict[str, str]) -> tuple[nn.Module, dict[str,
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicsLayer)]:
         choice = choices.get(name, "materialized")
         parent = model.get_submodule(name.rpartition(".")[0])
-        if choice == "factorized" and _corrected(layer):
+        if choice != "materialized" and _corrected(layer):  # has no other compact form
             set_submodule(model, name, CorrectedForm(layer))
-            got[name] = choice
+            got[name] = "factorized"
             continue
         if choice == "factorized" and (why := _why_not_factorized(layer, parent)):
             kept.append((name, why))
