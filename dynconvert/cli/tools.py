@@ -25,7 +25,7 @@ def bench(
     threads: str = typer.Option("1,2", help="CPU thread counts to try; each method keeps its best median."),
     no_resnet50: bool = typer.Option(False, "--no-resnet50", help="Leave out ResNet-50's largest layers (fc, layer4 3x3 conv)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cpu, and cuda when present]"),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Instead: time a .dyn's ONNX exports (materialized, factorized, weight-free, int8) in ONNX Runtime at --batches, intra-op threads from --threads, with file bytes."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Instead: time a .dyn's ONNX exports (the file in fp32, the default export, each --layout, and DequantizeLinear kept for quantized files) in ONNX Runtime at --batches, intra-op threads from --threads, with file bytes."),
     model: Optional[str] = typer.Option(None, help="With --onnx: the package.module:factory the file was converted with."),
 ):
     """Time weight-free inference against the dense layer and truncated SVD at the same budget."""

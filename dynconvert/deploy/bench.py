@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import DynError
 from ..io.checkpoint import load_model
 from ..dynamics.modules import DynLinear, DynSpec
 from .export import export_onnx, open_dyn
@@ -223,12 +224,16 @@ def _exports(dyn, folder, original, factory, meta, calib=None) -> dict:
     made["default"] = (export_onnx(dyn, folder / "default.onnx", factory=factory, allow_larger=True), "")
     for kind in ("materialized", "factorized", "weight-free"):
         made[kind] = (export_onnx(dyn, folder / f"{kind}.onnx", factory=factory, layout_name=kind, allow_larger=True), "")
+    optional = []
     if any(v.get("bits") in (2, 3, 4, 8) for v in (meta.get("quantized") or {}).values()):
-        made["keep-qdq"] = (export_onnx(dyn, folder / "keep-qdq.onnx", factory=factory, keep_qdq=True, allow_larger=True),
-                            "DequantizeLinear kept: runs on every call in a default session")
+        optional.append(("keep-qdq", dict(keep_qdq=True, allow_larger=True), "DequantizeLinear kept: runs on every call in a default session"))
     if calib is not None:
-        made["int8 activations"] = (export_onnx(dyn, folder / "int8 activations.onnx", factory=factory, activations="int8",
-                                                calib=calib, layout_name="materialized"), "ORT static QDQ, calibrated")
+        optional.append(("int8 activations", dict(activations="int8", calib=calib, layout_name="materialized"), "ORT static QDQ, calibrated"))
+    for kind, kw, note in optional:  # a row the graph cannot have is left out, not the table
+        try:
+            made[kind] = (export_onnx(dyn, folder / f"{kind}.onnx", factory=factory, **kw), note)
+        except DynError as e:
+            print(f"{kind}: not measured ({e})")
     for kind, (res, note) in made.items():
         if res is not None and res.layouts and kind == "default":
             counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}

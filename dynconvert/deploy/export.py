@@ -173,7 +173,11 @@ def export_onnx(
         elif quantize if quantize is not None else bool(described):
             sources = sources_of(net.state_dict(), stored, described)
             if keep_qdq and any(s.bits < 8 or s.group < s.values.shape[1] for s in sources if s.bits != 16):
-                graph = onnx.version_converter.convert_version(graph, max(21, opset))
+                try:  # INT4 and blocked DequantizeLinear need opset 21
+                    graph = onnx.version_converter.convert_version(graph, max(21, opset))
+                except Exception as e:
+                    raise DynError(f"--keep-qdq needs opset 21 for int4 or group-wise weights, and this graph does "
+                                   f"not convert ({first_line(e)}); export without --keep-qdq") from None
             rewritten = quantize_graph(graph, sources, keep_qdq)
             states = weight_free_state_ints(net, dense, described) if "weight-free" in got.values() else {}
             done = list(rewritten.stored) + quantize_state_tables(graph, states)[0]
