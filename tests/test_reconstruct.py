@@ -190,8 +190,15 @@ def test_budgeted_conversion_reconstructs_and_reads_back_bit_exactly(tmp_path, m
     loaded = dynconvert.load(path, model=budget_net(seed=3))
     mine, back = conv.model.state_dict(), loaded.state_dict()
     assert all(torch.equal(mine[k], back[k]) for k in mine)
-    off = dynconvert.convert(budget_net(), size=0.15, calib=[x], min_params=100, input_size=(3, 12, 12), reconstruct=0)
-    assert off.budget["reconstruction"] is None
+    from dynconvert.api import read_meta
+    from dynconvert.deploy.report import _budget_title
+
+    meta = read_meta(path)
+    assert meta["budget"]["reconstruction"] == r  # recorded in the file
+    assert "block reconstruction (20 steps): " in _budget_title({"budget": meta["budget"]})
+    from dynconvert.budget.reconstruct import reconstruct_after_fit
+
+    assert reconstruct_after_fit(conv.model, budget_net(), [x], conv.quantized, iters=0) is None  # reconstruct=0: off
 
 
 TINY_NET = """

@@ -324,7 +324,18 @@ def _budget_title(rep: dict) -> str:
     b = rep["budget"]
     return (f"allocation: budget {human(b['target_bytes'], 'B')} of {human(b['original_bytes'], 'B')}, planned "
             f"{human(b['planned_bytes'], 'B')}; calibration {b['calibration']} ({b['calibration_images']} images); "
-            f"the choices minimize the summed network-output errors measured for each layer alone")
+            f"the choices minimize the summed network-output errors measured for each layer alone"
+            + _reconstruction_note(b.get("reconstruction")))
+
+
+def _reconstruction_note(r: dict | None) -> str:
+    """The block-wise reconstruction's line of the allocation title (budget/reconstruct.py)."""
+    if not r:
+        return ""
+    held = (f", held apart ({r['held_apart']} images) {r['mean_held_before']:.3g} -> {r['mean_held_after']:.3g}"
+            if r.get("mean_held_before") is not None else "")
+    return (f"; then block reconstruction ({r['iters']} steps): {r['kept']} of {r['blocks']} blocks kept, mean block "
+            f"output error {r['mean_fit_before']:.3g} -> {r['mean_fit_after']:.3g}{held}")
 
 
 def render_budget_rich(rep: dict, console) -> None:
