@@ -77,3 +77,16 @@ def test_a_group_that_does_not_divide_is_one_line(tmp_path):
     with pytest.raises(DynError, match="does not divide"):
         quant.check_group(96, 64)
     assert quant.pick_group(96) == 48 and quant.pick_group(27) == 27 and quant.pick_group(1280) == 64
+
+
+def test_round_to_storage_keeps_a_grouped_weight_that_is_still_on_its_grid():
+    """finetune re-rounds what a .dyn stores quantized: an untouched group-wise weight (the base of
+    a state correction) must come back bit-identical, not re-rounded on freshly searched scales."""
+    w, _ = quant.fake_quant_grouped(torch.randn(8, 64) * torch.rand(8, 1), 3, 32)
+    layer = torch.nn.Linear(64, 8)
+    layer.weight.data.copy_(w)
+    out = quant.round_to_storage(layer, {"weight": {"bits": 3, "group": 32}})
+    assert torch.equal(layer.weight.data, w) and out["weight"]["scale"].shape == (8, 2)
+    layer.weight.data.add_(0.01)  # moved off the grid by training: back on a searched one
+    quant.round_to_storage(layer, {"weight": {"bits": 3, "group": 32}})
+    assert quant.recover_scales(layer.weight.data, 3, 32) is not None

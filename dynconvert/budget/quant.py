@@ -225,9 +225,9 @@ def round_to_storage(model: torch.nn.Module, described: dict) -> dict[str, dict]
         if t is None:
             continue
         bits, keep = int(info["bits"]), tuple(info.get("keep", ()))
-        if "group" in info:  # fresh group scales, searched as at conversion
+        if "group" in info:  # a weight training left on its grid keeps it; else fresh searched scales
             group = int(info["group"])
-            values, scales = fake_quant_grouped(t, bits, group)
+            values, scales = fake_quant_grouped(t, bits, group, recover_scales(t, bits, group))
             t.copy_(values)
             out[name] = {"bits": bits, "group": group, "scale": scales}
             continue
