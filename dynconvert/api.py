@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from .dynfile import resume as rs
@@ -30,16 +29,12 @@ from .dynamics.fit import FitResult
 from .dynamics.layers import layer_config
 from .dynfile.rebuild import load, read_meta, verify
 from .deploy.report import build_report
-from .budget.augment import augment
+from .budget.augment import few_images_fallback
+from .budget.reconstruct import RECONSTRUCT_ITERS, reconstruct_iters  # noqa: F401 (RECONSTRUCT_ITERS: benchmarks)
 from .budget.keep import convert_to_keep
-from .budget.probe import SEEN, image_probe, synthetic_probe
+from .budget.probe import network_agreement
 from .budget.synth import bn_synthetic_batches, has_batchnorm, synthesis_size
 from .dynamics.workers import WorkerDied
-
-RECONSTRUCT_ITERS = 100
-"""Default steps per block of the block-wise reconstruction after a budgeted fit on images."""
-FEW_IMAGES = 16
-"""Below this many calibration images a budgeted conversion adds augmented crops of them."""
 
 
 # what users call; the exports, the report and the reader live in their own modules
@@ -127,20 +122,10 @@ def convert(
     conv = _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
                          synthetic_images, "ratio" in overrides, on_progress, on_note, reconstruct, reserve)
     if original is not None:
-        conv.network = _network(original, conv.model, calib, input_size, on_progress, on_note)
+        conv.network = network_agreement(original, conv.model, calib, input_size, on_progress, on_note)
     return conv
 
 
-def _network(original: nn.Module, converted: nn.Module, calib, input_size, on_progress, on_note) -> dict | None:
-    """Top-1 agreement of ``converted`` with ``original`` on probe inputs (budget/probe.py)."""
-    checking = image_probe(calib, SEEN) if calib else synthetic_probe(original, input_size, on_progress=on_progress)
-    try:
-        checking.start(original)
-    except DynError as e:  # the states route needs no forward pass: the file is fine, the check is not possible
-        if on_note:
-            on_note(f"network agreement not measured: {e}")
-        return None
-    return checking.entry(checking.agreement(converted))
 
 
 def _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
@@ -170,7 +155,7 @@ def _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synth
     res = convert_to_keep(model, keep, batches, input_size=input_size, include=opts.include, exclude=opts.exclude,
                           min_params=opts.min_params, group=opts.quant_group, synthetic_images=synthetic_images,
                           on_progress=on_progress,
-                          on_note=on_note, reconstruct_iters=_reconstruct_iters(reconstruct, batches is not None))
+                          on_note=on_note, reconstruct_iters=reconstruct_iters(reconstruct, batches is not None))
     return Conversion(model.eval(), res.budget.layers, res.budget.skipped, opts, source, input_size=input_size,
                       quantized=res.budget.quantized, budget=res.budget.summary, network=res.network, keep=res.keep)
 
@@ -211,18 +196,11 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
         mode = "synthetic (BatchNorm statistics)"
     else:
         batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib]
-        count = sum(len(b) for b in batches)
-        if not batches or count == 0:
+        if not batches or sum(len(b) for b in batches) == 0:
             raise DynError("the calibration data gave no images; pass a folder with readable images")
-        if count < FEW_IMAGES and batches[0].ndim == 4:  # a stated fallback: crops of the images there are
-            extra = augment(torch.cat(batches), 2 * FEW_IMAGES - count, seed=0)
-            if on_note:
-                on_note(f"only {count} calibration image{'s' if count > 1 else ''}: adding {len(extra)} augmented crops of "
-                        "them (random resized crops, flips, colour jitter); what is held apart to check the fit comes "
-                        f"from the same image{'s' if count > 1 else ''}: pass {FEW_IMAGES}+ images for a real check")
-            batches = batches + [extra.to(batches[0].dtype)]
+        batches = few_images_fallback(batches, on_note)
         mode = "images"
-    iters = _reconstruct_iters(reconstruct, mode == "images")
+    iters = reconstruct_iters(reconstruct, mode == "images")
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
                                min_params=opts.min_params, group=opts.quant_group, reconstruct_iters=iters,
                                on_progress=on_progress, on_note=on_note, reserve=reserve)
@@ -234,12 +212,6 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
                       input_size=input_size, quantized=result.quantized, budget=result.summary)
     return conv
 
-
-def _reconstruct_iters(reconstruct: int | None, images: bool) -> int:
-    """Steps per block of the block-wise reconstruction: on by default only on real images."""
-    if reconstruct is not None and reconstruct < 0:
-        raise DynError(f"reconstruction steps {reconstruct} must be 0 (off) or more")
-    return (RECONSTRUCT_ITERS if images else 0) if reconstruct is None else reconstruct
 
 
 def dyn_metadata(conv: Conversion) -> dict:

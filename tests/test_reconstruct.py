@@ -191,11 +191,11 @@ def test_budgeted_conversion_reconstructs_and_reads_back_bit_exactly(tmp_path, m
     mine, back = conv.model.state_dict(), loaded.state_dict()
     assert all(torch.equal(mine[k], back[k]) for k in mine)
     from dynconvert.api import read_meta
-    from dynconvert.deploy.report import _budget_title
+    from dynconvert.deploy.report_budget import budget_title
 
     meta = read_meta(path)
     assert meta["budget"]["reconstruction"] == r  # recorded in the file
-    assert "block reconstruction (20 steps): " in _budget_title({"budget": meta["budget"]})
+    assert "block reconstruction (20 steps): " in budget_title({"budget": meta["budget"]})
     from dynconvert.budget.reconstruct import reconstruct_after_fit
 
     assert reconstruct_after_fit(conv.model, budget_net(), [x], conv.quantized, iters=0) is None  # reconstruct=0: off

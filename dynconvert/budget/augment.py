@@ -87,3 +87,21 @@ def with_synthetic(images: torch.Tensor, synthetic: torch.Tensor) -> torch.Tenso
     if synthetic.shape[-2:] != images.shape[-2:]:
         synthetic = F.interpolate(synthetic.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
     return torch.cat([images, synthetic.to(images.dtype)])
+
+
+FEW_IMAGES = 16
+"""Below this many calibration images a budgeted conversion adds augmented crops of them."""
+
+
+def few_images_fallback(batches: list[torch.Tensor], on_note=None) -> list[torch.Tensor]:
+    """A stated fallback for image batches holding fewer than FEW_IMAGES images: augmented crops
+    of the images there are are added (a transformer's token inputs are left as they are)."""
+    count = sum(len(b) for b in batches)
+    if count >= FEW_IMAGES or batches[0].ndim != 4:
+        return batches
+    extra = augment(torch.cat(batches), 2 * FEW_IMAGES - count, seed=0)
+    if on_note:
+        on_note(f"only {count} calibration image{'s' if count > 1 else ''}: adding {len(extra)} augmented crops of "
+                "them (random resized crops, flips, colour jitter); what is held apart to check the fit comes "
+                f"from the same image{'s' if count > 1 else ''}: pass {FEW_IMAGES}+ images for a real check")
+    return batches + [extra.to(batches[0].dtype)]

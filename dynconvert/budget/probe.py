@@ -139,3 +139,15 @@ def warning(entry: dict) -> str | None:
             f"{entry['images']} probe inputs: its predictions are largely lost. What kept real pretrained networks "
             "(docs/budget.md): the default `convert` (--keep, no mode flag), or --size 1/4 with --calib DIR; "
             "states at a fixed --ratio need `finetune` on your data afterwards")
+
+def network_agreement(original: nn.Module, converted: nn.Module, calib, input_size, on_progress, on_note) -> dict | None:
+    """Top-1 agreement of ``converted`` with ``original`` on probe inputs: ``calib`` (images the fit also
+    saw) when given, else synthesized ones; None (and a note) when the original cannot run them."""
+    checking = image_probe(calib, SEEN) if calib else synthetic_probe(original, input_size, on_progress=on_progress)
+    try:
+        checking.start(original)
+    except DynError as e:  # the states route needs no forward pass: the file is fine, the check is not possible
+        if on_note:
+            on_note(f"network agreement not measured: {e}")
+        return None
+    return checking.entry(checking.agreement(converted))

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 
 from .augment import augment, held_apart
+from ..errors import DynError
 from . import quant
 from .quant import fake_quant, qmax as _qmax
 
@@ -335,3 +336,14 @@ def reconstruct_after_fit(model: nn.Module, original: nn.Module, batches, quanti
                 **{f"mean_{k}_before": _mean(rows, f"{k}_before") for k in ("fit", "held")},
                 **{f"mean_{k}_after": _mean([{"v": r[f"{k}_after" if r["kept"] else f"{k}_before"]} for r in rows], "v")
                    for k in ("fit", "held")})
+
+
+RECONSTRUCT_ITERS = 100
+"""Default steps per block of the block-wise reconstruction after a budgeted fit on images."""
+
+
+def reconstruct_iters(reconstruct: int | None, images: bool) -> int:
+    """Steps per block of the block-wise reconstruction: on by default only on real images."""
+    if reconstruct is not None and reconstruct < 0:
+        raise DynError(f"reconstruction steps {reconstruct} must be 0 (off) or more")
+    return (RECONSTRUCT_ITERS if images else 0) if reconstruct is None else reconstruct
