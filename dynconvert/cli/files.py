@@ -122,10 +122,6 @@ def export(
             dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, layout_name=layout, keep_qdq=keep_qdq,
             activations=activations, calib=images, allow_larger=allow_larger,
         )
-        for name, reason in res.kept:
-            console.print(f"  {name}: materialized in the graph ({reason})")
-        for line in res.grew:
-            console.print(f"  grew: {line}", soft_wrap=True)
         counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}
         how = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no converted layers"
         budget = f" (budget {res.budget_bytes:,})" if res.budget_bytes else ""
@@ -137,6 +133,11 @@ def export(
             + ("int8 activations: not held to the tolerance)" if activations == "int8" else f"allowed {tolerance:g} x)"),
             soft_wrap=True,
         )
+        # the details after the "wrote" line: the file is complete before anything else is said
+        for name, reason in res.kept:
+            console.print(f"  {name}: materialized in the graph ({reason})")
+        for line in dict.fromkeys(res.grew):
+            console.print(f"  grew: {line}", soft_wrap=True)
         if res.output_scale == 0:
             console.print("warning: every output of the model is 0 on the check inputs (a zero-initialized head?), "
                           "so the ONNX Runtime check compared zeros and proves nothing about this graph", soft_wrap=True)
