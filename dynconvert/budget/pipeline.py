@@ -1,25 +1,24 @@
 """One byte budget for the whole network, split between layers by measured sensitivity.
 
-``convert_to_budget`` is what ``dynconvert convert --size 1/8`` (or ``--target-bytes``) runs:
+``convert_to_budget`` is what ``dynconvert convert --size 1/8`` (or ``--target-bytes``) runs;
+``--keep`` (keep.py) runs the same steps with a search between 2 and 3:
 
-1. **Candidates.** Every Linear/Conv2d weight can stay fp32, become dense int8 or int4 (GPTQ,
-   one scale per output channel), or, where the layer can be converted, dynamics states (sql2) at
-   a few H*d with int8 states (one scale per sub-model state vector). Each has an exact byte cost.
-   An nn.MultiheadAttention's q, k and v projections are one such unit (one packed tensor, one
-   precision; each projection fitted on its own inputs), its out_proj a Linear like any other;
-   their inputs are taken through the MHA, which calls none of them (attention.input_taps).
-2. **Measure.** On the calibration inputs (images, or synthetic ones from BatchNorm statistics),
-   each candidate is fitted to its layer's outputs, put in place alone, and the network's output
-   error is measured: layers differ by orders of magnitude in sensitivity, and a low-rank error
-   moves a network differently from a rounding error of the same size.
-3. **Allocate.** Minimize the summed measured network errors under the byte budget (a
-   multiple-choice knapsack: Lagrangian relaxation, then a greedy fill of what is left), as HAWQ
-   and Sony MCT's mixed-precision search do (allocation.py).
-4. **Fit sequentially.** In execution order, a stage of layers at a time, each chosen layer is
-   fitted to the *original* network's outputs from the inputs of the network *compressed so far*
-   (``outputs.corrected_target``), so errors do not compound.
+1. **Candidates** (candidates.py). Every Linear/Conv2d weight can stay fp32, become int8 (one
+   scale per output channel), int4/int3/int2 with one fp16 scale per ~64 inputs (GPTQ, quant.py),
+   dynamics states (sql2, int8 states) at a few H*d, or a quantized weight plus a states
+   correction (dynamics/corrected.py). Each has an exact byte cost. An nn.MultiheadAttention's q,
+   k and v projections are one unit (one packed tensor, one precision), its out_proj a Linear.
+2. **Measure** (``prepare`` + ``measure`` -> table.Table). On the calibration inputs (images, or
+   synthetic ones from BatchNorm statistics), each candidate is fitted to its layer's outputs,
+   put in place alone, and the network's output error is measured.
+3. **Allocate** (``Table.allocation``): the multiple-choice knapsack of allocation.py.
+4. **Fit sequentially** (``fit_allocation``): in execution order, each chosen layer fitted to the
+   *original* network's outputs from the inputs of the network *compressed so far*, then the
+   block-wise reconstruction (reconstruct.py) when there are images.
 
 The result records every layer's choice, its bytes, its measured error and the alternatives.
+Longer than 350 lines: the three steps share the unit/candidate types and the result rows;
+splitting them further would scatter one data flow over files.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ element of each arithmetic op (``tests/test_weightfree.py`` counts them with ``o
 
 (Over ~350 lines on purpose: the FLOP formulas mirror the kernels line by line and the modules
 only wrap them; kept in one file, a change to a kernel shows its formula next to it.)
+
+Longer than 350 lines: one weight-free path per metric/kernel, each with its ONNX-exportable forward.
 """
 
 from __future__ import annotations

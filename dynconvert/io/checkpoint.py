@@ -3,6 +3,8 @@
 Trust rule: a checkpoint is read weights-only (no code runs) unless the user passes
 ``trust_pickle=True`` (``--trust-pickle``). Only then are whole pickled modules and TorchScript
 files loaded, because unpickling can run arbitrary code.
+
+Longer than 350 lines: weights-only reading, architecture inference and the rebuild of every source kind.
 """
 
 from __future__ import annotations
