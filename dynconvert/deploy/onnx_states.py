@@ -109,10 +109,7 @@ def quantize_state_tables(model, states: dict) -> tuple[list[str], int]:
             nbytes += add(np.take(a, range(c, a.shape[axis]), axis=axis), f"{name}__rest")
             nodes.append(helper.make_node("Concat", [target, f"{name}__rest"], [name], name=f"{name}__concat", axis=axis))
         done.append(name)
-    if done:
-        old = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes + old)
+    _prepend(graph, nodes)
     return done, nbytes
 
 
@@ -198,8 +195,13 @@ def quantize_factor_tables(model, tables: list[tuple]) -> tuple[list[str], int]:
             nodes.append(helper.make_node(op, [prev if v == "@" else v for v in inputs], [outp], name=f"{p}_{op}{i}", **attrs))
             prev = outp
         done.append(name)
-    if done:
+    _prepend(graph, nodes)
+    return done, nbytes
+
+
+def _prepend(graph, nodes: list) -> None:
+    """Put ``nodes`` (which compute initializers from integers) before every node that uses them."""
+    if nodes:
         old = list(graph.node)
         del graph.node[:]
         graph.node.extend(nodes + old)
-    return done, nbytes
