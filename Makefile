@@ -13,8 +13,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/dynconvert demo
 
+# The quick tier on every core, one thread per worker (tests run small models; more threads per
+# worker would only spin against the other worker).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
 # The long end-to-end tier (`@pytest.mark.slow`); CI runs it after `make test`.
 test-slow: $(VENV)/.installed

@@ -14,16 +14,19 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def quick_probe(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def quick_probe():
     """Every conversion ends with a probe (budget/probe.py) and --keep synthesizes its inputs when
     there are no images: a few steps on a few inputs keep tests fast (the real sizes are measured
-    in docs/budget.md)."""
+    in docs/budget.md). Session-wide, so that module-scoped fixtures, set up before any
+    function-scoped one, convert with it too (a ResNet-18 fixture took 45 s on the full probe)."""
     from dynconvert.budget import keep, probe
 
-    monkeypatch.setattr(probe, "PROBE_STEPS", 5)
-    monkeypatch.setattr(probe, "PROBE_IMAGES", 16)
-    monkeypatch.setattr(keep, "FIT_STEPS", 20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probe, "PROBE_STEPS", 5)
+        mp.setattr(probe, "PROBE_IMAGES", 16)
+        mp.setattr(keep, "FIT_STEPS", 20)
+        yield
 
 
 @pytest.fixture
