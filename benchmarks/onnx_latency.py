@@ -14,6 +14,7 @@ images (with --size). With --size, each graph's top-1 agreement with the origina
     python -m benchmarks.onnx_latency --model resnet18 --size 1/4  # torchvision ResNet-18 (random init)
     python -m benchmarks.onnx_latency --model vit_b_16 --size 1/4  # ViT-B/16 (random init) at 32x32 inputs
     python -m benchmarks.onnx_latency --model digits_vit          # a small ViT trained on digits, ratio 0.25
+    python -m benchmarks.onnx_latency --model resnet18 --size 1/4 --convert-only   # then again with --reuse
 
 Writes MODEL.md (the table) and MODEL.json under --out.
 """
@@ -136,6 +137,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("onnx_latency"))
     ap.add_argument("--reuse", action="store_true", help="time the .dyn a previous run left in --out (no conversion)")
+    ap.add_argument("--convert-only", action="store_true",
+                    help="stop after writing the .dyn (convert while the cores are shared, time later with --reuse)")
     ap.add_argument("--calib", type=int, default=128, help="with --size: calibration photo crops")
     ap.add_argument("--eval", type=int, default=256, help="with --size: evaluation crops of held-apart photos")
     args = ap.parse_args()
@@ -163,6 +166,10 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         convert_s = round(time.perf_counter() - t0, 1)
+        (args.out / f"{stem}.convert.json").write_text(json.dumps({"seconds": convert_s, "command": " ".join(cmd[3:])}))
+    if args.convert_only:
+        print(f"wrote {dyn} in {convert_s} s", flush=True)
+        return
     res = onnx_latency(dyn, original=ckpt, factory=FACTORIES[args.model],
                        batches=[int(b) for b in args.batches.split(",")], threads=[int(t) for t in args.threads.split(",")],
                        repeats=args.repeats, on_row=lambda r: print(f"  {r['export']}: {r}", flush=True),
@@ -171,6 +178,9 @@ def main() -> None:
         res["agreement"] = agreements(res, args.out / f"{stem}_onnx", dyn, ckpt, FACTORIES[args.model], eval_x)
         res["eval_crops"] = len(eval_x)
     made_by = " ".join(cmd[3:]) if convert_s is not None else f"reused {dyn}, made earlier"
+    if convert_s is None and (args.out / f"{stem}.convert.json").is_file():  # made by an earlier run here
+        made = json.loads((args.out / f"{stem}.convert.json").read_text())
+        made_by, convert_s = f"{made['command']} (an earlier run)", made["seconds"]
     res.update(model=args.model, convert=made_by, convert_seconds=convert_s, dyn_bytes=dyn.stat().st_size)
     table = f"{args.model} ({res['convert']})\n\n" + latency_markdown(res)
     (args.out / f"{stem}.md").write_text(table)
