@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .attention import input_taps
 from .modules import DynSpec, choose_spec, dense_matrix, materialize
+from .modules import set_submodule  # noqa: F401 (its old place: budget, deploy and users import it from here)
 from ..errors import DynError
 from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
 from .layers import LayerKind, dense_kind, find_targets, make_dynamic, uncovered_parameters
@@ -191,16 +192,6 @@ class ConvertCallbacks:
 def layer_seed(seed: int, name: str) -> int:
     """Per-layer seed that depends only on the run's seed and the layer's name (stable under resume)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name``; a layer that replaces a parameter (an MHA projection) installs itself."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if hasattr(new, "install_into"):
-        new.install_into(parent, child)
-    else:
-        setattr(parent, child, new)
 
 
 def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
