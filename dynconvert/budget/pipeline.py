@@ -31,13 +31,13 @@ import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
+from ..dynamics.calibration import Moments, collect_moments, execution_order, output_error
 from .candidates import (  # noqa: F401 (STATE_DIM, DYN_CANDIDATES, Fitted, state_bytes: public names of the stage)
     DYN_CANDIDATES, STATE_DIM, Fitted, fit_candidate, install, state_bytes, unit_candidates, worth_measuring,
 )
 from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
 from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
-from .outputs import Moments, collect_moments, execution_order, output_error
 from .reconstruct import reconstruct_after_fit
 from .table import Setup, Table, kept_fit
 
