@@ -26,7 +26,7 @@ from .deploy.export import export_onnx, export_pth, export_safetensors
 from .io.safetensors_io import OverBudget
 from .io.fileio import check_output_path, sha256_file
 from .dynamics.fit import FitResult
-from .dynamics.layers import layer_config
+from .dynamics.layers import find_targets, layer_config
 from .dynfile.rebuild import load, read_meta, verify
 from .deploy.report import build_report
 from .budget.augment import few_images_fallback
@@ -161,12 +161,14 @@ def _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synth
 
 
 def _check_include(model: nn.Module, patterns: list[str]) -> None:
-    """Every --include pattern names at least one Linear/Conv2d layer: a typo must not convert nothing."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """Every --include pattern names at least one weight a layer kind finds (``layers.find_targets``,
+    as ``plan`` and the budget's ``find_units`` do): a typo must not convert nothing."""
+    names = [n for n, _, _ in find_targets(model)]
     for p in patterns:
         if not any(matches(n, [p]) for n in names):
             some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise DynError(f"--include {p!r} matches no Linear/Conv2d layer of {type(model).__name__} (its layers: {some})")
+            raise DynError(f"--include {p!r} matches no Linear/Conv2d layer or attention projection of "
+                           f"{type(model).__name__} (its layers: {some})")
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,

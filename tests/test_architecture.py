@@ -136,3 +136,20 @@ def test_no_module_grows_past_the_limit():
             over[str(f.relative_to(root))] = len(text.splitlines())
     assert not over, (f"modules over {MAX_LINES} lines (split them by what they do, or say why not in a "
                       f"'{REASON}' line of the module docstring): {over}")
+
+
+def test_the_reader_does_not_load_the_fitting_stack():
+    """``dynfile/rebuild.py`` puts layers in place with ``modules.set_submodule``; loading a file must not
+    import the fits, the conversion plan or the worker pool (``conversion.set_submodule`` still imports)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dynconvert.dynfile.rebuild; "
+            "print(' '.join(m for m in sys.modules if m.startswith('dynconvert.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout.split()
+    heavy = {"dynconvert.dynamics." + m for m in ("conversion", "fit", "fit_full", "fit_sql2", "workers")}
+    assert not heavy & set(loaded), sorted(heavy & set(loaded))
+    from dynconvert.dynamics import conversion, modules
+
+    assert conversion.set_submodule is modules.set_submodule

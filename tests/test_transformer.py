@@ -255,3 +255,23 @@ def test_weight_free_attention_matches_multihead_attention(batch_first):
             want, want_w = mha(*args, **kwargs)
             got, got_w = wf(*args, **kwargs)
             assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_w, want_w, atol=1e-5)
+
+
+def test_layers_are_found_through_the_kinds_registry():
+    """--include, the ratio plan and the budget's units find layers the same way (layers.find_targets):
+    an MHA's q_proj is a layer to name (it was refused: 'matches no Linear/Conv2d layer')."""
+    from dynconvert.api import _check_include
+    from dynconvert.budget.pipeline import find_units
+    from dynconvert.dynamics.conversion import ConvertOptions, plan
+    from dynconvert.errors import DynError
+
+    block = nn.Module()
+    block.mha, block.fc = nn.MultiheadAttention(32, 2), nn.Linear(32, 32)
+    _check_include(block, ["mha.q_proj"])
+    with pytest.raises(DynError, match="matches no Linear/Conv2d layer or attention projection"):
+        _check_include(block, ["mha.nothing"])
+    assert [c.name for c in plan(block, ConvertOptions(min_params=0, include=["mha.q_proj"]))[0]] == ["mha.q_proj"]
+    units, _ = find_units(block)
+    assert [(u.name, [p.name for p in u.parts], u.stored) for u in units] == [
+        ("mha.{q,k,v}_proj", ["mha.q_proj", "mha.k_proj", "mha.v_proj"], ["mha.in_proj_weight"]),
+        ("mha.out_proj", ["mha.out_proj"], ["mha.out_proj.weight"]), ("fc", ["fc"], ["fc.weight"])]

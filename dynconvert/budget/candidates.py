@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from .allocation import Candidate
-from ..dynamics.conversion import LayerStats, set_submodule
+from ..dynamics.conversion import LayerStats
 from ..dynamics.corrected import CorrectedConv2d, CorrectedLinear
 from ..dynamics.fit import svd_rel_error
 from ..dynamics.layers import dense_kind, dense_target, make_dynamic
-from ..dynamics.modules import DynSpec, dense_matrix, sql2_lowrank
+from ..dynamics.modules import DynSpec, dense_matrix, set_submodule, sql2_lowrank
 from .outputs import STATE_KEEP, corrected_target, fit_states, gptq_quantize, row_scales
 from .quant import dequantize, fake_quant_grouped, grouped_bytes, pick_group, quantize, stored_bytes
 

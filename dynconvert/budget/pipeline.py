@@ -31,13 +31,14 @@ import torch.nn as nn
 
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
+from ..dynamics.calibration import Moments, collect_moments, execution_order, output_error
 from .candidates import (  # noqa: F401 (STATE_DIM, DYN_CANDIDATES, Fitted, state_bytes: public names of the stage)
     DYN_CANDIDATES, STATE_DIM, Fitted, fit_candidate, install, state_bytes, unit_candidates, worth_measuring,
 )
 from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
+from ..dynamics.layers import find_targets
 from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
-from .outputs import Moments, collect_moments, execution_order, output_error
 from .reconstruct import reconstruct_after_fit
 from .table import Setup, Table, kept_fit
 
@@ -100,22 +101,28 @@ class Unit:
 
 
 def find_units(model: nn.Module, include=(), exclude=()) -> tuple[list[Unit], list[Skipped]]:
-    """Every Linear/Conv2d weight (depthwise ones too: they can still be int8/int4), and the q, k
-    and v projections of every nn.MultiheadAttention as one unit (its out_proj is a Linear)."""
-    units, skipped = [], []
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.MultiheadAttention):
-            targets = proj_targets(name, layer)
+    """Every weight a layer kind finds (``layers.find_targets``, as ``plan`` does): a Linear/Conv2d
+    weight (depthwise ones too: they can still be int8/int4), and the q, k and v projections of
+    every nn.MultiheadAttention as one unit (its out_proj is a Linear)."""
+    units, skipped, mhas = [], [], set()
+    for name, kind, layer in find_targets(model):
+        if kind.name == "mha_proj":
+            mha_name = name.rpartition(".")[0]
+            if mha_name in mhas:  # its q, k and v came together with its first projection
+                continue
+            mhas.add(mha_name)
+            mha = model.get_submodule(mha_name)
+            targets = proj_targets(mha_name, mha)
             names = [n for n, _ in targets]
             if len(targets) != len(QKV) or (include and not any(matches(n, include) for n in names)):
                 continue
             if any(matches(n, exclude) for n in names):  # one packed tensor: decided together
                 skipped += [Skipped(n, "excluded by pattern (q, k and v are budgeted together)") for n in names]
                 continue
-            stored = [f"{name}.in_proj_weight"] if packed(layer) else [f"{n}_weight" for n in names]
-            units.append(Unit(f"{name}.{{q,k,v}}_proj", [Part(n, t, *t.weight.shape) for n, t in targets], stored, None))
+            stored = [f"{mha_name}.in_proj_weight"] if packed(mha) else [f"{n}_weight" for n in names]
+            units.append(Unit(f"{mha_name}.{{q,k,v}}_proj", [Part(n, t, *t.weight.shape) for n, t in targets], stored, None))
             continue
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        if not isinstance(getattr(layer, "weight", None), torch.Tensor):
             continue
         if include and not matches(name, include):
             continue

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from ..api import convert, save
 from ..io.checkpoint import Source
-from ..dynamics.conversion import set_submodule
 from ..io.data import digits, preprocess_for
-from ..dynamics.modules import dense_matrix
+from ..dynamics.modules import dense_matrix, set_submodule
 from ..errors import DynError
 from ..train.evaluation import evaluate
 from ..deploy.export import export_onnx

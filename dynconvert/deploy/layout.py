@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..dynamics.attention import with_module_calls
-from ..dynamics.conversion import set_submodule
-from ..dynamics.modules import DynamicsLayer, DynLinear, sql2_factors
+from ..dynamics.modules import DynamicsLayer, DynLinear, set_submodule, sql2_factors
 from ..dynamics.weightfree import to_weight_free, vectors_per_call, weight_free_path
 from ..errors import DynError
 

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from .attention import input_taps
-from .modules import DynSpec, choose_spec, dense_matrix, materialize
+from .calibration import input_moments, input_whitener, layer_inputs, output_error  # noqa: F401 (layer_inputs: its old place)
+from .modules import DynSpec, choose_spec, dense_matrix, materialize, set_submodule  # noqa: F401 (set_submodule: its old place)
 from ..errors import DynError
-from .fit import FitResult, fit_weight, input_whitener, output_rel_error, refine_on_outputs, svd_rel_error, svd_truncate
+from .fit import FitResult, fit_weight, refine_on_outputs, svd_rel_error, svd_truncate
 from .layers import LayerKind, dense_kind, find_targets, make_dynamic, uncovered_parameters
 from .workers import in_order, one_thread
 from .workers import threads as worker_threads
@@ -193,58 +193,6 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name``; a layer that replaces a parameter (an MHA projection) installs itself."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if hasattr(new, "install_into"):
-        new.install_into(parent, child)
-    else:
-        setattr(parent, child, new)
-
-
-def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The vectors the layer's weight matrix multiplies: (samples, n).
-
-    For a conv, the unfolded patches; with groups, each group's patch is one sample (the rows of
-    every group see the same input states, see dynamics.py).
-    """
-    if layer is None or isinstance(layer, nn.Linear):  # None: an MHA projection
-        return x.reshape(-1, x.shape[-1])
-    cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-    n = cols.shape[1] // layer.groups
-    return cols.reshape(x.shape[0], layer.groups, n, -1).permute(0, 1, 3, 2).reshape(-1, n)
-
-
-@torch.no_grad()
-def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
-    """Second moment E[v v'] of each named layer's input vectors over the calibration batches,
-    taken on the original model in one pass (MHA projections too: ``attention.input_taps``)."""
-    if not layers:  # nothing to calibrate (every layer skipped): no pass, and no claim that the data was empty
-        return {}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(names, module, x):
-        v = layer_inputs(module, x).double()
-        product = v.T @ v  # once for q, k and v of a self-attention
-        for name in names:
-            sums[name] = sums.get(name, 0) + product
-            counts[name] = counts.get(name, 0) + v.shape[0]
-
-    was_training = model.training
-    model.eval()
-    try:
-        with input_taps(model, list(layers), record):
-            for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        model.train(was_training)
-    if not counts:
-        raise DynError("the calibration data gave no batches; pass a dataset with at least one image")
-    return {name: (sums[name] / counts[name]).float() for name in sums}
-
-
 @dataclass
 class LayerJob:
     """One layer's fit, as sent to a worker process: everything it needs, nothing it does not."""
@@ -275,11 +223,11 @@ def fit_layer(job: LayerJob, on_step=None) -> tuple[FitResult, dict]:
             )
     figures = {"svd_rel_error": svd_rel_error(matrix, spec.rank_budget)}
     if job.moment is not None:
-        whitener = input_whitener(job.moment)
+        whitener = input_whitener(job.moment)  # the L refine_on_outputs fitted with
         left, right = svd_truncate(matrix, spec.rank_budget)
         approx = materialize(fit.states_out, fit.states_in, fit.coupling, fit.offset, spec.metric, spec.kernel)
-        figures["output_rel_error"] = output_rel_error(matrix, approx, whitener)
-        figures["svd_output_rel_error"] = output_rel_error(matrix, left @ right, whitener)
+        figures["output_rel_error"] = output_error(matrix, approx, whitener=whitener)
+        figures["svd_output_rel_error"] = output_error(matrix, left @ right, whitener=whitener)
     return fit, figures
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .calibration import input_whitener, output_rel_error  # noqa: F401 (their old place)
 from .modules import DynSpec, materialize, sql2_lowrank
 from ..errors import DynError
 from .fit_full import couplings_from, fit_full, normal_equations
@@ -40,7 +41,7 @@ class FitResult:
     """Relative error of the layer's outputs on the calibration inputs (calibrated fits only)."""
 
 
-def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None, diverged: str):
+def descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None, diverged: str):
     """Move ``params`` down ``loss_of()`` (a squared relative error) for ``steps`` steps.
 
     Returns (error, copies of the best iterate): Adam can bounce, the best state is what we keep.
@@ -63,6 +64,28 @@ def _descend(params, loss_of, opt, sched, steps: int, on_step: ProgressFn | None
         opt.step()
         sched.step()
     return best_err, best
+
+
+_descend = descend  # its old, private name
+
+
+def fit_outputs(params, whitened_of, goal: torch.Tensor, *, steps: int, lr: float, on_step: ProgressFn | None,
+                diverged: str) -> tuple[float, list[torch.Tensor]]:
+    """The calibrated fit's descent: move every tensor in ``params`` so that ``whitened_of(*params)``
+    (the layer's weight times a whitener L, ``calibration.whitener``) reaches ``goal`` (W L), i.e.
+    the layer's outputs on the calibration inputs reach the original's. Adam with step sizes
+    relative to each tensor's mean magnitude, a cosine schedule; returns ``descend``'s (relative
+    output error, copies of the best iterate). Serves a ratio conversion's ``--calib``
+    (``refine_on_outputs``) and a budget's states (budget/outputs.fit_states)."""
+    goal_sq = goal.pow(2).sum().clamp_min(1e-30)
+    scales = [float(p.detach().abs().mean().clamp_min(1e-8)) for p in params]
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * sc} for p, sc in zip(params, scales)])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+
+    def loss_of():
+        return (whitened_of(*params) - goal).pow(2).sum() / goal_sq
+
+    return descend(params, loss_of, opt, sched, steps, on_step, diverged)
 
 
 def rel_error(target: torch.Tensor, approx: torch.Tensor) -> float:
@@ -169,28 +192,12 @@ def fit_weight(
     def loss_of():  # sql2: the error and its stress forces without building W_hat (fit_sql2.py)
         return Sql2Error.apply(x, y, problem)
 
-    _, (bx, by) = _descend([x, y], loss_of, opt, sched, steps, on_step,
+    _, (bx, by) = descend([x, y], loss_of, opt, sched, steps, on_step,
                            f"layer {name}: the fit diverged (NaN/Inf error at step {{step}}); try a smaller --lr")
     with torch.no_grad():
         coupling, offset = solve_coupling_sql2(bx, by, target)
         final = rel_error(target, sql2_lowrank(bx, by, coupling, offset))
     return FitResult(bx.cpu(), by.cpu(), coupling.cpu(), offset.cpu(), final, steps)
-
-
-def input_whitener(moment: torch.Tensor, keep: float = 1 - 1e-6) -> torch.Tensor:
-    """L with L L' ~= C for the layer's input second moment C (n x n), truncated to the
-    eigen-directions that hold ``keep`` of its trace: ||E L|| is then the output error of E."""
-    evals, evecs = torch.linalg.eigh(moment.double())
-    evals = evals.clamp_min(0).flip(0)
-    evecs = evecs.flip(1)
-    cum = evals.cumsum(0) / evals.sum().clamp_min(1e-30)
-    k = int((cum < keep).sum()) + 1
-    return (evecs[:, :k] * evals[:k].sqrt()).float()
-
-
-def output_rel_error(target: torch.Tensor, approx: torch.Tensor, whitener: torch.Tensor) -> float:
-    """Relative error of the outputs ``x @ W'`` over the calibration inputs."""
-    return rel_error(target @ whitener, approx @ whitener)
 
 
 def refine_on_outputs(
@@ -215,19 +222,10 @@ def refine_on_outputs(
     device = torch.device(device)
     target = matrix.detach().to(device=device, dtype=torch.float32)
     whitener = input_whitener(moment.to(device))
-    goal = target @ whitener
-    goal_sq = goal.pow(2).sum().clamp_min(1e-30)
     params = [t.detach().to(device).clone().requires_grad_() for t in (start.states_out, start.states_in, start.coupling, start.offset)]
-    scales = [float(p.detach().abs().mean().clamp_min(1e-8)) for p in params]
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * sc} for p, sc in zip(params, scales)])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-
-    def loss_of():
-        approx = materialize(*params, spec.metric, spec.kernel)
-        return (approx @ whitener - goal).pow(2).sum() / goal_sq
-
-    err, ps = _descend(params, loss_of, opt, sched, steps, on_step,
-                       f"layer {name}: the calibrated fit diverged (NaN/Inf at step {{step}}); try fewer --calib-steps")
+    err, ps = fit_outputs(params, lambda *p: materialize(*p, spec.metric, spec.kernel) @ whitener, target @ whitener,
+                          steps=steps, lr=lr, on_step=on_step,
+                          diverged=f"layer {name}: the calibrated fit diverged (NaN/Inf at step {{step}}); try fewer --calib-steps")
     with torch.no_grad():
         approx = materialize(*ps, spec.metric, spec.kernel)
     return FitResult(*(p.cpu() for p in ps), rel_error(target, approx), start.steps + steps, output_rel_error=err)

@@ -274,3 +274,14 @@ def dense_matrix(layer: nn.Module) -> torch.Tensor:
     """The weight of a dense Linear/Conv2d as the (m, n) matrix the states reproduce."""
     w = layer.weight.detach()
     return w.reshape(w.shape[0], -1)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``; a layer that replaces a parameter (an MHA projection) installs itself.
+    Here, not in conversion.py, so that the reader (dynfile/rebuild.py) does not load the fitting stack."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if hasattr(new, "install_into"):
+        new.install_into(parent, child)
+    else:
+        setattr(parent, child, new)

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 
 from . import fused, metrics
 from .attention import WeightFreeAttention, weight_free_attention_unsupported
-from .conversion import set_submodule
-from .modules import DynConv2d, DynLinear, DynamicsLayer, sql2_factors
+from .modules import DynConv2d, DynLinear, DynamicsLayer, set_submodule, sql2_factors
 from .layers import kind_of
 
 

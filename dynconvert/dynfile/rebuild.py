@@ -21,14 +21,13 @@ import torch
 import torch.nn as nn
 
 from ..io.checkpoint import Source, build_torchvision, check_weights, load_model, load_weights, rebuild
-from ..dynamics.modules import DynamicsLayer, DynSpec
+from ..dynamics.modules import DynamicsLayer, DynSpec, set_submodule
 from .format import read_dyn
 from ..errors import DynError
 from ..io.fileio import expect_dyn, sha256_file, sniff
 from ..dynamics.layers import dense_target, dynamic_from_meta
 from ..dynamics.metrics import weight_free_path
 from ..dynamics.weightfree import to_weight_free, vectors_per_call
-from ..dynamics.conversion import set_submodule
 
 
 def open_dyn(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
