@@ -4,6 +4,9 @@
     result = dynconvert.convert(model, ratio=0.25)       # converted nn.Module + per-layer stats
     dynconvert.save(result, "model.dyn")
     model = dynconvert.load("model.dyn")                 # a ready nn.Module
+
+Longer than 350 lines: the two entry points (``convert`` for modules, ``convert_checkpoint`` for
+files) and their per-mode branches; each branch is short and they share the argument checks.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def convert(
     on_progress=None,
     on_note=None,
     reserve: int = 0,
+    saved=None,
     **overrides,
 ) -> Conversion:
     """Convert ``model``'s Linear/Conv2d layers in place; keyword overrides set ConvertOptions fields.
@@ -103,6 +107,8 @@ def convert(
     reconstruction that follows a budgeted fit (budget/reconstruct.py); 0 turns it off; None:
     ``RECONSTRUCT_ITERS`` with calibration images, 0 on synthetic inputs. ``reserve``: bytes of the
     budget kept free beyond the header estimate (``save`` refuses a file over its budget).
+    ``saved``: a dynfile.resume.BudgetCheckpoint a ``size``/``target_bytes`` conversion saves its
+    synthesized inputs and measured layers to, and resumes from (``convert_checkpoint`` passes one).
     ``on_progress(phase, done, total)`` follows the long phases.
     """
     opts = replace(options or ConvertOptions())
@@ -120,7 +126,7 @@ def convert(
         calib = None if calib is None else list(calib)  # read twice: by the fit and by the probe
         original = copy.deepcopy(model).eval()
     conv = _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
-                         synthetic_images, "ratio" in overrides, on_progress, on_note, reconstruct, reserve)
+                         synthetic_images, "ratio" in overrides, on_progress, on_note, reconstruct, reserve, saved)
     if original is not None:
         conv.network = network_agreement(original, conv.model, calib, input_size, on_progress, on_note)
     return conv
@@ -129,14 +135,14 @@ def convert(
 
 
 def _convert_mode(model, opts, callbacks, done, source, input_size, calib, size, target_bytes, data_free,
-                  synthetic_images, ratio_given, on_progress, on_note, reconstruct=None, reserve=0) -> Conversion:
+                  synthetic_images, ratio_given, on_progress, on_note, reconstruct=None, reserve=0, saved=None) -> Conversion:
     if size is None and target_bytes is None:
         if data_free:
             raise DynError("data-free conversion needs a byte budget (--size or --target-bytes)")
         model, layers, skipped = convert_model(model, opts, callbacks, done, calib=calib)
         return Conversion(model.eval(), layers, skipped, opts, source, input_size=tuple(input_size))
     return _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source,
-                              tuple(input_size), ratio_given, on_progress, on_note, reconstruct, reserve)
+                              tuple(input_size), ratio_given, on_progress, on_note, reconstruct, reserve, saved)
 
 
 def _convert_keep(model, opts, keep, calib, size, target_bytes, data_free, synthetic_images, source, input_size,
@@ -172,7 +178,7 @@ def _check_include(model: nn.Module, patterns: list[str]) -> None:
 
 
 def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthetic_images, source, input_size,
-                       ratio_given, on_progress, on_note, reconstruct=None, reserve=0) -> Conversion:
+                       ratio_given, on_progress, on_note, reconstruct=None, reserve=0, saved=None) -> Conversion:
     if size is not None and target_bytes is not None:
         raise DynError("give --size or --target-bytes, not both")
     if ratio_given:
@@ -189,11 +195,16 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
                            "inputs; pass calibration images (--calib DIR)")
 
         def batches():
+            if saved is not None and saved.inputs() is not None:
+                return saved.inputs()
             if on_note:
                 on_note("no calibration images: synthesizing inputs from the model's BatchNorm statistics (data-free)")
             step = (lambda s, n, loss: on_progress("synthesizing inputs", s, n)) if on_progress else None
-            return bn_synthetic_batches(model, images=synthetic_images, input_size=synthesis_size(model, input_size),
+            made = bn_synthetic_batches(model, images=synthetic_images, input_size=synthesis_size(model, input_size),
                                         on_step=step)
+            if saved is not None:
+                saved.save_inputs(made)
+            return made
 
         mode = "synthetic (BatchNorm statistics)"
     else:
@@ -205,7 +216,7 @@ def _convert_to_budget(model, opts, size, target_bytes, calib, data_free, synthe
     iters = reconstruct_iters(reconstruct, mode == "images")
     result = convert_to_budget(model, target, batches, calibration=mode, include=opts.include, exclude=opts.exclude,
                                min_params=opts.min_params, group=opts.quant_group, reconstruct_iters=iters,
-                               on_progress=on_progress, on_note=on_note, reserve=reserve)
+                               on_progress=on_progress, on_note=on_note, reserve=reserve, saved=saved)
     fallback = result.summary.get("per_channel_fallback")
     if fallback and on_note:
         on_note(f"--quant-group {opts.quant_group} does not divide the row length of {len(fallback)} layer(s) "
@@ -269,15 +280,17 @@ def convert_checkpoint(
     network-level probe (``Conversion.network``, budget/probe.py); ``keep`` searches (budget/keep.py).
 
     ``calib``: a ``--data`` source ('digits', an image folder, ...) for calibrated conversion.
-    Each finished layer's fit is saved in ``<out>.partial/`` (see resume.py); ``resume=True`` reuses
-    the fits an interrupted run saved there. Without ``resume`` an existing partial folder is
+    Each finished layer's fit (with ``size``/``target_bytes``: the synthesized inputs and each
+    layer's measured candidates) is saved in ``<out>.partial/`` (see resume.py); ``resume=True``
+    reuses what an interrupted run saved there. Without ``resume`` an existing partial folder is
     refused unless ``force`` (which discards it).
     """
     out = check_output_path(out, force)
     options.validate()
     budgeted = size is not None or target_bytes is not None or keep is not None
-    if budgeted and resume:
-        raise DynError("--resume is not available with --keep/--size/--target-bytes; rerun the conversion")
+    if keep is not None and resume:
+        raise DynError("--resume is not available with --keep (its search keeps every candidate's fit in memory); "
+                       "rerun the conversion, or resume a --size one")
     if calib_images is not None and calib_images < 1:
         raise DynError(f"--calib-images must be at least 1, got {calib_images}")
     calib_images = calib_images or (256 if budgeted else 512)
@@ -300,27 +313,11 @@ def convert_checkpoint(
         on_note(f"calibrating on {sum(len(b) for b in batches)} images from {calib}")
     source_sha256 = sha256_file(checkpoint)
     if budgeted:
-        reserve = 0
-        while True:
-            conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
-                           size=size, target_bytes=target_bytes, data_free=data_free, keep=keep, probe=True,
-                           reconstruct=reconstruct, on_progress=on_progress, on_note=on_note, reserve=reserve)
-            conv.source_sha256 = source_sha256
-            conv.source_bytes = Path(checkpoint).stat().st_size
-            start = time.perf_counter()
-            try:
-                save(conv, out)
-            except OverBudget as e:
-                if reserve:  # tightened once already
-                    raise
-                reserve = e.size - e.limit + 1024  # the header took more than estimated: fit again with less room
-                on_note(f"the file came out {e.size - e.limit:,} bytes over the budget; converting again with "
-                        f"{reserve:,} bytes less for the layers")
-                loaded = load_model(checkpoint, arch=arch, model=model, trust_pickle=trust_pickle)
-                continue
-            if conv.keep is not None:  # printed, not stored: the file is written by then
-                conv.keep["seconds"]["writing"] = round(time.perf_counter() - start, 1)
-            return conv
+        return _convert_checkpoint_budgeted(checkpoint, out, options, folder, source_sha256, loaded, batches,
+                                            dict(arch=arch, model=model, trust_pickle=trust_pickle),
+                                            dict(calib=calib, calib_images=calib_images, size=size, target_bytes=target_bytes,
+                                                 data_free=data_free, keep=keep, reconstruct=reconstruct),
+                                            input_size, resume, on_note, on_progress)
     # saved fits are reusable only under the same options, source and calibration set
     print_ = rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), calib=calib, calib_images=calib_images))
     done: dict[str, FitResult] = {}
@@ -347,3 +344,47 @@ def convert_checkpoint(
     save(conv, out)
     rs.remove(folder)
     return conv
+
+
+def _convert_checkpoint_budgeted(checkpoint, out, options, folder, source_sha256, loaded, batches, how_loaded: dict,
+                                 mode: dict, input_size, resume, on_note, on_progress) -> Conversion:
+    """convert_checkpoint for --size/--target-bytes/--keep: the measured layers (and synthesized
+    inputs) are saved in ``folder`` as they finish (not with --keep), so a killed run resumes; a file
+    over its budget is converted once more with the overshoot kept free (the measurements reused)."""
+    saved = None
+    if mode["keep"] is None:
+        saved = rs.BudgetCheckpoint(folder, rs.fingerprint(options, source_sha256, dict(loaded.source.to_dict(), **mode)),
+                                    resume)
+        if resume and (saved.units or saved.inputs() is not None):
+            inputs = " and the synthesized inputs" if saved.inputs() is not None else ""
+            on_note(f"resumed {len(saved.units)} measured layers{inputs} from {folder}")
+        elif resume:
+            on_note(f"nothing to resume ({folder} holds nothing); converting from the start")
+    reserve = 0
+    while True:
+        try:
+            conv = convert(loaded.model, options=options, source=loaded.source, input_size=input_size, calib=batches,
+                           size=mode["size"], target_bytes=mode["target_bytes"], data_free=mode["data_free"],
+                           keep=mode["keep"], probe=True, reconstruct=mode["reconstruct"], on_progress=on_progress,
+                           on_note=on_note, reserve=reserve, saved=saved)
+        except BaseException:
+            if not rs.saved(folder):
+                rs.remove(folder)  # nothing measured yet: nothing to resume from
+            raise
+        conv.source_sha256 = source_sha256
+        conv.source_bytes = Path(checkpoint).stat().st_size
+        start = time.perf_counter()
+        try:
+            save(conv, out)
+        except OverBudget as e:
+            if reserve:  # tightened once already
+                raise
+            reserve = e.size - e.limit + 1024  # the header took more than estimated: fit again with less room
+            on_note(f"the file came out {e.size - e.limit:,} bytes over the budget; converting again with "
+                    f"{reserve:,} bytes less for the layers")
+            loaded = load_model(checkpoint, **how_loaded)
+            continue
+        rs.remove(folder)
+        if conv.keep is not None:  # printed, not stored: the file is written by then
+            conv.keep["seconds"]["writing"] = round(time.perf_counter() - start, 1)
+        return conv

@@ -148,7 +148,7 @@ def model_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
                        min_params: int, on_progress=None, gptq: bool = True, group: int | None = None,
-                       notes: dict | None = None, fits: dict | None = None,
+                       notes: dict | None = None, fits: dict | None = None, saved=None,
                        ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` and its output error (mean squared change of the outputs over
@@ -159,11 +159,27 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per
     unit of relative layer-output error of its int4 candidate, shown by ``report``); ``notes``
     (optional) receives per layer every candidate's label, bytes, layer and network error; ``fits``,
-    when given, every measured fit (unit -> index in its options -> one per part) for ``Table.trial``."""
+    when given, every measured fit (unit -> index in its options -> one per part) for ``Table.trial``.
+    ``saved`` (dynfile.resume.BudgetCheckpoint, optional): each unit's measurement is saved as it
+    finishes, and a unit an interrupted run measured is read back instead of measured again (each
+    unit is measured alone on the original network, so the result is the same)."""
+    if saved is not None and fits is not None:
+        raise ValueError("saved measurements keep no fits: a --keep search cannot resume")
     reference = model(images)
     scale = reference.pow(2).mean().clamp_min(1e-30)
     options, sensitivity = {}, {}
     for i, u in enumerate(units):
+        record = saved.measured(u.name) if saved is not None else None
+        if record is not None:
+            cands = u.candidates(min_params, group)
+            options[u.name] = [(cands[k], err) for k, err in record["run"]]
+            if record["sensitivity"] is not None:
+                sensitivity[u.name] = record["sensitivity"]
+            if notes is not None:
+                notes[u.name] = record["rows"]
+            if on_progress:
+                on_progress("measuring candidates", i + 1, len(units))
+            continue
         weights = [p.layer.weight for p in u.parts]  # an MHA projection's: a view of the packed tensor
         originals = [w.detach().clone() for w in weights]
         matrices = [o.reshape(p.m, p.n) for o, p in zip(originals, u.parts)]
@@ -175,9 +191,9 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         dense = [[w if f is None else f.dense() for w, f in zip(matrices, fs)] for fs in fitted]
         layer_errs = [sum(output_error(w, d, m) for w, d, m in zip(matrices, ds, cs)) / layer_scale for ds in dense]
         keep = worth_measuring([(c.bytes, e) for c, e in zip(cands, layer_errs)])
-        measured, rows = [], []
+        measured, rows, run_at = [], [], []
         try:
-            for cand, fs, ds, layer_err, run in zip(cands, fitted, dense, layer_errs, keep):
+            for k, (cand, fs, ds, layer_err, run) in enumerate(zip(cands, fitted, dense, layer_errs, keep)):
                 err = None
                 if cand.kind == "fp32":
                     err = 0.0
@@ -191,6 +207,7 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                     if fits is not None and cand.kind != "fp32":
                         fits.setdefault(u.name, {})[len(measured)] = [kept_fit(f, d) for f, d in zip(fs, ds)]
                     measured.append((cand, err))
+                    run_at.append([k, err])
                 rows.append(dict(choice=cand.label, kind=cand.kind, bytes=cand.bytes, layer_error=layer_err, network_error=err))
         finally:
             for w, o in zip(weights, originals):
@@ -198,6 +215,8 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         options[u.name] = measured
         if notes is not None:
             notes[u.name] = rows
+        if saved is not None:
+            saved.save_measured(i, u.name, dict(run=run_at, rows=rows, sensitivity=sensitivity.get(u.name)))
         if on_progress:
             on_progress("measuring candidates", i + 1, len(units))
     return options, sensitivity
@@ -239,10 +258,12 @@ def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_00
     return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params, group)
 
 
-def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False) -> Table:
+def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False,
+            saved=None) -> Table:
     """Step 1: every candidate of every unit fitted on the original inputs and measured in the
     network (measure_candidates). Rounds the model's norms and biases to fp16 in place.
-    ``keep_fits``: keep the fits for ``Table.trial`` (int8 per row: about 2 bytes per weight)."""
+    ``keep_fits``: keep the fits for ``Table.trial`` (int8 per row: about 2 bytes per weight).
+    ``saved``: a dynfile.resume.BudgetCheckpoint the measurements are saved to and resumed from."""
     model, units, skipped = setup.model, setup.units, list(setup.skipped)
     with torch.no_grad():  # the model is only changed once the budget is known to be reachable
         for k in setup.halves:
@@ -268,7 +289,8 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
     fits = {} if keep_fits else None
     notes: dict[str, list[dict]] = {}
     options, sensitivity = measure_candidates(model, units, moments, images, setup.min_params, on_progress,
-                                              gptq=calibration == "images", group=setup.group, notes=notes, fits=fits)
+                                              gptq=calibration == "images", group=setup.group, notes=notes, fits=fits,
+                                              saved=saved)
     return Table(model, setup.original, units, skipped, options, sensitivity, setup.fixed, unreached, setup.halves,
                  batches, calibration, setup.original_bytes, fits, notes, setup.group)
 
@@ -338,6 +360,7 @@ def convert_to_budget(
     on_progress=None,
     reserve: int = 0,
     on_note=None,
+    saved=None,
 ) -> BudgetResult:
     """Compress ``model`` in place to at most ``target_bytes`` in its .dyn file (see module doc):
     ``prepare`` and ``measure`` (step 1), ``Table.allocation`` (2), ``fit_allocation`` (3).
@@ -348,11 +371,12 @@ def convert_to_budget(
     statistics)"). ``reconstruct_iters``: steps per block of the block-wise reconstruction after the
     sequential fit (reconstruct.py; 0: none). ``on_progress(phase, done, total)`` reports progress,
     ``on_note(text)`` what the reconstruction did per block. ``reserve``: bytes kept free beyond the
-    header estimate (a retry after a file came out over the budget).
+    header estimate (a retry after a file came out over the budget). ``saved``: a
+    dynfile.resume.BudgetCheckpoint the measurements are saved to and resumed from.
     """
     setup = prepare(model, include=include, exclude=exclude, min_params=min_params, reserve=reserve, group=group)
     setup.check(target_bytes)
-    table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress)
+    table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress, saved=saved)
     choice = table.allocation(target_bytes)
     return fit_allocation(table, choice, target_bytes, stages=stages, state_steps=state_steps,
                           reconstruct_iters=reconstruct_iters, on_progress=on_progress, on_note=on_note)

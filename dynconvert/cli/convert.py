@@ -145,7 +145,8 @@ def convert(
         from ..dynfile.resume import partial_dir, saved
 
         if saved(partial_dir(out_path)):
-            console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them")
+            console.print(f"finished layers are kept in {partial_dir(out_path)}; rerun with --resume to skip them",
+                          markup=False, highlight=False)
         raise
     for s in conv.skipped:  # every layer left as it was, with the reason
         out.print(f"  skipped {s.name}: {s.reason}", highlight=False, soft_wrap=True)

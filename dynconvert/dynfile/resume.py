@@ -1,5 +1,8 @@
 """Resumable conversion: every finished layer's fit is saved as it finishes, so an interrupted
-``convert`` rerun with ``--resume`` skips those layers.
+``convert`` rerun with ``--resume`` skips those layers. A budgeted conversion (``--size``,
+``--target-bytes``) saves its synthesized inputs and each layer's measured candidates instead
+(``BudgetCheckpoint``): the measurement is most of its time, and it is deterministic per layer, so
+a resumed run allocates and fits exactly as an uninterrupted one and writes the same bytes.
 
 The fits live in a folder beside the output, ``<out>.partial/``, one safetensors file per layer
 (written atomically, so a kill leaves each file whole or absent, and a large model does not rewrite
@@ -63,19 +66,33 @@ def load_fits(folder: Path, print_: str) -> dict[str, FitResult]:
     """The saved fits of an interrupted run with the same fingerprint."""
     hint = f"delete {folder} or rerun without --resume (with --force) to start over"
     done = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors, raw = read_safetensors(file)
+    for file in _files(folder):
+        tensors, meta = _read(file, print_, hint)
+        if file.name.startswith(BUDGET_PREFIX):
+            raise _mismatch(folder, hint)  # a budgeted run's measurements: not this conversion's
         try:
-            meta = json.loads(raw[META_KEY])
-            name, fp, extra = meta["name"], meta["fingerprint"], meta["fields"]
-            fit = FitResult(**tensors, **extra)
+            done[meta["name"]] = FitResult(**tensors, **meta["fields"])
         except (KeyError, TypeError, ValueError):
             raise DynError(f"{file} is not a saved layer fit (corrupt); {hint}") from None
-        if fp != print_:
-            raise DynError(f"{folder} was made from another checkpoint or with other options; rerun with the same "
-                           f"ones, or {hint}")
-        done[name] = fit
     return done
+
+
+def _read(file: Path, print_: str, hint: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a saved file, refused unless made with fingerprint ``print_``."""
+    tensors, raw = read_safetensors(file)
+    try:
+        meta = json.loads(raw[META_KEY])
+        fp = meta["fingerprint"]
+    except (KeyError, TypeError, ValueError):
+        raise DynError(f"{file} is not a saved layer fit (corrupt); {hint}") from None
+    if fp != print_:
+        raise _mismatch(file.parent, hint)
+    return tensors, meta
+
+
+def _mismatch(folder: Path, hint: str) -> DynError:
+    return DynError(f"{folder} was made from another checkpoint or with other options; rerun with the same ones, "
+                    f"or {hint}")
 
 
 def check_fits(done: dict[str, FitResult], chosen: list[Planned], folder: Path) -> None:
@@ -118,16 +135,74 @@ class Checkpointing:
         return getattr(self.inner, attr)
 
 
+class BudgetCheckpoint:
+    """What a budgeted conversion saves as it goes (budget/pipeline.py calls it): the synthesized
+    inputs, then each layer's measured candidates (which of its candidates ran, their network
+    errors, the report's rows). Files ``budget-*.safetensors`` in the partial folder, each written
+    atomically and stamped with the fingerprint; ``resume`` reads back the ones an interrupted run
+    left (refusing another fingerprint's)."""
+
+    def __init__(self, folder: Path, print_: str, resume: bool):
+        self.folder, self.print_ = folder, print_
+        hint = f"delete {folder} or rerun without --resume (with --force) to start over"
+        self.units: dict[str, dict] = {}
+        self.saved_inputs: list[torch.Tensor] | None = None
+        if resume and folder.is_dir():
+            for file in _files(folder):
+                if not file.name.startswith(BUDGET_PREFIX):  # a ratio conversion's layer fits
+                    raise _mismatch(folder, hint)
+                tensors, meta = _read(file, print_, hint)
+                if "inputs" in meta:
+                    self.saved_inputs = list(tensors["inputs"].split(meta["inputs"]))
+                elif "unit" in meta:
+                    self.units[meta["unit"]] = meta["measured"]
+                else:
+                    raise DynError(f"{file} is not a saved measurement (corrupt); {hint}")
+
+    def inputs(self) -> list[torch.Tensor] | None:
+        return self.saved_inputs
+
+    def save_inputs(self, batches: list[torch.Tensor]) -> None:
+        self._write("inputs", {"inputs": torch.cat(batches)}, {"inputs": [len(b) for b in batches]})
+        self.saved_inputs = list(batches)
+
+    def measured(self, unit: str) -> dict | None:
+        """The saved measurement of ``unit``: {"run": [[candidate index, network error], ...],
+        "rows": the report's rows, "sensitivity": float or None}."""
+        return self.units.get(unit)
+
+    def save_measured(self, index: int, unit: str, record: dict) -> None:
+        self._write(f"unit{index:05d}", {}, {"unit": unit, "measured": record})
+        self.units[unit] = record  # an over-budget retry in the same run reuses it too
+
+    def _write(self, stem: str, tensors: dict, meta: dict) -> None:
+        try:
+            self.folder.mkdir(exist_ok=True)
+        except OSError as e:
+            raise DynError(f"cannot create {self.folder} (where measured layers are kept): {e.strerror or e}") from None
+        meta = {**meta, "fingerprint": self.print_}  # floats as JSON: repr is exact, so a resume is bit-exact
+        write_safetensors(self.folder / f"{BUDGET_PREFIX}{stem}.safetensors", tensors, {META_KEY: json.dumps(meta)})
+
+
+BUDGET_PREFIX = "budget-"
+_SAVED = ("[0-9]*.safetensors", f"{BUDGET_PREFIX}*.safetensors")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(f for pattern in _SAVED for f in folder.glob(pattern))
+
+
 def saved(folder: Path) -> int:
-    """How many finished layers ``folder`` holds (0 when it does not exist)."""
-    return len(list(folder.glob("[0-9]*.safetensors"))) if folder.is_dir() else 0
+    """How many saved files (finished layers, measured layers, inputs) ``folder`` holds (0 when it
+    does not exist)."""
+    return len(_files(folder)) if folder.is_dir() else 0
 
 
 def remove(folder: Path) -> None:
-    """Delete the saved fits (and temporary files a kill left); never anything else a user put there."""
+    """Delete the saved files (and temporary files a kill left); never anything else a user put there."""
     if not folder.is_dir():
         return
-    for f in [*folder.glob("[0-9]*.safetensors"), *folder.glob(".[0-9]*.safetensors.*.part")]:
+    for f in [*_files(folder), *(t for p in _SAVED for t in folder.glob(f".{p}.*.part"))]:
         f.unlink(missing_ok=True)
     try:
         folder.rmdir()
