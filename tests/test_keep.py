@@ -180,3 +180,47 @@ def test_the_search_is_bounded_and_finds_the_smallest_passing_budget():
     never = SimpleNamespace(agreement=lambda budget: 0.5)
     chosen, trials = kp.search(table, never, 0.95)
     assert chosen == 1000 and len(trials) == 3  # 1/4, 1/8, everything at fp32: then it stops
+
+
+def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(monkeypatch):
+    """Every trial passes; the first fitted network then misses the target on the probe (as the
+    Lite2 --keep 0.95 --calib run did: trial 0.97, fitted 0.91): one refit, at the smallest passing
+    trial >= 1.1x, from the weights as they were before the first fit, so the result is exactly a
+    single fit at that budget."""
+    real, real_fit, trials, fits = Probe.agreement, kp.fit_allocation, [], []
+
+    def counted_fit(*args, **kwargs):
+        fits.append(args[2])
+        return real_fit(*args, **kwargs)
+
+    def scripted(self, model):
+        real(self, model)
+        return 0.0 if len(fits) == 1 else 1.0  # every trial passes, the first fitted network misses
+
+    monkeypatch.setattr(Probe, "agreement", scripted)
+    monkeypatch.setattr(kp, "fit_allocation", counted_fit)
+    net, notes = bn_net(), []
+    res = kp.convert_to_keep(net, 0.9, images(128), input_size=(3, 16, 16), min_params=2000,
+                             on_note=notes.append, on_trial=trials.append)
+    k = res.keep
+    assert len(k["refits"]) == 1 and k["refits"][0]["reached"] == 0.0 and k["met"], (k, trials)
+    assert fits == [k["refits"][0]["budget"], k["budget_bytes"]]
+    missed = k["refits"][0]["budget"]
+    assert k["budget_bytes"] == min(t.budget for t in trials if t.budget >= kp.REFIT_STEP * missed)
+    assert any("fitting again" in n for n in notes), notes
+
+    monkeypatch.setattr(Probe, "agreement", real)
+    alone = bn_net()
+    fitting, _ = kp.split_probe(torch.cat(images(128)))
+    table = pipeline.measure(pipeline.prepare(alone, min_params=2000), list(fitting.split(64)), calibration="images")
+    single = pipeline.fit_allocation(table, table.allocation(k["budget_bytes"]), k["budget_bytes"])
+    assert res.budget.summary["layers"] == single.summary["layers"]
+    mine, theirs = net.state_dict(), alone.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
+def test_refit_budget():
+    trials = [kp.Trial(100, 100, 0.8), kp.Trial(200, 200, 0.95), kp.Trial(120, 120, 0.96), kp.Trial(105, 105, 0.95)]
+    assert kp.refit_budget(105, trials, 0.95, 1000) == 120  # the smallest passing trial >= 115.5
+    assert kp.refit_budget(190, trials, 0.95, 1000) == 209  # none >= 209 but 200 < 209: 1.1x
+    assert kp.refit_budget(950, trials, 0.95, 1000) == 1000 and kp.refit_budget(1000, trials, 0.95, 1000) is None
