@@ -46,6 +46,18 @@ def use_factory(monkeypatch, folder) -> None:
     importlib.invalidate_caches()
 
 
+def import_written(monkeypatch, folder, name: str, source: str):
+    """``source`` written as ``folder/name.py`` and imported from there (a copy another test imported
+    from its own folder forgotten), as ``--model name:build`` finds it in this process."""
+    import importlib
+    import sys
+
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module(name)
+
+
 # Factory modules the tests write into their folder (``--model NAME:build`` imports them, also in
 # the CLI's own process); each test module names the file it writes.
 

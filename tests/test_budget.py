@@ -11,6 +11,7 @@ from dynconvert.budget.outputs import gptq_quantize, output_error
 from dynconvert.budget.quant import fake_quant
 from helpers import one_line_error
 from _tiny import BUDGET_NET as NET_SOURCE
+from _tiny import import_written
 
 
 def bn_net(seed: int = 0) -> nn.Sequential:
@@ -127,13 +128,7 @@ def test_data_free_needs_batchnorm():
 
 @pytest.fixture
 def budget_ckpt(tmp_path, monkeypatch):
-    import importlib
-    import sys
-
-    (tmp_path / "budgetnet.py").write_text(NET_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "budgetnet", raising=False)
-    mod = importlib.import_module("budgetnet")
+    mod = import_written(monkeypatch, tmp_path, "budgetnet", NET_SOURCE)
     torch.save(mod.build().state_dict(), tmp_path / "net.pth")
     torch.save(mod.build_plain().state_dict(), tmp_path / "plain.pth")
     (tmp_path / "empty").mkdir()

@@ -6,7 +6,6 @@ data, partial folders after a failure, a dead worker's advice, and budgets that 
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import errno
-import importlib
 import json
 import os
 import stat
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from _tiny import FACTORY, tiny_checkpoint, use_factory
+from _tiny import FACTORY, import_written, tiny_checkpoint, use_factory
 from helpers import one_line_error
 
 from dynconvert.errors import DynError
@@ -50,10 +49,7 @@ def build_long():  # long layer names: their header entries outgrew the budget's
 
 @pytest.fixture
 def net(tmp_path, monkeypatch):
-    (tmp_path / "carefulnet.py").write_text(NET)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "carefulnet", raising=False)
-    mod = importlib.import_module("carefulnet")
+    mod = import_written(monkeypatch, tmp_path, "carefulnet", NET)
     torch.manual_seed(0)
     torch.save(mod.build().state_dict(), tmp_path / "net.pth")
     torch.save(mod.build_long().state_dict(), tmp_path / "long.pth")

@@ -211,15 +211,11 @@ def build():
 
 
 def test_cli_one_tiny_calibration_image_is_a_stated_fallback(cli, tmp_path, monkeypatch):
-    import importlib
-    import sys
-
     from PIL import Image
 
-    (tmp_path / "tinynet.py").write_text(TINY_NET)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tinynet", raising=False)
-    torch.save(importlib.import_module("tinynet").build().state_dict(), tmp_path / "net.pth")
+    from _tiny import import_written
+
+    torch.save(import_written(monkeypatch, tmp_path, "tinynet", TINY_NET).build().state_dict(), tmp_path / "net.pth")
     (tmp_path / "one").mkdir()
     Image.fromarray((torch.rand(3, 3, 3) * 255).byte().numpy()).save(tmp_path / "one" / "tiny.png")
     out = tmp_path / "out.dyn"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import import_written
 
 import dynconvert.dynfile.resume as rs
 from dynconvert.api import convert_checkpoint
@@ -58,14 +59,10 @@ def net(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dynconvert.api, "bn_synthetic_batches",
                         functools.partial(dynconvert.api.bn_synthetic_batches, steps=20))
-    (tmp_path / "resnet_like.py").write_text(NET)
     (tmp_path / "stop_after_three.py").write_text(STOP_AFTER_THREE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("resnet_like", None)
-    import resnet_like
-
+    build = import_written(monkeypatch, tmp_path, "resnet_like", NET).build
     torch.manual_seed(0)
-    model = resnet_like.build()
+    model = build()
     with torch.no_grad():  # BatchNorm statistics to synthesize inputs from (data-free)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -87,9 +84,9 @@ def run(folder, args, script=None):
                             env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{folder}", COLUMNS="200"))
 
 
-def convert(folder, out, **kw):
+def convert(folder, out, size=0.25, on_note=lambda s: None, **kw):
     return convert_checkpoint(folder / "net.pth", folder / out, ConvertOptions(min_params=100), model="resnet_like:build",
-                              size=0.25, input_size=(3, 8, 8), on_note=lambda s: None, **kw)
+                              size=size, input_size=(3, 8, 8), on_note=on_note, **kw)
 
 
 def test_an_interrupted_size_conversion_resumes_to_the_same_bytes(net, monkeypatch):
@@ -113,8 +110,7 @@ def test_an_interrupted_size_conversion_resumes_to_the_same_bytes(net, monkeypat
     measured = []
     monkeypatch.setattr(rs.BudgetCheckpoint, "save_measured", lambda self, i, u, r: (measured.append(u), real(self, i, u, r)))
     notes = []
-    convert_checkpoint(net / "net.pth", net / "out.dyn", ConvertOptions(min_params=100), model="resnet_like:build",
-                       size=0.25, input_size=(3, 8, 8), on_note=notes.append, resume=True)
+    convert(net, "out.dyn", on_note=notes.append, resume=True)
     assert any(n.startswith(f"resumed 3 measured layers and the synthesized inputs from {partial}") for n in notes), notes
     assert len(measured) == UNITS - 3  # only the layers the interrupted run had not measured
     assert not partial.exists(), "the partial folder outlived the final write"
@@ -133,11 +129,9 @@ def test_resume_refuses_other_options_and_a_keep_search(net, monkeypatch):
         convert(net, "out.dyn")
     monkeypatch.setattr(rs.BudgetCheckpoint, "save_measured", real)
     with pytest.raises(DynError, match="other options"):
-        convert_checkpoint(net / "net.pth", net / "out.dyn", ConvertOptions(min_params=100), model="resnet_like:build",
-                           size=0.2, input_size=(3, 8, 8), on_note=lambda s: None, resume=True)
+        convert(net, "out.dyn", size=0.2, resume=True)
     with pytest.raises(DynError, match="--resume is not available with --keep"):
-        convert_checkpoint(net / "net.pth", net / "out.dyn", ConvertOptions(min_params=100), model="resnet_like:build",
-                           keep=0.9, input_size=(3, 8, 8), on_note=lambda s: None, resume=True)
+        convert(net, "out.dyn", size=None, keep=0.9, resume=True)
     assert not (net / "out.dyn").exists() and rs.saved(rs.partial_dir(net / "out.dyn")) == 2  # inputs + one layer
 
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from ..version import __version__
 from ..budget import quant
-from .grouped import decode_grouped, encode_grouped
+from .grouped import decode_grouped, encode_grouped, stored_integers
 from ..dynamics.modules import DynSpec
 from ..errors import DynError
 from ..io.data import check_input_size
@@ -230,15 +229,7 @@ def decode_quantized(path: Path, stored: dict[str, torch.Tensor], meta: dict) ->
         q, scale = stored.get(qname), stored.get(sname)
         if q is None or scale is None:
             raise DynError(f"{what} lacks its stored tensor {qname if q is None else sname} (corrupt file)")
-        numel = math.prod(shape)
-        if bits == 8:
-            if q.dtype != torch.int8 or list(q.shape) != shape:
-                raise DynError(f"{what}: {qname} is {q.dtype} {list(q.shape)} but int8 {shape} is declared")
-            ints = q
-        else:
-            if q.dtype != torch.uint8 or q.ndim != 1 or q.numel() != (numel + 1) // 2:
-                raise DynError(f"{what}: {qname} is {q.dtype} {list(q.shape)} but int4 {shape} packs into uint8 [{(numel + 1) // 2}]")
-            ints = quant.unpack_int4(q, numel).reshape(shape)
+        ints = stored_integers(f"{what}: {qname} is", q, bits, shape)
         limit = quant.qmax(bits)
         if ints.numel() and int(ints.to(torch.int16).abs().max()) > limit:  # int16: |-128| does not wrap
             raise DynError(f"{what} holds integers outside [-{limit}, {limit}] (corrupt file)")

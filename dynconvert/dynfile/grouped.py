@@ -49,16 +49,7 @@ def decode_grouped(what: str, info: dict, q: torch.Tensor | None, scale: torch.T
         raise DynError(f"{what} declares group {group!r}, which does not divide its {n} inputs per row (corrupt file)")
     if q is None or scale is None:
         raise DynError(f"{what} lacks its stored integers or scales (corrupt file)")
-    numel = math.prod(shape)
-    if bits == 8:
-        if q.dtype != torch.int8 or list(q.shape) != shape:
-            raise DynError(f"{what}: integers are {q.dtype} {list(q.shape)} but int8 {shape} is declared")
-        ints = q
-    else:
-        size = (numel * bits + 7) // 8
-        if q.dtype != torch.uint8 or q.ndim != 1 or q.numel() != size:
-            raise DynError(f"{what}: integers are {q.dtype} {list(q.shape)} but int{bits} {shape} packs into uint8 [{size}]")
-        ints = quant.unpack_bits(q, bits, numel).reshape(shape)
+    ints = stored_integers(f"{what}: integers are", q, bits, shape)
     lo, hi = quant.group_range(bits)
     if ints.numel() and (int(ints.min()) < lo or int(ints.max()) > hi):
         raise DynError(f"{what} holds integers outside [{lo}, {hi}] (corrupt file)")
@@ -68,3 +59,19 @@ def decode_grouped(what: str, info: dict, q: torch.Tensor | None, scale: torch.T
     if not (torch.isfinite(scale).all() and (scale != 0).all()):
         raise DynError(f"{what}: a scale is zero or not finite (corrupt file)")
     return quant.dequantize_grouped(ints, scale.float())
+
+
+def stored_integers(said: str, q: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
+    """The int8 values of a stored integer tensor: int8 of ``shape`` as it is, fewer bits packed
+    into a flat uint8 tensor (quant.pack_bits; for 4 bits, pack_int4's bytes). A stored tensor of
+    another dtype or size is a one-line error starting with ``said`` ("NAME: X is")."""
+    numel = math.prod(shape)
+    if bits == 8:
+        if q.dtype != torch.int8 or list(q.shape) != shape:
+            raise DynError(f"{said} {q.dtype} {list(q.shape)} but int8 {shape} is declared")
+        return q
+    size = (numel * bits + 7) // 8
+    if q.dtype != torch.uint8 or q.ndim != 1 or q.numel() != size:
+        raise DynError(f"{said} {q.dtype} {list(q.shape)} but int{bits} {shape} packs into uint8 [{size}]")
+    ints = quant.unpack_int4(q, numel) if bits == 4 else quant.unpack_bits(q, bits, numel)
+    return ints.reshape(shape)
