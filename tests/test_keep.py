@@ -185,9 +185,9 @@ def test_the_search_is_bounded_and_finds_the_smallest_passing_budget():
 def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(monkeypatch):
     """Every trial passes; the first fitted network then misses the target on the probe (as the
     Lite2 --keep 0.95 --calib run did: trial 0.97, fitted 0.91): one refit, at the smallest passing
-    trial >= 1.1x, from the weights as they were before the first fit, so the result is exactly a
-    single fit at that budget."""
-    real, real_fit, trials, fits = Probe.agreement, kp.fit_allocation, [], []
+    trial >= 1.25x, from the weights as they were before the first fit, so the result is exactly a
+    single fit at that budget. The block-wise reconstruction runs once, after the last fit."""
+    real, real_fit, trials, fits, reconstructions = Probe.agreement, kp.fit_allocation, [], [], []
 
     def counted_fit(*args, **kwargs):
         fits.append(args[2])
@@ -199,10 +199,14 @@ def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(mo
 
     monkeypatch.setattr(Probe, "agreement", scripted)
     monkeypatch.setattr(kp, "fit_allocation", counted_fit)
+    # recorded, not run: the weights are compared below with a single fit's
+    monkeypatch.setattr(pipeline, "reconstruct_after_fit", lambda *a, iters, **kw: reconstructions.append((len(fits), iters)))
     net, notes = bn_net(), []
-    res = kp.convert_to_keep(net, 0.9, images(128), input_size=(3, 16, 16), min_params=2000,
+    res = kp.convert_to_keep(net, 0.9, images(128), input_size=(3, 16, 16), min_params=2000, reconstruct_iters=3,
                              on_note=notes.append, on_trial=trials.append)
     k = res.keep
+    # once, with the steps asked for, after the second fit (the fits themselves ask for 0 steps)
+    assert [r for r in reconstructions if r[1]] == [(2, 3)], reconstructions
     assert len(k["refits"]) == 1 and k["refits"][0]["reached"] == 0.0 and k["met"], (k, trials)
     assert fits == [k["refits"][0]["budget"], k["budget_bytes"]]
     missed = k["refits"][0]["budget"]
@@ -220,7 +224,8 @@ def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(mo
 
 
 def test_refit_budget():
-    trials = [kp.Trial(100, 100, 0.8), kp.Trial(200, 200, 0.95), kp.Trial(120, 120, 0.96), kp.Trial(105, 105, 0.95)]
-    assert kp.refit_budget(105, trials, 0.95, 1000) == 120  # the smallest passing trial >= 115.5
-    assert kp.refit_budget(190, trials, 0.95, 1000) == 209  # none >= 209 but 200 < 209: 1.1x
+    trials = [kp.Trial(100, 100, 0.8), kp.Trial(200, 200, 0.95), kp.Trial(140, 140, 0.96), kp.Trial(105, 105, 0.95)]
+    assert kp.REFIT_STEP == 1.25
+    assert kp.refit_budget(105, trials, 0.95, 1000) == 140  # the smallest passing trial >= 131.25
+    assert kp.refit_budget(190, trials, 0.95, 1000) == 237  # none >= 237.5 but 200 < 237.5: 1.25x
     assert kp.refit_budget(950, trials, 0.95, 1000) == 1000 and kp.refit_budget(1000, trials, 0.95, 1000) is None

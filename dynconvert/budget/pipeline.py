@@ -328,9 +328,6 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
                               calibration=table.calibration, quantized=quantized)
             done += 1
             progress("fitting", done, len(todo))
-    # block-wise reconstruction towards the original's block outputs (reconstruct.py)
-    recon = reconstruct_after_fit(model, original, table.batches, quantized, iters=reconstruct_iters if todo else 0,
-                                  augmented=0, on_progress=progress, on_note=on_note)
     predicted_total = 0.0
     for u in table.units:
         cand, err = options[u.name][choice[u.name]]
@@ -347,11 +344,22 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
         planned_bytes=table.fixed + sum(r["bytes"] for r in rows), calibration=table.calibration,
         calibration_images=int(sum(len(b) for b in table.batches)), predicted_error=predicted_total,
         stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, kinds=kind_counts(rows),
-        reconstruction=recon,
+        reconstruction=None,
     )
     if table.group is not None:  # the stated fallback: rows that group does not divide keep one scale per channel
         summary["per_channel_fallback"] = [u.name for u in table.units if any(p.n % table.group for p in u.parts)]
-    return BudgetResult(layers, table.skipped, quantized, summary)
+    result = BudgetResult(layers, table.skipped, quantized, summary)
+    reconstruct_fitted(table, result, reconstruct_iters, on_progress=on_progress, on_note=on_note)
+    return result
+
+
+def reconstruct_fitted(table: Table, result: BudgetResult, iters: int, *, on_progress=None, on_note=None) -> None:
+    """Block-wise reconstruction of the network ``fit_allocation`` fitted, towards the original's
+    block outputs (reconstruct.py; ``iters`` 0: none), recorded in ``result.summary``."""
+    fitted = any(r["kind"] != "fp32" for r in result.summary["layers"])
+    result.summary["reconstruction"] = reconstruct_after_fit(
+        table.model, table.original, table.batches, result.quantized, iters=iters if fitted else 0, augmented=0,
+        on_progress=on_progress or (lambda *a: None), on_note=on_note)
 
 
 def convert_to_budget(

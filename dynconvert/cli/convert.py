@@ -164,7 +164,9 @@ def convert(
     if conv.keep is not None:
         t = conv.keep["seconds"]
         out.print(f"time: inputs {t['inputs']:.1f} s, candidate fitting {t['candidates']:.1f} s, search {t['search']:.1f} s "
-                  f"({len(conv.keep['trials'])} trials), sequential fit {t['fitting']:.1f} s, writing {t['writing']:.1f} s",
+                  f"({len(conv.keep['trials'])} trials), sequential fit {t['fitting']:.1f} s"
+                  + (f" ({1 + len(conv.keep['refits'])} fits)" if conv.keep["refits"] else "")
+                  + f", reconstruction {t['reconstruction']:.1f} s, writing {t['writing']:.1f} s",
                   highlight=False, soft_wrap=True, markup=False)
 
 
