@@ -40,6 +40,9 @@ class Net(nn.Module):
 PLAN = {"c1.weight": (8, None), "c2.weight": (4, 16), "mha.in_proj_weight": (3, 8), "mha.out_proj.weight": (2, 32),
         "fc.weight": (4, None), "shared.weight": (8, None)}
 
+HALVES = ["mha.in_proj_bias"]
+"""Stored as fp16: a bias, one number per row (found by exact value, not by a row's signs)."""
+
 
 def hand_quantized():
     """A net whose weights lie on hand-made group grids (fp16 scales), with the .dyn-like
@@ -64,6 +67,9 @@ def hand_quantized():
             w.copy_((q * s[..., None]).reshape(w.shape))
             described[name] = {"bits": bits, "keep": [0], "shape": list(w.shape), **({"group": group} if group else {})}
             stored[f"{name}:scale"] = s.half() if group else s.reshape(m, *[1] * (w.ndim - 1))
+        for name in HALVES:
+            params[name].copy_(params[name].half().float())
+            described[name] = {"bits": 16, "shape": list(params[name].shape)}
     return net, described, stored
 
 
@@ -85,17 +91,17 @@ def test_group_quantized_weights_leave_as_integers_and_fold_at_load(tmp_path, ke
         want = net(x).numpy()
     graph = export(net, tmp_path / "f.onnx", x)
     sources = sources_of(net.state_dict(), stored, described)
-    assert sorted(s.name for s in sources) == sorted(PLAN)
+    assert sorted(s.name for s in sources) == sorted([*PLAN, *HALVES])
     if keep_qdq:
         graph = onnx.version_converter.convert_version(graph, 21)
     res = quantize_graph(graph, sources, keep_qdq)
-    assert sorted(res.stored) == sorted(PLAN)  # renamed (BN folded), transposed, packed: every one found
+    assert sorted(res.stored) == sorted([*PLAN, *HALVES])  # renamed (BN folded), transposed, packed: every one found
     assert len(res.stored["shared.weight"]) == 2  # W and W.T are two initializers
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(tmp_path / "q.onnx"))
     total, grew = budget_check(graph, net, stored, {"layers": {}, "quantized": described})
     assert not [g for g in grew if "float in the graph" in g], grew
-    for src in sources if not keep_qdq else []:  # packed, fp16 group scales: the .dyn's bytes (+ fp32 row factors); QDQ scales are fp32
+    for src in [s for s in sources if s.bits < 16] if not keep_qdq else []:  # packed, fp16 group scales: the .dyn's bytes (+ fp32 row factors); QDQ scales are fp32
         assert res.onnx_bytes[src.name] <= len(res.stored[src.name]) * (src.dyn_bytes + 4 * src.q.shape[0]) + 64
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
@@ -118,6 +124,24 @@ def test_float_copy_of_a_quantized_weight_is_named(tmp_path):
     quantize_graph(graph, sources)
     _, grew = budget_check(graph, net, stored, {"layers": {}, "quantized": described})
     assert grew == ["c2.weight: stored as integers in the .dyn but float in the graph"]
+
+
+def test_fp16_biases_are_found_each_by_its_own_value(tmp_path):
+    """Two biases of one length stored as fp16: a row of one number matches any other up to a
+    factor, so each must be found by its exact value (ViT-B/16's biases left the graph as float)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 300)).eval()
+    described = {}
+    with torch.no_grad():
+        for name in ("0.bias", "2.bias"):
+            p = net.get_parameter(name)
+            p.copy_(p.abs().half().float())  # one sign: every entry shares the sign key
+            described[name] = {"bits": 16, "shape": list(p.shape)}
+    graph = export(net, tmp_path / "f.onnx", torch.randn(2, 64))
+    res = quantize_graph(graph, sources_of(net.state_dict(), {}, described))
+    assert sorted(res.stored) == ["0.bias", "2.bias"] and not res.float_left, (res.stored, res.float_left)
+    _, grew = budget_check(graph, net, {}, {"layers": {}, "quantized": described})
+    assert not grew, grew
 
 
 @pytest.mark.parametrize("slot", [2, 4])

@@ -98,8 +98,13 @@ class Index:
 
     def __init__(self, sources: list[Source]):
         self.sources, self.rows = sources, {}
+        # tensors of one number per row (biases, norms) are found by exact value: a row of one
+        # number has no sign pattern to key on (each bias was searched among every bias's entries)
+        self.vectors = {src.values.tobytes(): si for si, src in enumerate(sources) if src.values.shape[1] == 1}
         for si, src in enumerate(sources):
             v = src.values
+            if v.shape[1] == 1:
+                continue
             head = np.sign(v[:, :SIGN_PREFIX]).astype(np.int8)
             first = np.where(head.any(1), head[np.arange(len(v)), np.argmax(head != 0, 1)], 1)
             norm = head * first[:, None]
@@ -108,6 +113,9 @@ class Index:
 
     def match(self, x: np.ndarray):
         """(source, first row, transposed, row factors or None) for initializer ``x``, or None."""
+        if x.ndim >= 1 and x.size == x.shape[0]:  # one number per row
+            si = self.vectors.get(x.astype(np.float32).tobytes())
+            return None if si is None else (self.sources[si], 0, False, np.ones(len(x), np.float32))
         views = [(x.reshape(x.shape[0], -1), False)] if x.ndim >= 1 and x.shape[0] else []
         if x.ndim == 2:
             views.append((x.T, True))
