@@ -144,6 +144,33 @@ def test_fp16_biases_are_found_each_by_its_own_value(tmp_path):
     assert not grew, grew
 
 
+def test_keep_qdq_is_checked_with_float_activations(tmp_path):
+    """An opset-21 QDQ graph: ONNX Runtime's default session fuses DequantizeLinear + MatMul into
+    MatMulNBits with int8 activations (its integer kernel, what --keep-qdq is for), so the export
+    checks the graph with float activations (exact) and reports the default session beside it."""
+    from dynconvert.deploy.export import FLOAT_MATMULNBITS, session_outputs
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    described, stored = {}, {}
+    with torch.no_grad():
+        for name in ("0.weight", "2.weight"):
+            w = net.get_parameter(name)
+            s = w.abs().amax(1, keepdim=True) / 127
+            w.copy_(torch.round(w / s) * s)
+            described[name], stored[f"{name}:scale"] = {"bits": 8, "keep": [0]}, s
+    x = torch.randn(2, 16, 64)  # tokens: the Linear exports as MatMul, as in a ViT
+    with torch.no_grad():
+        want = net(x).numpy()
+    graph = onnx.version_converter.convert_version(export(net, tmp_path / "f.onnx", x), 21)
+    assert sorted(quantize_graph(graph, sources_of(net.state_dict(), stored, described), True).stored) == ["0.weight", "2.weight"]
+    onnx.save(graph, str(tmp_path / "q.onnx"))
+    exact = np.abs(session_outputs(tmp_path / "q.onnx", x.numpy(), [FLOAT_MATMULNBITS])[0] - want).max()
+    default = np.abs(session_outputs(tmp_path / "q.onnx", x.numpy())[0] - want).max()
+    assert exact <= 1e-5 * np.abs(want).max(), exact
+    assert default > 10 * exact, (default, exact)  # int8 activations; if a runtime stops fusing, this says so
+
+
 @pytest.mark.parametrize("slot", [2, 4])
 def test_pack_nibbles_layout(slot):
     q = np.array([-2, -1, 0, 1, 1], np.int8) if slot == 2 else np.array([-8, -1, 0, 7, 3], np.int8)  # padded

@@ -136,6 +136,10 @@ def export(
         # the details after the "wrote" line: the file is complete before anything else is said
         for name, reason in res.kept:
             console.print(f"  {name}: materialized in the graph ({reason})")
+        if res.default_session_diff is not None and res.default_session_diff > res.tolerance:
+            console.print(f"  note: checked with float activations ({'='.join(ex.FLOAT_MATMULNBITS)}); a default ONNX "
+                          "Runtime session runs DequantizeLinear + MatMul as MatMulNBits with int8 activations: "
+                          f"max abs diff {res.default_session_diff:.3g}", soft_wrap=True, highlight=False)
         for line in dict.fromkeys(res.grew):
             console.print(f"  grew: {line}", soft_wrap=True)
         if res.output_scale == 0:
