@@ -184,8 +184,8 @@ def test_the_search_is_bounded_and_finds_the_smallest_passing_budget():
 
 def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(monkeypatch):
     """Every trial passes; the first fitted network then misses the target on the probe (as the
-    Lite2 --keep 0.95 --calib run did: trial 0.97, fitted 0.91): one refit, at the smallest passing
-    trial >= 1.25x, from the weights as they were before the first fit, so the result is exactly a
+    Lite2 --keep 0.95 --calib run did: trial 0.97, fitted 0.91): one refit, at 1.25x the budget,
+    from the weights as they were before the first fit, so the result is exactly a
     single fit at that budget. The block-wise reconstruction runs once, after the last fit."""
     real, real_fit, trials, fits, reconstructions = Probe.agreement, kp.fit_allocation, [], [], []
 
@@ -210,7 +210,7 @@ def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(mo
     assert len(k["refits"]) == 1 and k["refits"][0]["reached"] == 0.0 and k["met"], (k, trials)
     assert fits == [k["refits"][0]["budget"], k["budget_bytes"]]
     missed = k["refits"][0]["budget"]
-    assert k["budget_bytes"] == min(t.budget for t in trials if t.budget >= kp.REFIT_STEP * missed)
+    assert k["budget_bytes"] == int(kp.REFIT_STEP * missed)  # well below everything at fp32
     assert any("fitting again" in n for n in notes), notes
 
     monkeypatch.setattr(Probe, "agreement", real)
@@ -224,8 +224,6 @@ def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(mo
 
 
 def test_refit_budget():
-    trials = [kp.Trial(100, 100, 0.8), kp.Trial(200, 200, 0.95), kp.Trial(140, 140, 0.96), kp.Trial(105, 105, 0.95)]
     assert kp.REFIT_STEP == 1.25
-    assert kp.refit_budget(105, trials, 0.95, 1000) == 140  # the smallest passing trial >= 131.25
-    assert kp.refit_budget(190, trials, 0.95, 1000) == 237  # none >= 237.5 but 200 < 237.5: 1.25x
-    assert kp.refit_budget(950, trials, 0.95, 1000) == 1000 and kp.refit_budget(1000, trials, 0.95, 1000) is None
+    assert kp.refit_budget(104, 1000) == 130 and kp.refit_budget(190, 1000) == 237
+    assert kp.refit_budget(950, 1000) == 1000 and kp.refit_budget(1000, 1000) is None  # at most everything
