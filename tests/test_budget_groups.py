@@ -65,7 +65,7 @@ def test_state_corrections_fit_store_rebuild_and_export_thin(tmp_path, monkeypat
 def test_a_quant_group_that_does_not_divide_falls_back_and_says_so():
     notes = []
     conv = dynconvert.convert(bn_net(), size=0.1, calib=images(), min_params=2000, input_size=(3, 16, 16),
-                              quant_group=64, on_note=notes.append)
+                              quant_group=64, reconstruct=0, on_note=notes.append)
     assert conv.budget["per_channel_fallback"] == ["0", "3", "6"]  # 27, 32 and 9 inputs per row
     assert any("--quant-group 64 does not divide" in n and "one scale per output channel" in n for n in notes), notes
     for key, entry in conv.quantized.items():
@@ -84,7 +84,8 @@ def test_a_size_below_int2_everywhere_names_the_smallest_reachable(tmp_path):
     assert "\n" not in text and "int2" in text
     smallest = float(re.search(r"--size (0\.\d+)", text).group(1))
     size = smallest + 0.001  # the named size is reachable: a file that fits
-    conv = dynconvert.convert(bn_net(), size=size, calib=images(), min_params=10**9, input_size=(3, 16, 16))
+    conv = dynconvert.convert(bn_net(), size=size, calib=images(), min_params=10**9, input_size=(3, 16, 16),
+                              reconstruct=0)
     assert "int2" in conv.budget["kinds"], conv.budget["kinds"]
     dynconvert.save(conv, tmp_path / "s.dyn")
     assert (tmp_path / "s.dyn").stat().st_size <= size * sum(t.numel() * 4 for t in bn_net().state_dict().values())
