@@ -48,13 +48,15 @@ def use_factory(monkeypatch, folder) -> None:
 
 def import_written(monkeypatch, folder, name: str, source: str):
     """``source`` written as ``folder/name.py`` and imported from there (a copy another test imported
-    from its own folder forgotten), as ``--model name:build`` finds it in this process."""
+    from its own folder forgotten, and this one after the test), as ``--model name:build`` finds it
+    in this process."""
     import importlib
     import sys
 
     (folder / f"{name}.py").write_text(source)
     monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, name, None)  # at teardown sys.modules[name] is as before: this one forgotten
+    del sys.modules[name]
     return importlib.import_module(name)
 
 

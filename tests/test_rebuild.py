@@ -11,6 +11,7 @@ import torchvision
 import dynconvert
 from dynconvert.io.checkpoint import source_of
 from dynconvert.errors import DynError
+from _tiny import import_written
 from helpers import one_line_error
 
 FAST = dict(steps=20, min_params=0)
@@ -19,15 +20,14 @@ FAST = dict(steps=20, min_params=0)
 @pytest.fixture
 def pickled_custom(tmp_path, monkeypatch):
     """A custom module class in an importable file, its pickled instance (orig.pt) and its .dyn."""
-    (tmp_path / "mynet.py").write_text(
+    mynet = import_written(monkeypatch, tmp_path, "mynet",
         "import torch.nn as nn\n\n\nclass MyNet(nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n"
         "        self.conv = nn.Conv2d(3, 8, 3)\n        self.fc = nn.Linear(8 * 14 * 14, 10)\n\n"
         "    def forward(self, x):\n        return self.fc(self.conv(x).relu().flatten(1))\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)
-    torch.save(importlib.import_module("mynet").MyNet(), tmp_path / "orig.pt")
+    torch.save(mynet.MyNet(), tmp_path / "orig.pt")
     return tmp_path
 
 
