@@ -216,11 +216,11 @@ def test_a_failure_before_the_first_saved_layer_leaves_no_partial_folder(cli, ne
         with atomic_path(path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("dynconvert.dynfile.resume.write_safetensors", disk_full)
-    code, stdout, stderr = convert(cli, net, "--input-size", "3,8,8")
-    assert "No space left" in one_line_error(code, stdout, stderr, out=net / "out.dyn")
-    assert not (net / "out.dyn.partial").exists()  # was: left empty, and then "holds the finished layers"
-    monkeypatch.undo()
+    with monkeypatch.context() as disk:  # only this patch ends with the block (the net fixture's stay)
+        disk.setattr("dynconvert.dynfile.resume.write_safetensors", disk_full)
+        code, stdout, stderr = convert(cli, net, "--input-size", "3,8,8")
+        assert "No space left" in one_line_error(code, stdout, stderr, out=net / "out.dyn")
+        assert not (net / "out.dyn.partial").exists()  # was: left empty, and then "holds the finished layers"
     code, stdout, stderr = convert(cli, net, "--input-size", "3,8,8")
     assert code == 0, stderr
 
