@@ -140,17 +140,22 @@ def bn_loss_of(model: nn.Module, batch: torch.Tensor, *, relative: bool = True) 
             m.training = t
 
 
+STEPS = 500
+"""Adam steps of a data-free conversion's synthesized calibration inputs (the tests take fewer)."""
+
+
 def bn_synthetic_batches(model: nn.Module, *, images: int = 32, input_size=(3, 224, 224), batch_size: int = 32,
-                         steps: int = 500, seed: int = 0, on_step=None) -> list[torch.Tensor]:
+                         steps: int | None = None, seed: int = 0, on_step=None) -> list[torch.Tensor]:
     """Input batches (float N x C x H x W, ``images`` in all) whose per-channel statistics at every
     BatchNorm2d input match that layer's running mean / variance.
 
     Each batch starts from N(0, 1) noise (``seed``: the same seed gives the same batches) and takes
-    ``steps`` Adam steps on the loss of the module docstring. ``on_step(step, total, loss)`` is
-    called after every step, ``step`` counting 1..total over all batches. The model is run in eval
-    mode and is left as it was: training flags, ``requires_grad`` flags and parameters restored,
+    ``steps`` (default ``STEPS``) Adam steps on the loss of the module docstring. ``on_step(step,
+    total, loss)`` is called after every step, ``step`` counting 1..total over all batches. The
+    model is run in eval mode and is left as it was: training flags, ``requires_grad`` flags and parameters restored,
     no gradients on its parameters, every hook removed (also on error).
     """
+    steps = STEPS if steps is None else steps
     return synthesize(model, images=images, input_size=input_size, batch_size=batch_size, steps=steps, seed=seed,
                       on_step=on_step)
 
