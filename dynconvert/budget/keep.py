@@ -10,8 +10,8 @@ a smaller file would cost), then bisection between the largest failing and the s
 budget, at most ``MAX_TRIALS`` trials. Only the chosen budget is fitted in sequence
 (pipeline.fit_allocation), and its agreement measured again. When the fitted network misses the
 target there, it is fitted once more, from the weights as they were, at a budget 25% larger
-(``MAX_REFITS``, ``refit_budget``). The block-wise reconstruction (most of a
-fit's time on images) runs once, on the last fit, and the agreement after it is the figure recorded.
+(``MAX_REFITS``, ``refit_budget``). The block-wise reconstruction (most of a fit's time on
+images) runs once, on the last fit, and the agreement after it is the figure recorded.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ MAX_REFITS = 1
 larger budget (a trial measures the fits in place alone; the sequential fit and the reconstruction
 can land a few probe images lower, and the smallest passing trial is the luckiest of several)."""
 REFIT_STEP = 1.25
-"""A refit's budget, as a multiple of the missed one. On Lite2 the fitted network at 0.154x fell 0.07 short on photos, and agreement there rises about
-0.09 per 0.1x of the fp32 bytes: 1.1x would not have covered it."""
+"""A refit's budget, as a multiple of the missed one. On Lite2 the fitted network at 0.154x fell
+0.07 short on photos, and agreement there rises about 0.09 per 0.1x of the fp32 bytes: 1.1x would
+not have covered it."""
 
 
 @dataclass

@@ -152,8 +152,8 @@ def bn_synthetic_batches(model: nn.Module, *, images: int = 32, input_size=(3, 2
     Each batch starts from N(0, 1) noise (``seed``: the same seed gives the same batches) and takes
     ``steps`` (default ``STEPS``) Adam steps on the loss of the module docstring. ``on_step(step,
     total, loss)`` is called after every step, ``step`` counting 1..total over all batches. The
-    model is run in eval mode and is left as it was: training flags, ``requires_grad`` flags and parameters restored,
-    no gradients on its parameters, every hook removed (also on error).
+    model is run in eval mode and is left as it was: training flags, ``requires_grad`` flags and
+    parameters restored, no gradients on its parameters, every hook removed (also on error).
     """
     steps = STEPS if steps is None else steps
     return synthesize(model, images=images, input_size=input_size, batch_size=batch_size, steps=steps, seed=seed,

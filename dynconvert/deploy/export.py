@@ -120,8 +120,8 @@ def export_onnx(
     integers goes into the graph as integers + scales, found by value (``onnx_quant``), in nodes
     ONNX Runtime folds at session load; ``keep_qdq``: as ``DequantizeLinear`` instead (for runtimes
     with integer kernels; int4 and group-wise grids then need opset 21), checked with float
-    activations and the default session's difference reported (``FLOAT_MATMULNBITS``). The graph's weight bytes
-    are compared with the file's: a file converted to a byte budget is refused (DynError, no file)
+    activations and the default session's difference reported (``FLOAT_MATMULNBITS``). The graph's
+    weight bytes are compared with the file's: a file converted to a byte budget is refused (DynError, no file)
     when the graph exceeds it, naming the tensors that grew, unless ``allow_larger``.
 
     ``activations="int8"``: ONNX Runtime's static QDQ quantization (int8 activations and weights),
@@ -208,10 +208,11 @@ def export_onnx(
 
 
 FLOAT_MATMULNBITS = ("session.qdq_matmulnbits_accuracy_level", "0")
-"""ONNX Runtime (opset 21 graphs) fuses DequantizeLinear + MatMul into MatMulNBits and, at its default
-accuracy level 4, computes it with int8 activations: an integer kernel, which --keep-qdq is for, not
-an export error. Such a graph is checked with float activations (level 0), and the default
-session's difference is reported beside it (ViT-B/16 --size 1/4: 0.03 of 1.84 at level 4, 2.8e-06 at 0)."""
+"""ONNX Runtime (opset 21 graphs) fuses DequantizeLinear + MatMul into MatMulNBits and, at its
+default accuracy level 4, computes it with int8 activations: an integer kernel, which --keep-qdq is
+for, not an export error. Such a graph is checked with float activations (level 0), and the
+default session's difference is reported beside it (ViT-B/16 --size 1/4: 0.03 of 1.84 at level 4,
+2.7e-06 at level 0)."""
 
 
 def session_outputs(path: Path, x: np.ndarray, config=()) -> list[np.ndarray]:
