@@ -17,9 +17,10 @@ def one_thread(monkeypatch):
 @pytest.fixture(autouse=True, scope="session")
 def quick_probe():
     """Every conversion ends with a probe (budget/probe.py), and --keep and data-free budgets
-    synthesize their inputs when there are no images: a few steps on a few inputs keep tests fast (the real sizes are measured
-    in docs/budget.md). Session-wide, so that module-scoped fixtures, set up before any
-    function-scoped one, convert with it too (a ResNet-18 fixture took 45 s on the full probe)."""
+    synthesize their inputs when there are no images: a few steps on a few inputs keep tests fast
+    (the real sizes are measured in docs/budget.md). Session-wide, so that module-scoped fixtures,
+    set up before any function-scoped one, convert with it too (a ResNet-18 fixture took 45 s on
+    the full probe)."""
     from dynconvert.budget import keep, probe, synth
 
     with pytest.MonkeyPatch.context() as mp:
