@@ -187,7 +187,6 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
     budget, trials = search(table, probe, keep, on_trial=on_trial)
     searched = clock()
     table.fits = None  # the trials' fits are not needed any more
-    pristine = copy.deepcopy(model) if MAX_REFITS else None  # fit_allocation changes the model in place
     missed = []
     while True:  # the reconstruction comes once, after the last fit: it is most of a fit's time
         result = fit_allocation(table, table.allocation(budget), budget, on_progress=on_progress, on_note=on_note)
@@ -198,7 +197,7 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
         missed.append(dict(budget=budget, fraction=round(budget / table.original_bytes, 4), reached=round(reached, 4)))
         note(f"the fitted network agrees {reached:.3f} with the original on the probe, below the target {keep:g}: "
              f"fitting again at {larger / table.original_bytes:.3f}x the fp32 bytes (was {budget / table.original_bytes:.3f}x)")
-        table = restored(table, model, pristine, include, exclude)
+        table = restored(table, model, include, exclude)
         budget = larger
     fitted = clock()
     if reconstruct_iters:
@@ -228,11 +227,16 @@ def refit_budget(missed: int, largest: int) -> int | None:
     return None if missed >= largest else min(largest, int(REFIT_STEP * missed))
 
 
-def restored(table: Table, model: nn.Module, pristine: nn.Module, include, exclude) -> Table:
+def restored(table: Table, model: nn.Module, include, exclude) -> Table:
     """``table`` for a fresh fit: ``model``'s submodules put back as they were before the first fit
-    (copies of ``pristine``'s; the object the caller holds stays the same) and the units found
-    again on them."""
-    for name, child in pristine.named_children():
+    (copies of the original's, norms and biases rounded to fp16 as ``measure`` left them; the
+    object the caller holds stays the same) and the units found again on them. Copied only when a
+    refit needs it: no second copy of the network on every run."""
+    for name, child in table.original.named_children():
         setattr(model, name, copy.deepcopy(child))
+    state = model.state_dict()
+    with torch.no_grad():
+        for k in table.halves:
+            state[k].copy_(state[k].half().to(state[k].dtype))
     by_name = {u.name: u for u in find_units(model, include, exclude)[0]}
     return replace(table, model=model, units=[by_name[u.name] for u in table.units])
