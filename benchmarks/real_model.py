@@ -35,6 +35,8 @@ A row that fails records its error text; the run goes on.
     python -m benchmarks.real_model --model digits_vit --quick  # a small ViT trained on digits (the same split)
     python -m benchmarks.real_model --model vit_b_16_random --quick --vit-size 112 --skip svd
     python -m benchmarks.real_model --only int8,svd_int8 --budgets 1/8,1/16
+    python -m benchmarks.real_model --merge A/efficientnet_lite2/results.json B/efficientnet_lite2/results.json --out DIR
+                                    # one table and one plot from runs split over processes (same model and crops)
 
 Outputs under --out/<model>/: results.json (every row, the set-up and the machine), results.png
 (top-1 agreement vs bytes), and the files themselves.
@@ -81,6 +83,8 @@ def parse_args(argv=None):
     ap.add_argument("--digits-epochs", type=int, help="digits_cnn training epochs (default 20; --quick 6); digits_vit: 30")
     ap.add_argument("--vit-size", type=int, default=224, help="vit_b_16_random input pixels (a multiple of 16)")
     ap.add_argument("--out", default="bench-out/real_model")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON",
+                    help="no rows run: merge these results.json files (one model, the same crops) into one table and plot")
     args = ap.parse_args(argv)
     quick = args.quick
     args.eval_flag, args.digits_epochs_flag = args.eval, args.digits_epochs
@@ -92,8 +96,30 @@ def parse_args(argv=None):
     return args
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One table and plot from runs of the same model on the same crops (rows split over processes
+    to use the cores); a row measured by several runs (the fp32 reference) is kept once."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    same = {(r["model"], r["args"]["calib"], r["args"]["eval"], r["args"]["seed"]) for r in runs}
+    if len(same) > 1:
+        raise SystemExit(f"--merge needs runs of one model on the same crops; got (model, calib, eval, seed) {sorted(same)}")
+    rows = list({r["name"]: r for run in runs for r in run["rows"]}.values())
+    title = (f"{runs[0]['model']}: agreement with the original on {runs[0]['args']['eval']} held-out inputs "
+             f"({len(runs)} runs merged)")
+    print_table(rows, title, any("accuracy" in r for r in rows))
+    out.mkdir(parents=True, exist_ok=True)
+    note = plot(rows, out / "results.png", title)
+    result = dict(runs[0], rows=rows, merged_from=[str(p) for p in paths], machine=[r["machine"] for r in runs],
+                  timing=[r["timing"] for r in runs], plot=None if note else "results.png", plot_note=note)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(note or f"wrote {out / 'results.json'} and {out / 'results.png'}")
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)
