@@ -213,6 +213,9 @@ def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(mo
     missed = k["refits"][0]["budget"]
     assert k["budget_bytes"] == int(kp.REFIT_STEP * missed)  # well below everything at fp32
     assert any("fitting again" in n for n in notes), notes
+    # 128 images hold 32 apart: the note says how coarse that probe is and how to get a finer one
+    assert any("32 held apart" in n and "steps of 0.031" in n and "256 or more images hold 64 apart" in n
+               for n in notes), notes
 
     monkeypatch.setattr(Probe, "agreement", real)
     alone = bn_net()

@@ -163,7 +163,9 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
                  f"{4 * MIN_PROBE}): the target is checked on {probe.kind} inputs instead")
         else:
             probe = Probe(held, HELD_APART)
-            note(f"{len(fitting)} calibration images for fitting, {len(held)} held apart to check the target on")
+            finer = (f" (a probe of {len(held)} measures agreement in steps of {1 / len(held):.3f}: {4 * MAX_PROBE} or "
+                     f"more images hold {MAX_PROBE} apart, a finer check)") if len(held) < MAX_PROBE else ""
+            note(f"{len(fitting)} calibration images for fitting, {len(held)} held apart to check the target on{finer}")
         batches, mode = list(fitting.split(64)), "images"
     else:
         probe = synthetic_probe(setup.original, input_size, on_progress=on_progress)
