@@ -164,4 +164,12 @@ def test_cli_flag_and_data_path_refusals(cli, tmp_path, small_dyn, monkeypatch):
                               out=tmp_path / "d.onnx")
         assert "d.onnx.data exists and is not a regular file" in line
     assert "apply to --onnx" in one_line_error(*cli("export", dyn, "--pth", tmp_path / "p.pth", "--external-data"))
+    def too_big(*args, **kwargs):  # a graph over 2 GiB though its weights are under the threshold
+        raise ValueError("The proto size is larger than the 2 GB limit")
+
+    with monkeypatch.context() as big:
+        big.setattr(onnx, "save", too_big)
+        line = one_line_error(*cli("export", dyn, "--onnx", tmp_path / "b.onnx", "--model", factory),
+                              out=tmp_path / "b.onnx")
+    assert "cannot save the ONNX graph (The proto size" in line and "pass --external-data" in line
     assert _files(tmp_path) == ["a.onnx", "a.onnx.data", "c.onnx", "d.onnx.data", "m.onnx", "m.onnx.data"]

@@ -33,6 +33,7 @@ def check_external_data_path(onnx_path: str | Path, force: bool) -> Path:
 
 
 def over_one_file(weight_bytes: int) -> bool:
+    """Whether a graph with ``weight_bytes`` of initializers keeps them in an external data file."""
     return weight_bytes > EXTERNAL_DATA_ABOVE
 
 
@@ -45,6 +46,7 @@ def save(graph, path: Path, external: bool) -> bool:
     data = external_data_path(path)
     try:
         onnx.save(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
-    except ValueError as e:  # over 2 GiB with the weights in the graph: its nodes and attributes alone
-        raise DynError(f"the ONNX graph does not fit in one file ({first_line(e)}); pass --external-data") from None
+    except ValueError as e:  # over 2 GiB in all though the weights are under the threshold (big constants)
+        hint = "" if external else "; pass --external-data"
+        raise DynError(f"cannot save the ONNX graph ({first_line(e)}){hint}") from None
     return data.exists()
