@@ -70,6 +70,7 @@ def export(
     calib: Optional[str] = typer.Option(None, help="With --activations int8: the images to calibrate on (an image folder, 'digits', 'fake'; the ones the file was converted on)."),
     calib_images: int = typer.Option(256, help="How many --calib images to use."),
     allow_larger: bool = typer.Option(False, "--allow-larger", help="With --onnx: write the graph even when its weights exceed the file's byte budget."),
+    external_data: bool = typer.Option(False, "--external-data", help="With --onnx: the weights in one file beside the graph, OUT.onnx.data (automatic above 1.8 GiB of weights: one ONNX file holds at most 2 GiB)."),
     pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
     st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),
     dtype: str = typer.Option("fp16", help="State precision for --safetensors: fp16, bf16 or fp32."),
@@ -85,6 +86,7 @@ def export(
 ):
     """Export for deployment: ONNX (checked against PyTorch), .pth, or a compact fp16 .dyn."""
     from ..deploy import export as ex
+    from ..deploy.onnx_files import check_external_data_path
     from ..io.fileio import check_output_path, expect_dyn
 
     expect_dyn(dyn)
@@ -95,14 +97,17 @@ def export(
         raise DynError("nothing to export: give --onnx, --pth and/or --safetensors")
     for p in targets:  # refuse bad outputs and options before any work
         check_output_path(p, force)
+    if onnx_path is not None:
+        check_external_data_path(onnx_path, force)
     if st_path is not None and dtype not in ex.DTYPES:
         raise DynError(f"unknown --dtype {dtype!r}; choose one of {', '.join(ex.DTYPES)}")
     if not tolerance >= 0:
         raise DynError(f"--tolerance must be >= 0, got {tolerance}")
     if weight_free:
         layout = "weight-free"
-    if onnx_path is None and (weight_free or keep_qdq or layout != "auto" or activations != "float"):
-        raise DynError("--layout, --weight-free, --keep-qdq and --activations apply to --onnx; give --onnx OUT.onnx")
+    if onnx_path is None and (weight_free or keep_qdq or layout != "auto" or activations != "float" or external_data):
+        raise DynError("--layout, --weight-free, --keep-qdq, --activations and --external-data apply to --onnx; "
+                       "give --onnx OUT.onnx")
     if activations not in ("float", "int8"):
         raise DynError(f"unknown --activations {activations!r}; choose float or int8")
     if activations == "int8" and not calib:
@@ -120,20 +125,26 @@ def export(
         res = ex.export_onnx(
             dyn, onnx_path, factory=model, original=original, trust_pickle=trust_pickle, input_size=size, opset=opset,
             dynamic_batch=not static_batch, rel_tolerance=tolerance, force=force, layout_name=layout, keep_qdq=keep_qdq,
-            activations=activations, calib=images, allow_larger=allow_larger,
+            activations=activations, calib=images, allow_larger=allow_larger, external_data=external_data,
         )
         counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}
         how = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no converted layers"
         budget = f" (budget {res.budget_bytes:,})" if res.budget_bytes else ""
+        data = f" in {res.data_path.name}" if res.data_path else ""
         out.print(
             f"wrote {onnx_path} (layout {layout}: {how}; {len(res.quantized)} integer tensors; opset {res.opset}; "
-            f"{onnx_path.stat().st_size:,} bytes, weights {res.weight_bytes:,}{budget}) in {res.seconds:.1f} s: "
+            f"{res.bytes:,} bytes, weights {res.weight_bytes:,}{budget}{data}) in {res.seconds:.1f} s: "
             f"ONNX Runtime vs PyTorch max abs diff {res.max_abs_diff:.3g} "
             f"({res.max_abs_diff / res.output_scale if res.output_scale else 0:.2g} x max |output| {res.output_scale:.3g}; "
             + ("int8 activations: not held to the tolerance)" if activations == "int8" else f"allowed {tolerance:g} x)"),
             soft_wrap=True,
         )
         # the details after the "wrote" line: the file is complete before anything else is said
+        if res.data_path is not None:
+            why = "--external-data" if external_data else \
+                f"{res.weight_bytes / 2**30:.2f} GiB of weights: one ONNX file holds at most 2 GiB"
+            console.print(f"  the weights are in {res.data_path.name} beside the graph ({why}): keep the two files "
+                          "together; the bytes above count both", soft_wrap=True, highlight=False)
         for name, reason in res.kept:
             console.print(f"  {name}: materialized in the graph ({reason})")
         if res.default_session_diff is not None and res.default_session_diff > res.tolerance:

@@ -263,7 +263,7 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
         folder.mkdir(parents=True, exist_ok=True)
         made = _exports(dyn, folder, original, factory, meta, calib)
         paths = {kind: folder / f"{kind}.onnx" for kind in made}
-        rows = {kind: {"export": kind, "bytes": paths[kind].stat().st_size, "note": note,
+        rows = {kind: {"export": kind, "bytes": res.bytes, "note": note,  # with any external data file
                        "kept_materialized": len(res.kept) if res is not None else None}
                 for kind, (res, note) in made.items()}
         for batch in batches:

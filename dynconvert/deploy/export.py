@@ -1,14 +1,15 @@
 """Exports for deployment: a materialized ONNX graph (verified in ONNX Runtime), a plain ``.pth``
 state dict for the original architecture, and a compact ``.dyn`` at another precision.
 
-Every output is written through ``fileio.atomic_path``: a failed check (for example ONNX Runtime
-disagreeing with PyTorch) leaves no file behind.
+Every output is written through ``fileio.atomic_path`` (an ONNX graph and its data: ``private_dir``):
+a failed check (for example ONNX Runtime disagreeing with PyTorch) leaves no file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from ..dynamics.modules import DynamicsLayer, DynSpec, materialize
 from ..dynfile.format import STATE_SUFFIXES, write_dyn
 from ..errors import DynError, first_line
 from ..io.data import check_input_size, probe_forward
-from ..io.fileio import atomic_path, check_output_path
-from . import layout
-from .onnx_bytes import budget_check
+from ..io.fileio import atomic_path, check_output_path, move_into_place, private_dir
+from . import layout, onnx_files
+from .onnx_bytes import budget_check, initializer_bytes
 from .onnx_quant import quantize_graph, sources_of
 from .onnx_states import factor_tables, quantize_factor_tables, quantize_state_tables, weight_free_state_ints
 from ..dynfile.rebuild import materialized, open_converted, open_dyn
@@ -64,7 +65,7 @@ class OnnxResult:
     seconds: float
     opset: int
     kept: list[tuple[str, str]] = field(default_factory=list)  # weight-free export: layers left materialized
-    bytes: int = 0  # size of the written .onnx file
+    bytes: int = 0  # bytes on disk: the .onnx file, plus its external data file when there is one
     quantized: list[str] = field(default_factory=list)  # .dyn tensors (and state tables) stored as integers
     layouts: dict[str, str] = field(default_factory=dict)  # converted layer -> the layout it got
     weight_bytes: int = 0  # bytes of all initializers in the graph
@@ -72,6 +73,7 @@ class OnnxResult:
     grew: list[str] = field(default_factory=list)  # tensors with more bytes in the graph than in the .dyn
     activations: str = "float"
     default_session_diff: float | None = None  # --keep-qdq: max abs diff in a default session (int8 activations)
+    data_path: Path | None = None  # the weights' file beside ``path`` (external data), or None: all in ``path``
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -107,6 +109,7 @@ def export_onnx(
     activations: str = "float",
     calib: list[torch.Tensor] | None = None,
     allow_larger: bool = False,
+    external_data: bool = False,
 ) -> OnnxResult:
     """Export a standard ONNX graph, check it with ``onnx.checker`` and compare ONNX Runtime with
     the PyTorch model on random inputs.
@@ -127,6 +130,10 @@ def export_onnx(
     ``activations="int8"``: ONNX Runtime's static QDQ quantization (int8 activations and weights),
     calibrated on ``calib``; its outputs are not held to ``rel_tolerance`` (the result reports them).
 
+    Weights over ``onnx_files.EXTERNAL_DATA_ABOVE`` (or any, with ``external_data``) go into one
+    file beside the graph, ``<out>.data``, which the graph names by file name alone: ship and move
+    the two together. ``OnnxResult.bytes`` counts both.
+
     Fails (DynError, no file) when max |ort - torch| > ``rel_tolerance`` x max |torch output|.
     """
     import onnx
@@ -136,6 +143,7 @@ def export_onnx(
     if activations == "int8" and not calib:
         raise DynError("int8 activations need calibration images: give --calib (the images the file was converted on)")
     out = check_output_path(out, force)
+    data = onnx_files.check_external_data_path(out, force)
     start = time.perf_counter()
     net, meta = open_converted(source, model=model, factory=factory, original=original, trust_pickle=trust_pickle)
     size = check_input_size(tuple(input_size or meta.get("input_size") or (3, 224, 224)))
@@ -156,21 +164,25 @@ def export_onnx(
     outputs = ["output"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
     described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (2, 3, 4, 8, 16)}
-    with atomic_path(out) as tmp:
+    # built in a private folder beside `out`: torch's exporter writes one file per tensor beside a
+    # graph over 2 GB, and the external data must sit beside the graph while it is checked
+    with private_dir(out) as work:
+        raw = work / "export" / out.name
+        raw.parent.mkdir()
         try:
             with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_off():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    dense, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
+                    dense, (example,), str(raw), dynamo=False, opset_version=opset, input_names=["input"],
                     # constant folding would fold a weight-free graph's index arithmetic back into big initializers
                     output_names=outputs, dynamic_axes=axes, do_constant_folding="weight-free" not in got.values(),
                 )
         except Exception as e:  # the exporter raises many types for unsupported models/opsets
             raise DynError(f"ONNX export failed at opset {opset} ({first_line(e)})") from None
-        graph, done = onnx.load(str(tmp)), []
+        graph, done = onnx.load(str(raw)), []  # with any external data: the rewrites below see every tensor
         if activations == "int8":
-            static_int8(tmp, calib)
-            graph = onnx.load(str(tmp))
+            static_int8(raw, calib, onnx_files.over_one_file(initializer_bytes(graph)))
+            graph = onnx.load(str(raw))
         elif quantize if quantize is not None else bool(described):
             sources = sources_of(net.state_dict(), stored, described)
             if keep_qdq and any(s.bits < 8 or s.group < s.values.shape[1] for s in sources if s.bits != 16):
@@ -183,13 +195,15 @@ def export_onnx(
             states = weight_free_state_ints(net, dense, described) if "weight-free" in got.values() else {}
             done = list(rewritten.stored) + quantize_state_tables(graph, states)[0]
             done += quantize_factor_tables(graph, factor_tables(net, got, stored))[0]
+        shutil.rmtree(raw.parent)  # the graph is in memory: a large model is not kept on disk twice
         weight_bytes, grew = budget_check(graph, dense, stored, meta)
         if budget is not None and weight_bytes > budget and not allow_larger and activations == "float":
             raise DynError(f"the ONNX graph holds {weight_bytes:,} bytes of weights, over the file's budget of "
                            f"{budget:,}; grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose another --layout, "
                            "or pass --allow-larger; no file written")
-        onnx.save(graph, str(tmp))
-        try:
+        tmp = work / out.name  # the final name: the graph names its data file after it
+        external = onnx_files.save(graph, tmp, external_data or onnx_files.over_one_file(weight_bytes))
+        try:  # from the path: the checker then reads the external data too
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
             raise DynError(f"the exported ONNX graph fails onnx.checker ({first_line(e)})") from None
@@ -202,9 +216,14 @@ def export_onnx(
                 f"{scale:.3g} = {tol:.3g}; no file written"
             )
         default_diff = _compare(session_outputs(tmp, x.numpy()), want)[0] if keep_qdq else None
+        moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
+        nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files
+        move_into_place(moves)
+    if not external and data.is_file():
+        data.unlink()  # an earlier export's weights: no graph points to them now
     opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
-    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept, out.stat().st_size, done,
-                      got, weight_bytes, budget, grew, activations, default_diff)
+    return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept, nbytes, done, got,
+                      weight_bytes, budget, grew, activations, default_diff, data if external else None)
 
 
 FLOAT_MATMULNBITS = ("session.qdq_matmulnbits_accuracy_level", "0")
@@ -226,9 +245,10 @@ def session_outputs(path: Path, x: np.ndarray, config=()) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})
 
 
-def static_int8(path: Path, calib: list[torch.Tensor]) -> None:
+def static_int8(path: Path, calib: list[torch.Tensor], external: bool = False) -> None:
     """Rewrite the float graph at ``path`` with ONNX Runtime's static QDQ quantization: int8
-    activations (MinMax ranges over ``calib``) and per-channel int8 weights."""
+    activations (MinMax ranges over ``calib``) and per-channel int8 weights. ``external``: the
+    float graph passes protobuf's 2 GiB, so the quantizer's graphs keep their weights in files too."""
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -247,7 +267,8 @@ def static_int8(path: Path, calib: list[torch.Tensor]) -> None:
         path.replace(src)
         try:
             quantize_static(str(src), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            use_external_data_format=external)
         except Exception as e:
             raise DynError(f"ONNX Runtime's static int8 quantization failed ({first_line(e)})") from None
         finally:

@@ -18,6 +18,11 @@ def _nbytes(init) -> int:
     return len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
 
 
+def initializer_bytes(model) -> int:
+    """Bytes of all initializers of an ONNX ``model`` (int4 packed two to a byte)."""
+    return sum(_nbytes(i) for i in model.graph.initializer)
+
+
 def budget_check(model, dense, stored: dict, meta: dict) -> tuple[int, list[str]]:
     """(bytes of all initializers of ``model``, one line per tensor with more bytes in the graph
     than in the .dyn). Float initializers are named by value after the exported module's tensors
@@ -25,7 +30,7 @@ def budget_check(model, dense, stored: dict, meta: dict) -> tuple[int, list[str]
     that no integer initializer holds is named too."""
     from onnx import TensorProto, numpy_helper
 
-    total = sum(_nbytes(i) for i in model.graph.initializer)
+    total = initializer_bytes(model)
     if not meta:
         return total, []
     layers = sorted(meta.get("layers", {}), key=len, reverse=True)

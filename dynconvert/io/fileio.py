@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -52,21 +53,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise DynError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates the file 0600; outputs get the usual permissions (0666 minus the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        not_regular(path)  # checked again as late as possible: it may have appeared meanwhile
-        os.replace(tmp_path, path)
+        move_into_place([(tmp_path, path)])
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         raise DynError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def private_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``, removed with everything in it on exit.
+
+    For an output of several files (an ONNX graph and its external data), and for tools that
+    write files of their own beside their output: built there, on the output's filesystem, each
+    file reaches its final path in one rename (``move_into_place``); on any failure nothing is left.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=parent))
+    except OSError as e:
+        raise DynError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield tmp
+    except OSError as e:
+        raise DynError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each written temporary file onto its final path, in order, after an fsync of each:
+    the last one is the file that makes the others visible (a graph after the data it points to).
+    On failure the files already moved are removed, so no partial set is left."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, _ in moves:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp (and onnx's external data writer) create files 0600; outputs get the usual
+        # permissions (0666 minus the umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    for _, final in moves:
+        not_regular(final)  # checked again as late as possible: it may have appeared meanwhile
+    done: list[Path] = []
+    try:
+        for tmp, final in moves:
+            os.replace(tmp, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            final.unlink(missing_ok=True)
         raise
 
 
