@@ -212,7 +212,8 @@ def _ort_rounds(paths: dict, batch: int, size, threads: int, repeats: int, budge
 
 
 def _exports(dyn, folder, original, factory, meta, calib=None) -> dict:
-    """kind -> (export result or None, note): every ONNX export of the same model that ``onnx_latency`` times."""
+    """kind -> (export result, note): every ONNX export of the same model that ``onnx_latency`` times
+    (an optional export the graph cannot have is left out)."""
     made = {}
     if original is not None:
         src = meta.get("source") or {}
@@ -235,7 +236,7 @@ def _exports(dyn, folder, original, factory, meta, calib=None) -> dict:
         except DynError as e:
             print(f"{kind}: not measured ({e})")
     for kind, (res, note) in made.items():
-        if res is not None and res.layouts and kind == "default":
+        if res.layouts and kind == "default":
             counts = {k: list(res.layouts.values()).count(k) for k in dict.fromkeys(res.layouts.values())}
             made[kind] = (res, "layout auto: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return made
@@ -264,7 +265,7 @@ def onnx_latency(dyn, *, original=None, factory: str | None = None, batches=(1, 
         made = _exports(dyn, folder, original, factory, meta, calib)
         paths = {kind: folder / f"{kind}.onnx" for kind in made}
         rows = {kind: {"export": kind, "bytes": res.bytes, "note": note,  # with any external data file
-                       "kept_materialized": len(res.kept) if res is not None else None}
+                       "kept_materialized": len(res.kept)}
                 for kind, (res, note) in made.items()}
         for batch in batches:
             runs = [(_ort_rounds(paths, batch, size, t, repeats), t) for t in threads]
