@@ -175,12 +175,17 @@ def test_the_search_is_bounded_and_finds_the_smallest_passing_budget():
 
     table.trial = trial
     probe = SimpleNamespace(agreement=lambda budget: min(1.0, budget / 600))  # 0.95 from 570 bytes on
-    chosen, trials = kp.search(table, probe, 0.95)
-    assert len(trials) <= kp.MAX_TRIALS and {250, 125} <= {t.budget for t in trials}
+    chosen, trials, aim = kp.search(table, probe, 0.95)
+    assert aim == 0.95 and len(trials) <= kp.MAX_TRIALS and {250, 125} <= {t.budget for t in trials}
     assert 570 <= chosen <= 570 * kp.CLOSE * 1.01
     never = SimpleNamespace(agreement=lambda budget: 0.5)
-    chosen, trials = kp.search(table, never, 0.95)
-    assert chosen == 1000 and len(trials) == 3  # 1/4, 1/8, everything at fp32: then it stops
+    chosen, trials, aim = kp.search(table, never, 0.95)
+    assert chosen == 1000 and len(trials) == 3 and aim == 0.95  # 1/4, 1/8, everything at fp32: then it stops
+    # everything at fp32 reaches 0.98 (fp16 biases flip a probe image), the target 0.99 is out of
+    # reach: the smallest budget that reaches 0.98 (Lite2 --keep 0.99 on 64 probe images went to 0.99x)
+    ceiling = SimpleNamespace(agreement=lambda budget: min(0.98, budget / 600))
+    chosen, trials, aim = kp.search(table, ceiling, 0.99)
+    assert aim == 0.98 and 588 <= chosen <= 588 * kp.CLOSE * 1.01 and len(trials) <= kp.MAX_TRIALS
 
 
 def test_a_fitted_network_below_the_target_is_fitted_again_at_a_larger_budget(monkeypatch):
@@ -231,3 +236,39 @@ def test_refit_budget():
     assert kp.REFIT_STEP == 1.25
     assert kp.refit_budget(104, 1000) == 130 and kp.refit_budget(190, 1000) == 237
     assert kp.refit_budget(950, 1000) == 1000 and kp.refit_budget(1000, 1000) is None  # at most everything
+
+
+def test_a_target_above_the_ceiling_is_reported_with_what_was_aimed_at(monkeypatch):
+    """A `.dyn` whose target no budget reached says so in `report`, with the ceiling it aimed at,
+    and the CLI warning names it (keep.CEILING_GAP)."""
+    import io
+
+    from rich.console import Console
+
+    from dynconvert.cli import convert as cli_convert
+    from dynconvert.deploy.report import _network_lines
+
+    k = dict(target=0.99, probe=HELD_APART, probe_images=64, reached=0.9844, met=False, ceiling=0.9844,
+             budget_bytes=300, fraction=0.3, trials=[dict(budget=250, fraction=0.25, agreement=0.9688),
+                                                     dict(budget=1000, fraction=1.0, agreement=0.9844),
+                                                     dict(budget=300, fraction=0.3, agreement=0.9844)])
+    (label, line), = _network_lines(dict(keep=k))
+    assert label == "quality target" and "NOT met" in line and "aimed at the 0.984" in line, line
+    text = io.StringIO()
+    monkeypatch.setattr(cli_convert, "out", Console(file=text, width=200))
+    monkeypatch.setattr(cli_convert, "console", Console(file=text, width=200))
+    cli_convert._print_trials(k, 1000)
+    said = text.getvalue()
+    assert "not reached: 0.984" in said and "every layer at its dearest reached 0.984" in said, said
+
+
+def test_a_target_just_above_the_ceiling_aims_at_it_through_the_fit(monkeypatch):
+    """Every budget agrees 0.98 on the probe, the target is 0.99: the conversion aims at 0.98 (no
+    refit, a small file, a note saying so) and records the ceiling; the target stays NOT met."""
+    monkeypatch.setattr(Probe, "agreement", lambda self, model: 0.98)
+    notes = []
+    res = kp.convert_to_keep(bn_net(), 0.99, images(64), input_size=(3, 16, 16), min_params=2000, on_note=notes.append)
+    k = res.keep
+    assert k["ceiling"] == 0.98 and not k["met"] and not k["refits"], k
+    assert k["fraction"] < 0.5, k  # not the fp32-sized file the target alone would have given
+    assert any("no budget reaches 0.99" in n and "reached 0.980" in n for n in notes), notes
