@@ -223,7 +223,8 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
         reached = probe.agreement(table.model)
     done = clock()
     info = dict(target=keep, probe=probe.kind, probe_images=len(probe.inputs), reached=round(reached, 4),
-                met=reached >= keep, **({"ceiling": round(aim, 4)} if aim < keep else {}), budget_bytes=budget, fraction=round(budget / table.original_bytes, 4),
+                met=reached >= keep, **({"ceiling": round(aim, 4)} if aim < keep else {}),
+                budget_bytes=budget, fraction=round(budget / table.original_bytes, 4),
                 trials=trials_dicts(trials, table.original_bytes), refits=missed,
                 seconds=dict(inputs=round(inputs_s, 1), candidates=round(measured - start - inputs_s, 1),
                              search=round(searched - measured, 1), fitting=round(fitted - searched, 1),
