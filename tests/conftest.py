@@ -55,3 +55,14 @@ def small_factory(tmp_path, monkeypatch):
     torch.manual_seed(0)
     torch.save(importlib.import_module("smallnet").build().state_dict(), tmp_path / "m.pth")
     return tmp_path / "m.pth", "smallnet:build"
+
+
+@pytest.fixture
+def small_dyn(tmp_path, cli, small_factory):
+    """small_factory's net converted (20 steps): (m.dyn, m.pth, "smallnet:build")."""
+    ckpt, factory = small_factory
+    out = tmp_path / "m.dyn"
+    code, _, err = cli("convert", ckpt, "--out", out, "--model", factory, "--steps", "20", "--min-params", "100",
+                       "--input-size", "3,8,8", "--threads", "1")
+    assert code == 0, err
+    return out, ckpt, factory

@@ -10,16 +10,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def small_dyn(tmp_path, cli, small_factory):
-    ckpt, factory = small_factory
-    out = tmp_path / "m.dyn"
-    code, _, err = cli("convert", ckpt, "--out", out, "--model", factory, "--steps", "20", "--min-params", "100",
-                       "--input-size", "3,8,8", "--threads", "1")
-    assert code == 0, err
-    return out, ckpt, factory
-
-
 def test_factorized_export_matches_and_is_two_thin_layers(tmp_path, small_dyn):
     """Each sql2 layer becomes two thin ops whose product is the converted layer (export_onnx
     checks ORT against PyTorch), with rank-(H*d+2) inner dimensions."""

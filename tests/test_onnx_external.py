@@ -16,16 +16,6 @@ from dynconvert.errors import DynError
 from helpers import one_line_error
 
 
-@pytest.fixture
-def small_dyn(tmp_path, cli, small_factory):
-    ckpt, factory = small_factory
-    out = tmp_path / "m.dyn"
-    code, _, err = cli("convert", ckpt, "--out", out, "--model", factory, "--steps", "2", "--min-params", "100",
-                       "--input-size", "3,8,8", "--threads", "1")
-    assert code == 0, err
-    return out, factory
-
-
 def _files(folder):
     """What an export may have left: graphs, data files, temporaries, the exporter's per-tensor files."""
     return sorted(p.name for p in folder.iterdir() if p.suffix not in (".dyn", ".pth", ".py") and p.name != "__pycache__")
@@ -56,7 +46,7 @@ def _check_pair(graph, model, res=None):
 def test_forced_and_automatic_external_data_then_one_file_again(tmp_path, small_dyn, monkeypatch):
     import dynconvert
 
-    dyn, factory = small_dyn
+    dyn, _, factory = small_dyn
     model = dynconvert.load(dyn, factory=factory).eval()
     res = export_onnx(dyn, tmp_path / "forced.onnx", factory=factory, external_data=True)
     _check_pair(tmp_path / "forced.onnx", model, res)
@@ -86,7 +76,7 @@ def test_the_exporters_files_per_tensor_stay_in_the_private_folder(tmp_path, sma
     them into the graph and writes one data file; they never reach the output's folder."""
     import dynconvert
 
-    dyn, factory = small_dyn
+    dyn, _, factory = small_dyn
     real = torch.onnx.export
 
     def per_tensor(model, args, f, **kw):  # what the exporter does for a model over 2 GB
@@ -104,7 +94,7 @@ def test_the_exporters_files_per_tensor_stay_in_the_private_folder(tmp_path, sma
 def test_int8_activations_over_the_threshold(tmp_path, small_dyn, monkeypatch):
     """ONNX Runtime's static quantizer gets a float graph over the threshold: its own graphs keep
     their weights in files too, and the result is written as a pair."""
-    dyn, factory = small_dyn
+    dyn, _, factory = small_dyn
     monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_ABOVE", 1000)
     res = export_onnx(dyn, tmp_path / "q.onnx", factory=factory, activations="int8", calib=[torch.randn(8, 3, 8, 8)])
     assert res.data_path is not None and res.bytes == sum((tmp_path / n).stat().st_size for n in ("q.onnx", "q.onnx.data"))
@@ -113,7 +103,7 @@ def test_int8_activations_over_the_threshold(tmp_path, small_dyn, monkeypatch):
 
 
 def test_a_failed_check_leaves_no_file_and_an_earlier_pair_untouched(tmp_path, small_dyn, monkeypatch):
-    dyn, factory = small_dyn
+    dyn, _, factory = small_dyn
     out = tmp_path / "m.onnx"
     real_run = ort.InferenceSession.run
     with monkeypatch.context() as wrong:
@@ -133,7 +123,7 @@ def test_a_failed_check_leaves_no_file_and_an_earlier_pair_untouched(tmp_path, s
 
 
 def test_cli_flag_and_data_path_refusals(cli, tmp_path, small_dyn, monkeypatch):
-    dyn, factory = small_dyn
+    dyn, _, factory = small_dyn
     out = tmp_path / "c.onnx"
     code, stdout, err = cli("export", dyn, "--onnx", out, "--model", factory, "--external-data")
     assert code == 0, err
