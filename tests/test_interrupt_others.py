@@ -57,7 +57,10 @@ def run_and_interrupt(workdir, args, out, point, sig, previous, valid):
     if out.exists() and out.read_bytes() != previous:  # the work was done before the signal landed
         assert "wrote" in output and valid(out), output
         return
-    assert proc.returncode == 130 and "interrupted" in output, output
+    assert proc.returncode == 130, output
+    # a signal that lands while torch is still loading (a busy machine: the fixed delay) ends
+    # quietly, as dynconvert/__main__.py says: nothing had begun
+    assert "interrupted" in output or not output.strip(), output
 
 
 CASES = [("line-1", signal.SIGINT, False), ("line-3", signal.SIGTERM, True), ("delay-4", signal.SIGINT, True)]
