@@ -253,7 +253,7 @@ def test_a_target_above_the_ceiling_is_reported_with_what_was_aimed_at(monkeypat
                                                      dict(budget=1000, fraction=1.0, agreement=0.9844),
                                                      dict(budget=300, fraction=0.3, agreement=0.9844)])
     (label, line), = _network_lines(dict(keep=k))
-    assert label == "quality target" and "NOT met" in line and "aimed at the 0.984" in line, line
+    assert label == "quality target" and "NOT met" in line and "aimed at the 0.984" in line and "no trial reached" in line, line
     text = io.StringIO()
     monkeypatch.setattr(cli_convert, "out", Console(file=text, width=200))
     monkeypatch.setattr(cli_convert, "console", Console(file=text, width=200))

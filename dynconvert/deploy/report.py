@@ -234,7 +234,7 @@ def _network_lines(rep: dict) -> list[tuple[str, str]]:
         lines.append(("quality target", f"--keep {k['target']:g} {'met' if k['met'] else 'NOT met'}: "
                                         f"{k['reached']:.3f} on {k['probe_images']} probe images ({k['probe']}) at "
                                         f"{k['fraction']:.3f}x the fp32 bytes, chosen from {len(k['trials'])} trials"
-                                        + (f" (no budget reached the target; aimed at the {k['ceiling']:.3f} every "
+                                        + (f" (no trial reached the target; the search aimed at the {k['ceiling']:.3f} every "
                                            "layer at its dearest reached)" if "ceiling" in k else "")))
     return lines
 
