@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import DynError
-from .pipeline import BudgetResult, Table, find_units, fit_allocation, measure, prepare, reconstruct_fitted
+from .pipeline import (BudgetResult, Table, find_units, fit_allocation, measure, prepare, reconstruct_fitted,
+                       round_to_fp16)
 from .probe import HELD_APART, SYNTHETIC, Probe, affordable_steps, synthetic_probe
 from .synth import bn_synthetic_batches, synthesis_size
 
@@ -253,9 +254,6 @@ def restored(table: Table, model: nn.Module, include, exclude) -> Table:
     refit needs it: no second copy of the network on every run."""
     for name, child in table.original.named_children():
         setattr(model, name, copy.deepcopy(child))
-    state = model.state_dict()
-    with torch.no_grad():
-        for k in table.halves:
-            state[k].copy_(state[k].half().to(state[k].dtype))
+    round_to_fp16(model.state_dict(), table.halves)
     by_name = {u.name: u for u in find_units(model, include, exclude)[0]}
     return replace(table, model=model, units=[by_name[u.name] for u in table.units])

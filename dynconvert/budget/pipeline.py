@@ -268,6 +268,14 @@ def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_00
     return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params, group)
 
 
+def round_to_fp16(tensors: dict[str, torch.Tensor], keys) -> None:
+    """Round ``tensors[k]`` for every k in ``keys`` to fp16 values in place (dtype kept): the norms
+    and biases as the .dyn stores them."""
+    with torch.no_grad():
+        for k in keys:
+            tensors[k].copy_(tensors[k].half().to(tensors[k].dtype))
+
+
 def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False,
             saved=None) -> Table:
     """Step 1: every candidate of every unit fitted on the original inputs and measured in the
@@ -275,9 +283,7 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
     ``keep_fits``: keep the fits for ``Table.trial`` (int8 per row: about 2 bytes per weight).
     ``saved``: a dynfile.resume.BudgetCheckpoint the measurements are saved to and resumed from."""
     model, units, skipped = setup.model, setup.units, list(setup.skipped)
-    with torch.no_grad():  # the model is only changed once the budget is known to be reachable
-        for k in setup.halves:
-            setup.small[k].copy_(setup.small[k].half().to(setup.small[k].dtype))
+    round_to_fp16(setup.small, setup.halves)  # the model is only changed once the budget is known to be reachable
     batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
     by_first = {u.parts[0].name: u for u in units}
     units = [by_first[n] for n in execution_order(model, list(by_first), batches[0][:1])]

@@ -200,12 +200,13 @@ def _print_trials(k: dict, original_bytes: int) -> None:
     if line:
         out.print(line, highlight=False, soft_wrap=True, markup=False)
     if not k["met"]:
-        passed = [t for t in k["trials"] if t["agreement"] >= k["target"]]
-        why = ("no trial reached it, up to every layer at fp32" if not passed
-               else "the trial at this budget did; the sequential fit moved it")
         if "ceiling" in k:
             why = (f"no budget reaches it on this probe; every layer at its dearest reached {k['ceiling']:.3f}, and this "
                    "is the smallest file whose trial reached that")
+        elif any(t["agreement"] >= k["target"] for t in k["trials"]):
+            why = "the trial at this budget did; the sequential fit moved it"
+        else:
+            why = "no trial reached it, up to every layer at fp32"
         console.print(f"warning: the target {k['target']:g} was not reached: {k['reached']:.3f} on the probe ({why})",
                       highlight=False, soft_wrap=True, markup=False)
 
