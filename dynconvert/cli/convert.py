@@ -188,7 +188,7 @@ def _keep_target(keep, modes: dict, states: dict) -> float | None:
 
 
 def _print_trials(k: dict, original_bytes: int) -> None:
-    from ..budget.keep import tradeoff_line
+    from ..budget.keep import REFIT_STEP, tradeoff_line
 
     out.print(f"--keep {k['target']:g}: trials on {k['probe_images']} probe images ({k['probe']})",
               highlight=False, soft_wrap=True, markup=False)
@@ -203,6 +203,9 @@ def _print_trials(k: dict, original_bytes: int) -> None:
         if "ceiling" in k:
             why = (f"no budget reaches it on this probe; every layer at its dearest reached {k['ceiling']:.3f}, and this "
                    "is the smallest file whose trial reached that")
+        elif "close" in k:
+            why = (f"the fitted network read {k['close']['reached']:.3f}, within {k['close']['slack']:g} of it, so it was "
+                   f"not fitted again: a refit at {REFIT_STEP:g}x the bytes lands further above the target than this is below")
         elif any(t["agreement"] >= k["target"] for t in k["trials"]):
             why = "the trial at this budget did; the sequential fit moved it"
         else:

@@ -235,7 +235,10 @@ def _network_lines(rep: dict) -> list[tuple[str, str]]:
                                         f"{k['reached']:.3f} on {k['probe_images']} probe images ({k['probe']}) at "
                                         f"{k['fraction']:.3f}x the fp32 bytes, chosen from {len(k['trials'])} trials"
                                         + (f" (no trial reached the target; the search aimed at the {k['ceiling']:.3f} every "
-                                           "layer at its dearest reached)" if "ceiling" in k else "")))
+                                           "layer at its dearest reached)" if "ceiling" in k else "")
+                                        + (f" (the fitted network read {k['close']['reached']:.3f}, within "
+                                           f"{k['close']['slack']:g} of the target: not fitted again)"
+                                           if "close" in k and not k["met"] else "")))
     return lines
 
 
