@@ -8,7 +8,13 @@ times, their ratio, the load average around each run (other users of the machine
 peak memory (the largest single process, and the whole process tree: the converting process plus
 its fitting workers, sampled every 0.2 s), and checks both files are the same bytes.
 
-    python -m benchmarks.convert_time [--model resnet50|vit_b_16] [--steps N] [--threads N] [--keep DIR] [--no-load]
+    python -m benchmarks.convert_time [--model resnet50|vit_b_16|vit_l_16|vit_h_14] [--steps N] [--threads N]
+                                      [--keep DIR] [--no-load] [--size 1/4 --calib-photos 64]
+
+``--size F --calib-photos N``: the budgeted route at the model's real resolution (issue 20 item 3),
+``convert --size F --calib DIR`` on N random crops of the bundled photos (benchmarks/photos.py)
+written as PNG files. The ViTs' heads are drawn from N(0, 0.02) (torchvision leaves them zero,
+which makes every output the same).
 
 convert's default ``--threads`` follows ``OMP_NUM_THREADS`` when it is set (as a user's would):
 leave it unset to time the default of one worker per core.
@@ -34,7 +40,31 @@ MODELS = {
     # model: (extra convert arguments, target seconds on idle cores, whether the issue asks for the busy-loop run)
     "resnet50": (["--recipe", "resnet50"], 180, True),
     "vit_b_16": ([], 300, False),
+    "vit_l_16": ([], 720, False),
+    "vit_h_14": ([], None, False),
 }
+
+
+def fresh_model(name: str) -> torch.nn.Module:
+    """A random-init torchvision model; a ViT's head N(0, 0.02) instead of torchvision's zeros."""
+    model = getattr(torchvision.models, name)()
+    if name.startswith("vit_"):
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def write_photo_crops(folder: Path, n: int, size: int) -> None:
+    """``n`` random crops of the calibration photos as PNG files (what `--calib DIR` reads)."""
+    from PIL import Image
+
+    from benchmarks.photos import IMAGENET_MEAN, IMAGENET_STD, photo_crops
+
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = photo_crops("calib", n, size=size, seed=0)
+    crops = crops * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    for i, c in enumerate(crops):
+        pixels = (c.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"crop{i:04d}.png")
 
 
 def _tree_rss(root: int) -> int:
@@ -88,8 +118,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="convert --threads (default: the CLI's)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the .pth and the .dyn files in this folder")
     ap.add_argument("--no-load", action="store_true", help="skip the run beside a busy-loop process")
+    ap.add_argument("--size", default=None, help="convert --size FRACTION (the budgeted route) instead of the default")
+    ap.add_argument("--calib-photos", type=int, default=0, help="with --size: N photo crops at the model's resolution as --calib")
     args = ap.parse_args()
     extra, target, under_load = MODELS[args.model]
+    if args.size:
+        extra, target, under_load = ["--size", args.size], (1800 if args.model == "vit_b_16" else None), False
     if os.environ.get("OMP_NUM_THREADS") and args.threads is None:
         print(f"note: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} sets convert's default --threads; "
               "unset it to time the default of one worker per core", flush=True)
@@ -97,7 +131,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{args.model}.pth"
     torch.manual_seed(0)
-    torch.save(getattr(torchvision.models, args.model)().state_dict(), ckpt)
+    torch.save(fresh_model(args.model).state_dict(), ckpt)
+    if args.size and args.calib_photos:
+        write_photo_crops(work / "calib", args.calib_photos, 224)  # every model here takes 224 x 224
+        extra += ["--calib", str(work / "calib"), "--calib-images", str(args.calib_photos)]
 
     idle = timed_convert(ckpt, work / f"{args.model}.dyn", extra, args)
     print(f"as the machine is: {idle['seconds']:.0f} s (load average before {idle['loadavg_before']}), "
@@ -115,19 +152,24 @@ def main() -> None:
     from dynconvert.dynfile.format import read_dyn
 
     _, meta = read_dyn(work / f"{args.model}.dyn")
-    layers = meta["layers"].values()
+    layers = list(meta["layers"].values())  # the layers that became states (a budget may choose none)
     result = dict(
-        model=args.model, idle=idle, under_load=loaded, cpu_count=os.cpu_count(), converted_layers=len(meta["layers"]),
-        max_layer_ratio=round(max(v["state_params"] / v["dense_params"] for v in layers), 4),
-        mean_rel_error=round(sum(v["rel_error"] for v in layers) / len(layers), 4),
-        mean_svd_rel_error=round(sum(v["svd_rel_error"] for v in layers) / len(layers), 4),
-        steps=meta["options"]["steps"],
+        model=args.model, args=extra, idle=idle, under_load=loaded, cpu_count=os.cpu_count(), fp32_bytes=ckpt.stat().st_size,
+        dyn_bytes=(work / f"{args.model}.dyn").stat().st_size, converted_layers=len(layers),
+        steps=meta["options"].get("steps"),
     )
+    result["peak_tree_x_fp32"] = round(idle["peak_tree_mb"] * 1e6 / result["fp32_bytes"], 2)
+    if layers:
+        result.update(max_layer_ratio=round(max(v["state_params"] / v["dense_params"] for v in layers), 4),
+                      mean_rel_error=round(sum(v["rel_error"] for v in layers) / len(layers), 4),
+                      mean_svd_rel_error=round(sum(v["svd_rel_error"] for v in layers) / len(layers), 4))
     if loaded:
         result["load_ratio"] = round(loaded["seconds"] / idle["seconds"], 2)
         result["same_bytes"] = (work / f"{args.model}.dyn").read_bytes() == (work / f"{args.model}_load.dyn").read_bytes()
     print(json.dumps(result))
-    line = f"{args.model}: {idle['seconds']:.0f} s (target <= {target} s on idle cores), {len(meta['layers'])} layers"
+    line = (f"{args.model} {' '.join(extra[:2]) or 'default'}: {idle['seconds']:.0f} s"
+            + (f" (target <= {target} s on idle cores)" if target else "")
+            + f", peak {idle['peak_tree_mb']} MB = {result['peak_tree_x_fp32']}x the fp32 bytes, {len(layers)} state layers")
     if loaded:
         line += f"; {loaded['seconds']:.0f} s beside a busy loop = {result['load_ratio']:.2f}x (target <= 2x)"
     print(line)
