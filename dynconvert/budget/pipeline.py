@@ -40,6 +40,7 @@ from ..dynamics.layers import find_targets
 from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
 from .reconstruct import reconstruct_after_fit
+from .suffix import Suffix
 from .table import Setup, Table, kept_fit
 
 SENSITIVITY_IMAGES = 16
@@ -151,8 +152,8 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                        notes: dict | None = None, fits: dict | None = None, saved=None,
                        ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
-    the network runs on ``images`` and its output error (mean squared change of the outputs over
-    their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
+    the network runs on ``images`` (from the layer's block on: suffix.py) and its output error
+    (mean squared change of the outputs over their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
     rounding error of the same size move a network very differently. A candidate whose layer
     output error is far above its unit's (bytes, error) hull is not run (``worth_measuring``).
 
@@ -165,7 +166,8 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     unit is measured alone on the original network, so the result is the same)."""
     if saved is not None and fits is not None:
         raise ValueError("saved measurements keep no fits: a --keep search cannot resume")
-    reference = model(images)
+    suffix = Suffix(model, [p.name for u in units for p in u.parts], images)  # runs the reference pass
+    reference = suffix.reference
     scale = reference.pow(2).mean().clamp_min(1e-30)
     options, sensitivity = {}, {}
     for i, u in enumerate(units):
@@ -200,7 +202,8 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                 elif run:
                     for w, d in zip(weights, ds):
                         w.data.copy_(d.reshape(w.shape))
-                    err = float((model(images) - reference).pow(2).mean() / scale)
+                    with suffix.from_layer([p.name for p in u.parts]):  # the blocks upstream are unchanged
+                        err = float((model(images) - reference).pow(2).mean() / scale)
                     if cand.kind == "int4" and u.name not in sensitivity:
                         sensitivity[u.name] = err / max(layer_err, 1e-30)
                 if err is not None:
