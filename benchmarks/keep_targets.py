@@ -31,6 +31,7 @@ from benchmarks.photos import photo_crops
 from dynconvert.budget import keep as K
 from dynconvert.budget import probe as P
 from dynconvert.budget.quant import fake_quant
+from dynconvert.io.allocator import keep_freed_memory
 
 
 def cache_synthesis(folder: Path) -> None:
@@ -63,6 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--synth-cache", type=Path)
     ap.add_argument("--out", type=Path, default=Path("bench-out/keep_targets"))
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the CLI does (dynconvert/io/allocator.py)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.synth_cache:

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.photos import photo_crops
+from dynconvert.io.allocator import keep_freed_memory
 
 
 def build(name: str):
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does (dynconvert/io/allocator.py)
     torch.set_num_threads(args.threads)
     model, size = build(args.model)
     images = photo_crops("calib", args.calib, size=size, seed=0)

@@ -55,6 +55,7 @@ import torch
 from benchmarks.real_families import Bench, FAMILIES
 from benchmarks.real_measure import fmt_bytes, machine_info, measure, plot, print_table
 from benchmarks.real_rows import KINDS, label, row_specs
+from dynconvert.io.allocator import keep_freed_memory
 
 
 # ---------------------------------------------------------------------------- main
@@ -120,6 +121,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out))
+    keep_freed_memory()  # as the CLI does (dynconvert/io/allocator.py)
     torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,9 @@ def _exit_with(parent) -> None:
 
 
 def _init_worker() -> None:
+    from ..io.allocator import keep_freed_memory
+
+    keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     parent = mp.parent_process()

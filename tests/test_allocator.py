@@ -1,0 +1,40 @@
+"""io/allocator.py: freed memory stays in the process, so a network's forward passes after the
+first reuse their activations' pages instead of faulting them in again (glibc);
+DYNCONVERT_SYSTEM_MALLOC=1 leaves malloc alone."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import resource, torch
+from dynconvert.io.allocator import keep_freed_memory
+took = keep_freed_memory()
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+                          torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1))
+x = torch.randn(8, 3, 128, 128)  # 16 MB activations, as a candidate measurement's are
+with torch.no_grad():
+    net(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        net(x)
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(**env) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env}).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_forward_passes_reuse_freed_pages():
+    took, kept = faults()
+    off, plain = faults(DYNCONVERT_SYSTEM_MALLOC="1")
+    assert (took, off) == ("True", "False")
+    # measured: 36,768 page faults in three passes with the system's settings, 4,096 with these
+    assert plain > 20_000 and kept * 4 < plain, (plain, kept)
