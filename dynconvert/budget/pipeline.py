@@ -153,8 +153,9 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
                        ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` (from the layer's block on: suffix.py) and its output error
-    (mean squared change of the outputs over their mean square) is that candidate's cost. Measured, not predicted: a low-rank error and a
-    rounding error of the same size move a network very differently. A candidate whose layer
+    (mean squared change of the outputs over their mean square) is that candidate's cost.
+    Measured, not predicted: a low-rank error and a rounding error of the same size move a
+    network very differently. A candidate whose layer
     output error is far above its unit's (bytes, error) hull is not run (``worth_measuring``).
 
     Returns (per layer: [(candidate, network error)], per layer: sensitivity = network error per

@@ -22,8 +22,8 @@ from .reconstruct import find_blocks
 
 class Suffix:
     def __init__(self, model: nn.Module, layers, images: torch.Tensor):
-        """Runs ``model(images)`` once (the reference pass) and returns; ``self.reference`` is its output."""
-        self.model = model
+        """Runs ``model(images)`` once (the reference pass); ``self.reference`` is its output. The
+        records take each block's output bytes (ViT-B/16, 16 images: 10 MB a block)."""
         names = find_blocks(model, layers)
         modules = dict(model.named_modules())
         calls: dict[str, list] = {n: [] for n in names}
