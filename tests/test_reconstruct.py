@@ -231,3 +231,21 @@ def test_cli_one_tiny_calibration_image_is_a_stated_fallback(cli, tmp_path, monk
     # the research route (states at a --ratio) has no byte-budgeted fit to reconstruct after
     code, stdout, stderr = cli(*args[:-4], "--ratio", "0.25", "--no-reconstruct", "--force")
     assert code == 2 and "add --size" in one_line_error(code, stdout, stderr)
+
+
+def test_rounding_starts_from_the_fitted_integers():
+    """The learned rounding starts at the fitted weights (GPTQ's), not at the original rounded
+    afresh: with nothing learned (lr 0) every weight comes back exactly as fitted, here integers
+    one step off nearest rounding wherever that is allowed, which round-to-nearest would undo."""
+    original, x = setup()
+    model, quantized = quantized_copy(original)
+    with torch.no_grad():
+        for key, entry in quantized.items():
+            w = model.get_parameter(key)
+            s = entry["scale"].reshape([-1] + [1] * (w.ndim - 1))
+            step = torch.where(original.get_parameter(key) / s > w / s, 1.0, -1.0)  # towards the original
+            w.copy_(((w / s).round() + step).clamp(-7, 7) * s)
+    fitted = copy.deepcopy(model.state_dict())
+    reconstruct(model, original, x, quantized, options=ReconOptions(iters=3, batch=8, lr=0.0, reg_weight=0.0))
+    state = model.state_dict()
+    assert all(torch.allclose(state[k], fitted[k], atol=1e-6) for k in quantized)
