@@ -10,12 +10,10 @@ once per forward pass is left alone.
 
 **What is tuned**, inside one block at a time, on its inputs in the network compressed so far:
 
-- every weight stored as integers (``quantized`` entries with a ``scale``) learns its rounding
-  (AdaRound, Nagel et al. 2020): ``W = s * clamp(b + h(v), qmin, qmax)``, ``h`` a stretched
-  sigmoid in [0, 1] starting at the fitted integers (GPTQ's) and ``b`` one step below or at them,
-  towards the original weight ``W0`` (``_AdaRound``), and a regularizer pulling ``h`` to 0 or
-  1 with an annealed exponent; at the end ``h`` is rounded, so the weight is exactly on its grid
-  (``(scale_expanded, qmin, qmax)`` is all it needs of the grid: a group-wise one plugs in);
+- every integer weight (``quantized`` entries with a ``scale``) learns its rounding (AdaRound,
+  Nagel et al. 2020): ``W = s * clamp(b + h(v), qmin, qmax)``, ``h`` a stretched sigmoid from the
+  fitted integer towards the original weight (``_AdaRound``) pulled to 0 or 1 by an annealed
+  regularizer, rounded at the end: the weight ends on its grid (per channel or group-wise);
 - dynamics states (int8, one scale per state vector) and their couplings and offsets, with the
   states rounded on the forward pass (straight-through gradients).
 
@@ -40,7 +38,7 @@ import torch.nn.utils.parametrize as P
 from .augment import augment, held_apart
 from ..errors import DynError
 from . import quant
-from .quant import fake_quant, qmax as _qmax
+from .quant import fake_quant
 
 GAMMA, ZETA = -0.1, 1.1
 """AdaRound's stretch of the sigmoid, so that h reaches exactly 0 and 1."""
@@ -85,24 +83,15 @@ def find_blocks(model: nn.Module, layers) -> list[str]:
 
 
 def grid(weight: torch.Tensor, entry: dict) -> tuple[torch.Tensor, int, int]:
-    """(scale broadcast to the weight's shape, qmin, qmax) of a weight stored as integers."""
-    grid_of = getattr(quant, "grid_of", None)  # group-wise grids; the per-channel view below is their case G = n
-    if grid_of is not None:
-        return grid_of(weight, entry, entry["scale"])
-    q = _qmax(int(entry["bits"]))
-    scale = entry["scale"].detach().float().reshape([weight.shape[0]] + [1] * (weight.ndim - 1))
-    return scale.expand_as(weight), -q, q
+    """(scale broadcast to the weight's shape, qmin, qmax) of a weight stored as integers (per
+    channel or group-wise: quant.grid_of)."""
+    return quant.grid_of(weight, entry, entry["scale"])
 
 
 class _AdaRound(nn.Module):
-    """Parametrization: the weight with learned rounding (ignores the tensor it replaces).
-
-    It starts at the fitted integers ``q`` (GPTQ's, whose rounding errors were already pushed onto
-    the later columns) and may move each one step towards the original weight ``w0``: the pair
-    {q, its neighbour on w0's side} is floor/ceil of w0 itself when ``q`` is w0 rounded to
-    nearest, and the start is then AdaRound's (h = w0's fraction, the soft weight w0). Starting from w0 instead would throw GPTQ's choices away: the hard
-    rounding after a few hundred steps is then nearly round-to-nearest (on Lite2 a block's output
-    error went 0.0116 -> 0.0496 that way)."""
+    """The weight with learned rounding (a parametrization), from the fitted (GPTQ) integers one
+    step at most towards the original ``w0`` (AdaRound's floor/ceil when the fit is nearest);
+    from w0 itself GPTQ's choices were lost (Lite2: a block's error 0.0116 -> 0.0496)."""
 
     def __init__(self, w0: torch.Tensor, fitted: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int):
         super().__init__()

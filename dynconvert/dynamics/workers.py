@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import DynError
+from ..io.allocator import keep_freed_memory
 
 _threads: int | None = None
 
@@ -91,8 +92,6 @@ def _exit_with(parent) -> None:
 
 
 def _init_worker() -> None:
-    from ..io.allocator import keep_freed_memory
-
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
