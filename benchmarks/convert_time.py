@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--size", default=None, help="convert --size FRACTION (the budgeted route) instead of the default")
     ap.add_argument("--calib-photos", type=int, default=0, help="with --size: N photo crops at the model's resolution as --calib")
     args = ap.parse_args()
+    if args.calib_photos and not args.size:
+        ap.error("--calib-photos goes with --size (the default convert calibrates on no images)")
     extra, target, under_load = MODELS[args.model]
     if args.size:
         extra, target, under_load = ["--size", args.size], (1800 if args.model == "vit_b_16" else None), False
