@@ -42,8 +42,10 @@ class Suffix:
         finally:
             for h in hooks:
                 h.remove()
-        # only blocks called once with a plain tensor out can stand in for themselves
-        once = [n for n in dict.fromkeys(order) if len(calls[n]) == 1 and isinstance(calls[n][0], torch.Tensor)]
+        # only blocks called once with a plain tensor out can stand in for themselves (and a
+        # scripted module takes no stand-in forward)
+        once = [n for n in dict.fromkeys(order) if len(calls[n]) == 1 and isinstance(calls[n][0], torch.Tensor)
+                and not isinstance(modules[n], torch.jit.ScriptModule)]
         self.order = once
         self.outputs = {n: calls[n][0] for n in once}
         self.modules = {n: modules[n] for n in once}
@@ -61,19 +63,11 @@ class Suffix:
         A layer outside every recorded block: everything is computed, as without this."""
         where = [self.block_index(n) for n in layers]
         start = 0 if any(i is None for i in where) else min(where)
-        stubbed = []
-        try:
-            for n in self.order[:start]:  # a copy: code after a block may change its output in place
-                self.modules[n].forward = lambda *a, _out=self.outputs[n], **k: _out.clone()
-                stubbed.append(n)
-        except (AttributeError, TypeError, RuntimeError):  # a module that will not take it (scripted): compute
-            self._restore(stubbed)
-            stubbed = []
+        stubbed = self.order[:start]
+        for n in stubbed:  # a copy: code after a block may change its output in place
+            self.modules[n].forward = lambda *a, _out=self.outputs[n], **k: _out.clone()
         try:
             yield
         finally:
-            self._restore(stubbed)
-
-    def _restore(self, names) -> None:
-        for n in names:
-            del self.modules[n].forward
+            for n in stubbed:
+                del self.modules[n].forward

@@ -5,8 +5,8 @@ on free, so a network's activations are zero-filled pages again on every forward
 EfficientNet-Lite2, 16 images at 260 x 260, one thread: 5.9 s of kernel time against 4.0 s of
 compute per 5 passes, and half the CPU time of a whole `--keep` conversion (988 s sys, 928 s
 user). With mmap off and the heap trimmed only above 1 GB free, the same passes take 0.0 s of
-kernel time, for about 15% more peak memory (959 -> 1119 MB there). ``DYNCONVERT_SYSTEM_MALLOC=1`` leaves the
-allocator as it was.
+kernel time, for about 15% more peak memory (959 -> 1119 MB there).
+``DYNCONVERT_SYSTEM_MALLOC=1`` leaves the allocator as it was.
 """
 
 from __future__ import annotations
