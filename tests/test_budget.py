@@ -73,6 +73,20 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 7 + 1e-4
 
 
+def test_gptq_reuses_its_inverse_factor_only_for_the_same_unchanged_moments():
+    torch.manual_seed(3)
+    w = torch.randn(16, 48)
+    x = torch.randn(500, 48) @ torch.randn(48, 48)
+    c = x.T @ x / len(x)
+    first, _ = gptq_quantize(w, c, 4)
+    assert torch.equal(gptq_quantize(w, c, 4)[0], first)  # the factor kept from the call before
+    assert torch.equal(gptq_quantize(w, c.clone(), 4)[0], first)  # computed again: the same numbers
+    d = torch.linspace(0.1, 10, 48)
+    c.mul_(d[:, None] * d[None, :])  # changed in place: the kept factor must not be used
+    assert torch.equal(gptq_quantize(w, c, 4)[0], gptq_quantize(w, c.clone(), 4)[0])
+    assert not torch.equal(gptq_quantize(w, c, 4)[0], first)
+
+
 def test_budgeted_conversion_file_fits_and_reads_back(tmp_path):
     net = bn_net()
     reference = bn_net()

@@ -71,6 +71,15 @@ def row_scales(w: torch.Tensor, bits: int, grid: int = 20) -> torch.Tensor:
     return best
 
 
+@keep_last
+def _inverse_factor(c: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of (damped C)^-1 that GPTQ spreads rounding errors with: the same
+    for every candidate of a layer, and 1.8 s of a 2.8 s int4 fit of a 3072-input layer."""
+    h = damped(c.double(), 1e-2)
+    h[h.diagonal() <= 0, h.diagonal() <= 0] = 1
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
                   group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``w`` (m x n) to ``bits``, minimizing tr(E C E').
@@ -89,9 +98,7 @@ def gptq_quantize(w: torch.Tensor, c: torch.Tensor, bits: int, block: int = 128,
         lo, hi = group_range(bits)
         scales = torch.zeros(m, n // group, dtype=torch.float64)
         block = block // group * group or block  # groups up to a block never straddle two
-    h = damped(c.double(), 1e-2)
-    h[h.diagonal() <= 0, h.diagonal() <= 0] = 1
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_factor(c)
     out = torch.zeros_like(w)
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
