@@ -136,7 +136,8 @@ def collect_moments(
                     own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
                 a = acc.setdefault(tuple(names), [0, 0, 0])
                 a[0] = a[0] + own
-                a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).double())
+                if original is not None:  # without one, cross is own: not summed twice
+                    a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).double())
                 a[2] += v.shape[0]
             if stop_after in names:
                 raise _Stop
@@ -154,7 +155,8 @@ def collect_moments(
                 except _Stop:
                     pass
     out = {}
-    for names, (own, cross, count) in acc.items():
+    for names in list(acc):  # each float64 sum freed as soon as its moments are made
+        own, cross, count = acc.pop(names)  # cross: 0 without an original (own stands for it)
         if not shrink:
             own_s = (own / count).float()
             moments = Moments(own_s, (cross / count).float() if original is not None else own_s, count)
