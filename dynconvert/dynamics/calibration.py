@@ -133,13 +133,11 @@ def collect_moments(
                     v, refs = v.double(), [r if r is None else r.double() for r in refs]
                     own = v.T @ v
                 else:
-                    # float32 products, summed over a few batches in float32: float64 sums of a ViT-L's
-                    # 24 4096-wide MLP inputs would hold 3.2 GB at once
-                    own = v.T @ v
+                    own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
                 a = acc.setdefault(tuple(names), [0, 0, 0])
                 a[0] = a[0] + own
                 if original is not None:  # without one, cross is own: not summed twice
-                    a[1] = a[1] + (own if refs[0] is None else refs[0].T @ v)
+                    a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).double())
                 a[2] += v.shape[0]
             if stop_after in names:
                 raise _Stop
@@ -157,7 +155,7 @@ def collect_moments(
                 except _Stop:
                     pass
     out = {}
-    for names in list(acc):  # each sum freed as soon as its moments are made
+    for names in list(acc):  # each float64 sum freed as soon as its moments are made
         own, cross, count = acc.pop(names)  # cross: 0 without an original (own stands for it)
         if not shrink:
             own_s = (own / count).float()
