@@ -10,14 +10,10 @@ once per forward pass is left alone.
 
 **What is tuned**, inside one block at a time, on its inputs in the network compressed so far:
 
-- every integer weight (``quantized`` entries with a ``scale``) learns its rounding:
-  ``W = s * clamp(b + [v >= 0], qmin, qmax)``, from the fitted integer one step at most towards
-  the original weight (``_LearnedRounding``). The forward pass always uses the rounded weight, so
-  the loss tuned is the deployed block's; the gradient reaches ``v`` through AdaRound's stretched
-  sigmoid (Nagel et al. 2020) as a straight-through estimate. AdaRound's own schedule (soft
-  rounding pulled to 0/1 by an annealed regularizer, rounded at the end) needs thousands of steps:
-  in 100, rounding at the end undid the tuning (EfficientNet-Lite2 ``--size 1/6``: 18 of 22 blocks
-  worse on held-apart images, against 7 of 22 straight-through);
+- every integer weight (``quantized`` entries with a ``scale``) learns its rounding (AdaRound,
+  Nagel et al. 2020): ``W = s * clamp(b + h(v), qmin, qmax)``, ``h`` a stretched sigmoid from the
+  fitted integer towards the original weight (``_AdaRound``) pulled to 0 or 1 by an annealed
+  regularizer, rounded at the end: the weight ends on its grid (per channel or group-wise);
 - dynamics states (int8, one scale per state vector) and their couplings and offsets, with the
   states rounded on the forward pass (straight-through gradients).
 
@@ -45,7 +41,7 @@ from . import quant
 from .quant import fake_quant
 
 GAMMA, ZETA = -0.1, 1.1
-"""AdaRound's stretch of the sigmoid (the surrogate the rounding's gradient flows through)."""
+"""AdaRound's stretch of the sigmoid, so that h reaches exactly 0 and 1."""
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
@@ -53,12 +49,13 @@ CONTAINERS = (nn.Sequential, nn.ModuleList)
 class ReconOptions:
     iters: int = 100
     """Optimizer steps per block (0: no reconstruction)."""
-    batch: int = 8
-    """Images per step. Lite2 --size 1/6: 8 reached the held-apart block errors 16 did (sum 0.130 ->
-    0.115 both) in 0.61 of the time; a ViT-B/16 encoder layer step at 16 takes about a second."""
+    batch: int = 16
     lr: float = 1e-2
     """Adam step for the rounding variables; states and couplings take ``state_lr``."""
     state_lr: float = 1e-3
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    """Share of the steps without the rounding regularizer."""
     qdrop: float = 0.5
     seed: int = 0
 
@@ -91,11 +88,10 @@ def grid(weight: torch.Tensor, entry: dict) -> tuple[torch.Tensor, int, int]:
     return quant.grid_of(weight, entry, entry["scale"])
 
 
-class _LearnedRounding(nn.Module):
+class _AdaRound(nn.Module):
     """The weight with learned rounding (a parametrization), from the fitted (GPTQ) integers one
     step at most towards the original ``w0`` (AdaRound's floor/ceil when the fit is nearest);
-    from w0 itself GPTQ's choices were lost (Lite2: a block's error 0.0116 -> 0.0496). Always on
-    the grid; the gradient is h's (straight-through)."""
+    from w0 itself GPTQ's choices were lost (Lite2: a block's error 0.0116 -> 0.0496)."""
 
     def __init__(self, w0: torch.Tensor, fitted: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int):
         super().__init__()
@@ -108,14 +104,17 @@ class _LearnedRounding(nn.Module):
         rest = x - self.base
         start = torch.where(up, rest.clamp(0.01, 0.49), rest.clamp(0.51, 0.99))
         self.v = nn.Parameter(torch.log((start - GAMMA) / (ZETA - start)))
+        self.hard = False
 
     def h(self) -> torch.Tensor:
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def forward(self, _):
-        soft = self.h()
-        h = (self.v >= 0).float() + (soft - soft.detach())  # exactly the rounded value, h's gradient
+        h = (self.v >= 0).float() if self.hard else self.h()
         return self.scale * torch.clamp(self.base + h, self.qmin, self.qmax)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
 class _STE(nn.Module):
@@ -202,7 +201,7 @@ def _tunables(block: nn.Module, prefix: str, original: dict, quantized: dict):
         entry = quantized.get(key)
         if entry is not None and isinstance(entry.get("scale"), torch.Tensor) and key in original:
             scale, lo, hi = grid(module.weight, entry)
-            r = _LearnedRounding(original[key], module.weight, scale, lo, hi)
+            r = _AdaRound(original[key], module.weight, scale, lo, hi)
             P.register_parametrization(module, "weight", r, unsafe=True)
             rounders.append(r)
             registered.append((module, "weight"))
@@ -264,6 +263,8 @@ def reconstruct(model: nn.Module, original: nn.Module, images: torch.Tensor, qua
             if groups:
                 _tune(block, kwargs, x_orig[:n_fit], x_comp[:n_fit], y_orig[:n_fit], rounders, groups, opts, gen)
         finally:
+            for r in rounders:
+                r.hard = True
             for module, attr in registered:
                 P.remove_parametrizations(module, attr, leave_parametrized=True)
             for p in block.parameters():
@@ -298,12 +299,17 @@ def _tune(block, kwargs, x_orig, x_comp, target, rounders, groups, opts: ReconOp
         g["params"][0].requires_grad_(True)
     opt = torch.optim.Adam(groups)
     scale = target.pow(2).mean().clamp_min(1e-30)
-    for _ in range(opts.iters):
+    count = sum(r.v.numel() for r in rounders)
+    for it in range(opts.iters):
         idx = torch.randint(len(x_comp), (min(opts.batch, len(x_comp)),), generator=gen)
         x = x_comp[idx]
         if opts.qdrop > 0:
             x = torch.where(torch.rand(x.shape, generator=gen) < opts.qdrop, x_orig[idx], x)
         loss = (block(x, **kwargs) - target[idx]).pow(2).mean() / scale
+        done = it / opts.iters
+        if rounders and done >= opts.warmup:
+            beta = 20 + (2 - 20) * (done - opts.warmup) / (1 - opts.warmup)
+            loss = loss + opts.reg_weight * sum(r.regularizer(beta) for r in rounders) / count
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
