@@ -112,6 +112,36 @@ def test_a_block_that_gets_worse_on_held_apart_images_is_put_back():
     assert all(torch.equal(v, fitted[k]) for k, v in model.state_dict().items())
 
 
+def test_blocks_of_8_bit_weights_only_are_left_as_fitted():
+    from dynconvert.budget.reconstruct import reconstruct_after_fit
+    from dynconvert.deploy.report_budget import budget_title
+
+    original, x = setup()
+    model, quantized = quantized_copy(original, bits=8)
+    low, low_quantized = quantized_copy(original, bits=4)
+    for name in ("stages.1.a", "stages.1.b"):  # one block below 8 bits
+        model.get_submodule(name).weight.data.copy_(low.get_submodule(name).weight)
+        quantized[f"{name}.weight"] = low_quantized[f"{name}.weight"]
+    fitted = copy.deepcopy(model.state_dict())
+    fit, held = held_apart(x)
+    notes = []
+    summary = reconstruct(model, original, fit, quantized, held=held, options=ReconOptions(iters=30, batch=8),
+                          on_note=notes.append)
+    assert [r["block"] for r in summary["blocks"]] == ["stages.1"] and summary["blocks"][0]["tuned"] == 2
+    assert summary["int8_only"] == 4 and "4 of 5 blocks hold 8-bit weights only: left as fitted" in notes
+    state = model.state_dict()
+    assert all(torch.equal(state[k], fitted[k]) for k in state if not k.startswith("stages.1."))
+    # every block at 8 bits: nothing is tuned, and the report says why
+    model, quantized = quantized_copy(original, bits=8)
+    fitted = copy.deepcopy(model.state_dict())
+    r = reconstruct_after_fit(model, original, [x], quantized, iters=30)
+    assert r["blocks"] == 0 and r["int8_only"] == 5 and r["held_apart"] > 0
+    assert all(torch.equal(v, fitted[k]) for k, v in model.state_dict().items())
+    budget = dict(target_bytes=1000, original_bytes=4000, planned_bytes=990, calibration="images",
+                  calibration_images=40, reconstruction=r)
+    assert "no block reconstruction: all 5 blocks hold 8-bit weights only" in budget_title({"budget": budget})
+
+
 def test_states_are_tuned_jointly_and_stay_on_their_grid():
     from dynconvert.dynamics.layers import make_dynamic
     from dynconvert.dynamics.modules import DynSpec
@@ -182,8 +212,10 @@ def test_budgeted_conversion_reconstructs_and_reads_back_bit_exactly(tmp_path, m
     r = conv.budget["reconstruction"]
     kinds = [row["kind"] for row in conv.budget["layers"]]
     assert "dyn" in kinds and "int8" in kinds, kinds
-    # blocks: the stem conv "0" and the residual "3" (int8 weights, states); the fp32 classifier is none
-    assert r["blocks"] == 2 and r["held_apart"] == 6 and r["images"] == 42 and r["iters"] == 20
+    # blocks: the residual "3" (int8 weights, states); the stem conv "0" holds int8 only and is left
+    # as fitted; the fp32 classifier is none
+    assert r["blocks"] == 1 and r["int8_only"] == 1
+    assert r["held_apart"] == 6 and r["images"] == 42 and r["iters"] == 20
     assert r["mean_held_after"] <= r["mean_held_before"]
     path = tmp_path / "m.dyn"
     dynconvert.save(conv, path)

@@ -40,10 +40,15 @@ def _reconstruction_note(r: dict | None) -> str:
     """The block-wise reconstruction's line of the allocation title (budget/reconstruct.py)."""
     if not r:
         return ""
+    if not r["blocks"]:
+        n = r.get("int8_only", 0)
+        return "; no block reconstruction: " + (f"all {n} blocks hold 8-bit weights only" if n else
+                                                 "no block is called exactly once per pass")
     held = (f", held apart ({r['held_apart']} images) {r['mean_held_before']:.3g} -> {r['mean_held_after']:.3g}"
             if r.get("mean_held_before") is not None else "")
     return (f"; then block reconstruction ({r['iters']} steps): {r['kept']} of {r['blocks']} blocks kept, mean block "
-            f"output error {r['mean_fit_before']:.3g} -> {r['mean_fit_after']:.3g}{held}")
+            f"output error {r['mean_fit_before']:.3g} -> {r['mean_fit_after']:.3g}{held}"
+            + (f"; {r['int8_only']} blocks of 8-bit weights only left as fitted" if r.get("int8_only") else ""))
 
 
 def render_budget_rich(rep: dict, console) -> None:
