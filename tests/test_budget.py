@@ -198,6 +198,35 @@ def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     dynconvert.load(tuned, factory="budgetnet:build")
 
 
+def test_an_fp16_layer_stays_fp16_in_the_file_and_in_the_onnx_graph(tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+
+    from dynconvert.budget import pipeline
+
+    real = pipeline.unit_candidates
+
+    def fp16_for_3(unit, min_params, group=None):
+        cands = real(unit, min_params, group)
+        return [c for c in cands if c.kind == "fp16"] if unit.name == "3" else cands
+
+    monkeypatch.setattr(pipeline, "unit_candidates", fp16_for_3)
+    conv = dynconvert.convert(bn_net(), size=0.3, calib=images(), min_params=2000, input_size=(3, 16, 16))
+    row = next(r for r in conv.budget["layers"] if r["name"] == "3")
+    assert row["kind"] == "fp16" and row["bytes"] == 2 * 128 * 32 and row["choice"] == "dense fp16"
+    w = conv.model[3].weight.detach()
+    assert torch.equal(w, w.half().float()) and conv.quantized["3.weight"] == {"bits": 16}
+    path = tmp_path / "m.dyn"
+    dynconvert.save(conv, path)
+    assert torch.equal(dynconvert.load(path, model=bn_net(seed=3))[3].weight, w)
+    # the exporter folds the BatchNorm after it into the weight: the fp16 values stay fp16, times a
+    # per-channel factor, instead of a float tensor of twice the bytes
+    result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
+    assert not result.grew and result.weight_bytes <= result.budget_bytes and result.max_abs_diff <= result.tolerance
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 and int(np.prod(i.dims)) == 128 * 32 for i in graph.initializer)
+
+
 def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     conv = dynconvert.convert(bn_net(), size=0.1, calib=images(), min_params=2000, input_size=(3, 16, 16))
     path = tmp_path / "m.dyn"

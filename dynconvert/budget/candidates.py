@@ -4,7 +4,8 @@ and stored.
 
 Kinds (``allocation.Candidate.kind``):
 
-- ``fp32``: kept; ``int8``: one symmetric scale per output channel (GPTQ);
+- ``fp32``: kept; ``fp16``: stored as fp16 (half the bytes: a sensitive layer's step up from
+  int8 at half fp32's price); ``int8``: one symmetric scale per output channel (GPTQ);
 - ``int4``, ``int3``, ``int2``: group-wise grids (``quant``: fp16 scales, one per ``group`` inputs
   of a row, ``group == n`` being one per channel), rounded by GPTQ with the groups in the loop;
 - ``dyn``: dynamics states (sql2, int8 states) in place of the weight;
@@ -75,7 +76,7 @@ def unit_candidates(unit, min_params: int, group: int | None = None) -> list[Can
 
     g = group_for(parts[0].n, group)
     g = 0 if g == parts[0].n else g
-    out = [Candidate("fp32", 4 * unit.numel), Candidate("int8", per_channel(8))]
+    out = [Candidate("fp32", 4 * unit.numel), Candidate("fp16", 2 * unit.numel), Candidate("int8", per_channel(8))]
     out += [Candidate(f"int{b}", grouped(b, g), group=g) for b in GROUPED_BITS]
     if g:  # per channel costs 2 bytes a row instead of one per group: offered beside it
         out.append(Candidate("int4", grouped(4, 0), group=0))
@@ -119,6 +120,8 @@ class Fitted:
 def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
     if cand.kind == "fp32":
         return Fitted(weight=target)
+    if cand.kind == "fp16":
+        return Fitted(weight=target.half().to(target.dtype))
     if cand.kind == "dyn":
         return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
     bits = bits_of(cand)
@@ -204,7 +207,10 @@ def install(model: nn.Module, original: nn.Module, unit, cand: Candidate, paired
             p.layer.weight.data.copy_(fitted.weight.reshape(p.layer.weight.shape))
             scales.append(fitted.scale)
             groups.append(fitted.group)
-    if scales:  # a packed q/k/v tensor: its rows' scales, in order
+    if cand.kind == "fp16":
+        for key in unit.stored:
+            quantized[key] = {"bits": 16}
+    elif scales:  # a packed q/k/v tensor: its rows' scales, in order
         grouped = [torch.cat(scales)] if len(unit.stored) == 1 else scales
         for i, (key, scale) in enumerate(zip(unit.stored, grouped)):
             g = groups[i]

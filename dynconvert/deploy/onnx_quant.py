@@ -271,10 +271,23 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
         b.node("Transpose", [deq], "transpose", out, perm=[1, 0])
 
 
-def _emit_fp16(b: _Builder, x: np.ndarray, out: str):
+def _emit_fp16(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: np.ndarray, out: str):
+    """Nodes computing initializer ``out`` (``shape``) from the fp16 rows o.. of ``src``, times the
+    per-row factors ``a`` the exporter folded in (a BatchNorm after a conv): the fp16 values stay
+    fp16 in the graph instead of becoming a float tensor of twice the bytes."""
     from onnx import TensorProto
 
-    b.node("Cast", [b.const("fp16", x.astype(np.float16))], "cast", out, to=TensorProto.FLOAT)
+    r = shape[1] if transposed else shape[0]
+    rows = src.values[o:o + r].astype(np.float16)
+    own = rows.shape if transposed else (r, *shape[1:])
+    ones = bool(np.all(a == 1))
+    val = b.node("Cast", [b.const("fp16", rows.reshape(own))], "cast", out if ones and not transposed else None,
+                 to=TensorProto.FLOAT)
+    if not ones:
+        factors = a.astype(np.float32).reshape(r, *[1] * (len(own) - 1))
+        val = b.node("Mul", [val, b.const("rowfactor", factors)], "rowscaled", None if transposed else out)
+    if transposed:
+        b.node("Transpose", [val], "transpose", out, perm=[1, 0])
 
 
 def dedupe_initializers(graph) -> int:
@@ -314,10 +327,7 @@ def quantize_graph(model, sources: list[Source], keep_qdq: bool = False) -> Rewr
         src, o, transposed, a = found
         b = _Builder(graph, init.name)
         if src.bits == 16:
-            if not np.all(a == 1) or not np.array_equal(x.astype(np.float16).astype(np.float32), x):
-                res.float_left.append((init.name, src.name))
-                continue
-            _emit_fp16(b, x, init.name)
+            _emit_fp16(b, src, o, tuple(x.shape), transposed, a, init.name)
         else:
             _emit(b, src, o, tuple(x.shape), transposed, a, init.name, keep_qdq)
         graph.initializer.remove(init)
