@@ -20,7 +20,7 @@ def header(path):
         return json.loads(f.read(n))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_pack_bits_round_trips_at_the_bit_width(bits):
     lo, hi = quant.group_range(bits)
     gen = torch.Generator().manual_seed(bits)
@@ -34,7 +34,7 @@ def test_pack_bits_round_trips_at_the_bit_width(bits):
         assert torch.equal(quant.pack_bits(q, 4), quant.pack_int4(q))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_grouped_weights_read_back_bit_identical_at_exact_bytes(tmp_path, bits):
     torch.manual_seed(bits)
     conv = torch.randn(24, 8, 3, 3) * torch.rand(24, 1, 1, 1)  # rows of different ranges: n = 72

@@ -36,15 +36,16 @@ class Net(nn.Module):
         return y + F.linear(y, self.shared.weight) + F.linear(y, self.shared.weight.T)  # one weight, two uses
 
 
-# name -> (bits, group size or None for one scale per row): the interface's grids, b in {2, 3, 4, 8}
+# name -> (bits, group size or None for one scale per row): the interface's grids, b in {2, ..., 6, 8}
 PLAN = {"c1.weight": (8, None), "c2.weight": (4, 16), "mha.in_proj_weight": (3, 8), "mha.out_proj.weight": (2, 32),
         "fc.weight": (4, None), "shared.weight": (8, None)}
+PLAN_5_6 = dict(PLAN, **{"c2.weight": (5, 16), "mha.out_proj.weight": (6, 32)})
 
 HALVES = ["mha.in_proj_bias"]
 """Stored as fp16: a bias, one number per row (found by exact value, not by a row's signs)."""
 
 
-def hand_quantized():
+def hand_quantized(plan=PLAN):
     """A net whose weights lie on hand-made group grids (fp16 scales), with the .dyn-like
     metadata and stored scales ``sources_of`` reads, and BatchNorms that flip some rows' signs."""
     torch.manual_seed(0)
@@ -56,7 +57,7 @@ def hand_quantized():
     described, stored = {}, {}
     params = dict(net.named_parameters())
     with torch.no_grad():
-        for name, (bits, group) in PLAN.items():
+        for name, (bits, group) in plan.items():
             w = params[name]
             m = w.shape[0]
             rows = w.reshape(m, -1)
@@ -83,19 +84,20 @@ def export(net, path, x):
     return onnx.load(str(path))
 
 
+@pytest.mark.parametrize("plan", [PLAN, PLAN_5_6], ids=["int2-4,8", "int5,6"])
 @pytest.mark.parametrize("keep_qdq", [False, True])
-def test_group_quantized_weights_leave_as_integers_and_fold_at_load(tmp_path, keep_qdq):
-    net, described, stored = hand_quantized()
+def test_group_quantized_weights_leave_as_integers_and_fold_at_load(tmp_path, keep_qdq, plan):
+    net, described, stored = hand_quantized(plan)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = net(x).numpy()
     graph = export(net, tmp_path / "f.onnx", x)
     sources = sources_of(net.state_dict(), stored, described)
-    assert sorted(s.name for s in sources) == sorted([*PLAN, *HALVES])
+    assert sorted(s.name for s in sources) == sorted([*plan, *HALVES])
     if keep_qdq:
         graph = onnx.version_converter.convert_version(graph, 21)
     res = quantize_graph(graph, sources, keep_qdq)
-    assert sorted(res.stored) == sorted([*PLAN, *HALVES])  # renamed (BN folded), transposed, packed: every one found
+    assert sorted(res.stored) == sorted([*plan, *HALVES])  # renamed (BN folded), transposed, packed: every one found
     assert len(res.stored["shared.weight"]) == 2  # W and W.T are two initializers
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(tmp_path / "q.onnx"))

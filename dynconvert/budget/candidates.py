@@ -6,7 +6,7 @@ Kinds (``allocation.Candidate.kind``):
 
 - ``fp32``: kept; ``fp16``: stored as fp16 (half the bytes: a sensitive layer's step up from
   int8 at half fp32's price); ``int8``: one symmetric scale per output channel (GPTQ);
-- ``int4``, ``int3``, ``int2``: group-wise grids (``quant``: fp16 scales, one per ``group`` inputs
+- ``int6``, ``int5``, ``int4``, ``int3``, ``int2``: group-wise grids (``quant``: fp16 scales, one per ``group`` inputs
   of a row, ``group == n`` being one per channel), rounded by GPTQ with the groups in the loop;
 - ``dyn``: dynamics states (sql2, int8 states) in place of the weight;
 - ``int4+dyn``, ``int3+dyn``, ``int2+dyn``: a group-wise weight plus states fitted to what its
@@ -35,7 +35,11 @@ STATE_DIM = 16
 """d of quantized states: one fp32 scale per state vector costs 4 bytes per d int8 values."""
 DYN_CANDIDATES = 5
 """Dynamics candidates per layer: H from 1 to where states cost 0.9 x int4, spaced geometrically."""
-GROUPED_BITS = (4, 3, 2)
+GROUPED_BITS = (6, 5, 4, 3, 2)
+"""The group-wise grids offered: int5 and int6 are the steps between int4 and int8 (at 1/6 of the
+bytes, about 5.3 bits a weight, the allocation otherwise mixes int8 and int4 layers)."""
+CORRECTED_BITS = (4, 3, 2)
+"""The grids offered with a states correction (above int4 the rounding leaves little to correct)."""
 CORRECTION_H = 1
 """States of a correction: measured on Lite2, H=1 removes 5-25% of a GPTQ residual's output
 error for about the bytes of one more bit, which removes 70-75% (more H: proportionally less)."""
@@ -90,7 +94,7 @@ def unit_candidates(unit, min_params: int, group: int | None = None) -> list[Can
         if len(parts) == 1 and correctable(parts[0].layer) and 2 * STATE_DIM * CORRECTION_H <= min(parts[0].m, parts[0].n):
             spec = DynSpec(CORRECTION_H, STATE_DIM, "sql2", "linear")
             extra = state_bytes(spec, parts[0].m, parts[0].n)
-            out += [Candidate(f"int{b}+dyn", grouped(b, g) + extra, spec, group=g) for b in GROUPED_BITS]
+            out += [Candidate(f"int{b}+dyn", grouped(b, g) + extra, spec, group=g) for b in CORRECTED_BITS]
     return out
 
 

@@ -6,7 +6,7 @@ per sub-model state vector) and integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. I
 quantized tensor is held dequantized (``fake_quant``: float values on the integer grid), so every
 measurement sees exactly what a saved file will hold; the .dyn writer stores the integers.
 
-Group-wise grids (bits 2, 3, 4, 8; below) are what byte budgets use for dense weights: one fp16
+Group-wise grids (bits 2 to 6, and 8; below) are what byte budgets use for dense weights: one fp16
 scale per G contiguous inputs of a row, the full signed integer range, exact bit packing.
 """
 
@@ -77,7 +77,7 @@ def stored_bytes(numel: int, bits: int | None, scales: int = 0) -> int:
     return (numel * bits + 7) // 8 + 4 * scales
 
 
-# ---------------------------------------------------------------- group-wise grids (bits 2, 3, 4, 8)
+# ---------------------------------------------------------------- group-wise grids (bits 2-6, 8)
 #
 # A weight (m, *rest) is viewed as (m, n), n = prod(rest); each row is cut into groups of G
 # contiguous values with one fp16 scale each, and W_hat = q * s with q in [-2^(b-1), 2^(b-1) - 1]
@@ -85,7 +85,7 @@ def stored_bytes(numel: int, bits: int | None, scales: int = 0) -> int:
 # range's long side (-2^(b-1)) on the group's larger-magnitude sign, measured 10-40% lower output
 # error at int2/int3 on EfficientNet-Lite2 for no bytes.
 
-GROUP_BITS = (2, 3, 4, 8)
+GROUP_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_TARGET = 64
 """The group size aimed at: the divisor of n closest to it within [32, 128]; else per-channel."""
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..budget.quant import GROUP_BITS
 from ..errors import DynError
 from ..io.checkpoint import load_model
 from ..dynamics.modules import DynLinear, DynSpec
@@ -226,7 +227,7 @@ def _exports(dyn, folder, original, factory, meta, calib=None) -> dict:
     for kind in ("materialized", "factorized", "weight-free"):
         made[kind] = (export_onnx(dyn, folder / f"{kind}.onnx", factory=factory, layout_name=kind, allow_larger=True), "")
     optional = []
-    if any(v.get("bits") in (2, 3, 4, 8) for v in (meta.get("quantized") or {}).values()):
+    if any(v.get("bits") in GROUP_BITS for v in (meta.get("quantized") or {}).values()):
         optional.append(("keep-qdq", dict(keep_qdq=True, allow_larger=True), "DequantizeLinear kept: runs on every call in a default session"))
     if calib is not None:
         optional.append(("int8 activations", dict(activations="int8", calib=calib, layout_name="materialized"), "ORT static QDQ, calibrated"))

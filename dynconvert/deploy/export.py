@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..budget.quant import GROUP_BITS
 from ..dynamics.modules import DynamicsLayer, DynSpec, materialize
 from ..dynfile.format import STATE_SUFFIXES, write_dyn
 from ..errors import DynError, first_line
@@ -163,7 +164,7 @@ def export_onnx(
         want = [t.float().numpy() for t in _flat(net(x))]  # the converted model itself, not the copy
     outputs = ["output"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
-    described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (2, 3, 4, 8, 16)}
+    described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (*GROUP_BITS, 16)}
     # built in a private folder beside `out`: torch's exporter writes one file per tensor beside a
     # graph over 2 GB, and the external data must sit beside the graph while it is checked
     with private_dir(out) as work:

@@ -179,8 +179,9 @@ class _Builder:
 
 def planes(bits: int) -> list[tuple[int, int]]:
     """(slot bits, shift) of the bit planes an integer of ``bits`` travels in: int4 in nibbles, int2
-    four per byte, int3 as a 2-bit plane plus a 1-bit plane (3 bits a value, as in the .dyn)."""
-    return {2: [(2, 0)], 3: [(2, 0), (1, 2)], 4: [(4, 0)]}[bits]
+    four per byte, int3 as a 2-bit plane plus a 1-bit plane, int5 and int6 as a nibble plus a 1- or
+    2-bit plane (``bits`` bits a value, as in the .dyn)."""
+    return {2: [(2, 0)], 3: [(2, 0), (1, 2)], 4: [(4, 0)], 5: [(4, 0), (1, 4)], 6: [(4, 0), (2, 4)]}[bits]
 
 
 def pack_nibbles(q: np.ndarray, slot: int = 4) -> np.ndarray:
@@ -203,7 +204,7 @@ def pack_unsigned(flat: np.ndarray, slot: int, pad: int = 0) -> np.ndarray:
 
 def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: np.ndarray, out: str, keep_qdq: bool):
     """Nodes computing initializer ``out`` (``shape``) from the integers of rows o.. of ``src``."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     r = shape[1] if transposed else shape[0]
     q, s = src.q[o:o + r], src.s[o:o + r]
@@ -217,10 +218,15 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
             ints = b.const("int8", q.reshape((r, *shape[1:]) if not transposed else (r, n)))
             scale = (s[:, 0] * a).astype(np.float32)
             deq = b.node("DequantizeLinear", [ints, b.const("scale", scale)], "dequantize", final, axis=0)
-        else:  # opset 21: INT4 (int2/int3 values fit), one scale per group of a row
-            t = helper.make_tensor(f"{b.prefix}__int4", TensorProto.INT4, q.shape, q.reshape(-1).tolist())
-            b.graph.initializer.append(t)
-            b.bytes += (q.size + 1) // 2
+        else:  # opset 21: INT4 (int2/int3 values fit; int5/int6 go as INT8), one scale per group of a row
+            if src.bits <= 4:
+                t = helper.make_tensor(f"{b.prefix}__int4", TensorProto.INT4, q.shape, q.reshape(-1).tolist())
+                b.graph.initializer.append(t)
+                b.bytes += (q.size + 1) // 2
+            else:
+                t = numpy_helper.from_array(q.astype(np.int8), f"{b.prefix}__int8")
+                b.graph.initializer.append(t)
+                b.bytes += q.size
             scale = (s * a[:, None]).astype(np.float32)
             attrs = {"axis": 1, "block_size": g} if not per_row else {"axis": 0}
             deq = b.node("DequantizeLinear", [t.name, b.const("scale", scale if not per_row else scale[:, 0])], "dequantize", **attrs)

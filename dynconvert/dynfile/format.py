@@ -18,7 +18,8 @@ Version 2 adds quantized tensors: a tensor listed in the metadata's ``quantized`
 Version 3 adds group-wise weights (``quant`` group grids): ``{"bits": 2|3|4|8, "group": G,
 "shape": [...]}`` stored as ``NAME:q`` (bits 8: int8 in the tensor's shape; 2, 3, 4: uint8 [ceil(numel
 * bits / 8)], packed least significant bit first, ``quant.pack_bits``) and ``NAME:scale`` (float16,
-(m, n // G) for the tensor viewed as (m, n)). A colon never
+(m, n // G) for the tensor viewed as (m, n)). Version 4 adds group-wise bits 5 and 6 (packed the
+same way). A colon never
 occurs in a PyTorch state-dict key, so these names cannot collide with real tensors. ``read_dyn``
 gives every caller the float32 tensors under their original names; the checksum covers the
 tensors as stored.
@@ -43,7 +44,7 @@ from ..io.data import check_input_size
 from ..io.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dynconvert"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 META_KEY = "dynconvert"
 REQUIRED_KEYS = ("format", "format_version", "source", "layers", "tensors_sha256")
 STATE_SUFFIXES = ("states_out", "states_in", "coupling", "offset")
