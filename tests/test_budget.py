@@ -198,6 +198,28 @@ def test_finetune_keeps_a_budgeted_file_at_its_bytes(cli, budget_ckpt):
     dynconvert.load(tuned, factory="budgetnet:build")
 
 
+def test_a_byte_budget_measures_no_candidate_far_below_its_share(monkeypatch):
+    from dynconvert.budget import pipeline
+
+    def table(target):
+        setup = pipeline.prepare(bn_net(), min_params=2000)
+        return setup, pipeline.measure(setup, images(), calibration="images", target_bytes=target)
+
+    setup, every = table(None)  # --keep: any budget can be asked of the table
+    fraction = 0.25
+    floor = {u.name: pipeline.CHEAPEST_SHARE * fraction * 4 * u.numel for u in setup.units}
+    below = {n: [r for r in rows if r["bytes"] < floor[n]] for n, rows in every.notes.items()}
+    assert any(r["network_error"] is not None for rows in below.values() for r in rows)  # they are measured there
+    _, banded = table(int(fraction * setup.original_bytes))
+    assert banded.notes and all(r["bytes"] >= floor[n] for n, rows in banded.notes.items() for r in rows)
+    assert all(len(banded.notes[n]) == len(every.notes[n]) - len(below[n]) for n in every.notes)
+    # a budget that needs candidates below the floor somewhere measures every one: at a floor of 0.9 f
+    # the cheapest candidates left (int8) would not fit in f
+    monkeypatch.setattr(pipeline, "CHEAPEST_SHARE", 0.9)
+    _, tight = table(int(fraction * setup.original_bytes))
+    assert {n: len(rows) for n, rows in tight.notes.items()} == {n: len(rows) for n, rows in every.notes.items()}
+
+
 def test_an_fp16_layer_stays_fp16_in_the_file_and_in_the_onnx_graph(tmp_path, monkeypatch):
     import numpy as np
     import onnx

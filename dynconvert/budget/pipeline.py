@@ -46,6 +46,12 @@ from .table import Setup, Table, kept_fit
 SENSITIVITY_IMAGES = 16
 """Images the network error of each candidate is measured on (held apart from the fitting ones
 when there are enough)."""
+CHEAPEST_SHARE = 1 / 3
+"""With a byte budget of a fraction f of the original, a candidate costing under f * CHEAPEST_SHARE
+of its unit's fp32 bytes is not measured (unless the budget needs such candidates to fit): no
+allocation measured took one (Lite2: the cheapest choice at 1/8 was int2 of the classifier at
+0.56 f, at 1/6 int4 at 0.75 f, at 1/4 int4 + states at 0.57 f), and on a large network each one
+measured is a pass through the rest of it (ViT-B/16 at 1/4: the states, int2 and int2 + states)."""
 HEADER_BYTES_PER_LAYER = 850
 """The .dyn's JSON metadata per budgeted layer (its allocation row, with its best states and
 correction candidates, and statistics)."""
@@ -149,7 +155,7 @@ def model_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
                        min_params: int, on_progress=None, gptq: bool = True, group: int | None = None,
-                       notes: dict | None = None, fits: dict | None = None, saved=None,
+                       notes: dict | None = None, fits: dict | None = None, saved=None, share: float = 0.0,
                        ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` (from the layer's block on: suffix.py) and its output error
@@ -164,7 +170,8 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     when given, every measured fit (unit -> index in its options -> one per part) for ``Table.trial``.
     ``saved`` (dynfile.resume.BudgetCheckpoint, optional): each unit's measurement is saved as it
     finishes, and a unit an interrupted run measured is read back instead of measured again (each
-    unit is measured alone on the original network, so the result is the same)."""
+    unit is measured alone on the original network, so the result is the same). ``share``: candidates
+    costing less than this fraction of their unit's fp32 bytes are not offered (``CHEAPEST_SHARE``)."""
     if saved is not None and fits is not None:
         raise ValueError("saved measurements keep no fits: a --keep search cannot resume")
     suffix = Suffix(model, [p.name for u in units for p in u.parts], images)  # runs the reference pass
@@ -174,7 +181,7 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     for i, u in enumerate(units):
         record = saved.measured(u.name) if saved is not None else None
         if record is not None:
-            cands = offered(u, min_params, group, gptq)
+            cands = offered(u, min_params, group, gptq, share)
             options[u.name] = [(cands[k], err) for k, err in record["run"]]
             if record["sensitivity"] is not None:
                 sensitivity[u.name] = record["sensitivity"]
@@ -188,7 +195,7 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         matrices = [o.reshape(p.m, p.n) for o, p in zip(originals, u.parts)]
         cs = [moments[p.name].own for p in u.parts]
         layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
-        cands = offered(u, min_params, group, gptq)
+        cands = offered(u, min_params, group, gptq, share)
         fitted = [[None if c.kind == "fp32" else fit_candidate(c, w, m, 0, gptq) for w, m in zip(matrices, cs)]
                   for c in cands]
         dense = [[w if f is None else f.dense() for w, f in zip(matrices, fs)] for fs in fitted]
@@ -226,14 +233,17 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     return options, sensitivity
 
 
-def offered(unit: Unit, min_params: int, group: int | None, trusted: bool) -> list[Candidate]:
-    """The candidates measured for ``unit``. On synthetic or random inputs (not ``trusted``) only the
+def offered(unit: Unit, min_params: int, group: int | None, trusted: bool, share: float = 0.0) -> list[Candidate]:
+    """The candidates measured for ``unit``: those costing at least ``share`` of its fp32 bytes (all
+    of them when fewer than two do). On synthetic or random inputs (not ``trusted``) only the
     weight-space ones: states and state corrections are fitted to the layer's outputs on the same
     few inputs their network error is then measured on, so that error flatters them; on
     EfficientNet-Lite2 (docs/budget.md) the allocations that took them agreed worse with the
     original on real photos than those without, at the same bytes."""
     cands = unit.candidates(min_params, group)
-    return cands if trusted else [c for c in cands if c.spec is None]
+    cands = cands if trusted else [c for c in cands if c.spec is None]
+    above = [c for c in cands if c.bytes >= share * 4 * unit.numel]
+    return above if len(above) > 1 else cands
 
 
 # ---------------------------------------------------------------- the whole conversion, in three steps
@@ -281,11 +291,13 @@ def round_to_fp16(tensors: dict[str, torch.Tensor], keys) -> None:
 
 
 def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=None, keep_fits: bool = False,
-            saved=None) -> Table:
+            saved=None, target_bytes: int | None = None) -> Table:
     """Step 1: every candidate of every unit fitted on the original inputs and measured in the
     network (measure_candidates). Rounds the model's norms and biases to fp16 in place.
     ``keep_fits``: keep the fits for ``Table.trial`` (int8 per row: about 2 bytes per weight).
-    ``saved``: a dynfile.resume.BudgetCheckpoint the measurements are saved to and resumed from."""
+    ``saved``: a dynfile.resume.BudgetCheckpoint the measurements are saved to and resumed from.
+    ``target_bytes``: the one budget the table is for (``--size``; None: any, as ``--keep``
+    searches): candidates far cheaper than its share are not measured (``CHEAPEST_SHARE``)."""
     model, units, skipped = setup.model, setup.units, list(setup.skipped)
     round_to_fp16(setup.small, setup.halves)  # the model is only changed once the budget is known to be reachable
     batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
@@ -308,9 +320,16 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
         raise DynError(f"no layer can be budgeted: {', '.join(u.name for u in unreached[:3])}... must stay fp32")
     fits = {} if keep_fits else None
     notes: dict[str, list[dict]] = {}
+    trusted = calibration == "images"
+    share = 0.0
+    if target_bytes is not None:
+        share = CHEAPEST_SHARE * target_bytes / setup.original_bytes
+        room = target_bytes - setup.fixed - sum(4 * u.numel for u in unreached)
+        if sum(min(c.bytes for c in offered(u, setup.min_params, setup.group, trusted, share)) for u in units) > room:
+            share = 0.0  # the budget needs the cheapest candidates somewhere: every one is measured
     options, sensitivity = measure_candidates(model, units, moments, images, setup.min_params, on_progress,
-                                              gptq=calibration == "images", group=setup.group, notes=notes, fits=fits,
-                                              saved=saved)
+                                              gptq=trusted, group=setup.group, notes=notes, fits=fits,
+                                              saved=saved, share=share)
     return Table(model, setup.original, units, skipped, options, sensitivity, setup.fixed, unreached, setup.halves,
                  batches, calibration, setup.original_bytes, fits, notes, setup.group)
 
@@ -404,7 +423,8 @@ def convert_to_budget(
     """
     setup = prepare(model, include=include, exclude=exclude, min_params=min_params, reserve=reserve, group=group)
     setup.check(target_bytes)
-    table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress, saved=saved)
+    table = measure(setup, calibration_inputs, calibration=calibration, on_progress=on_progress, saved=saved,
+                    target_bytes=target_bytes)
     choice = table.allocation(target_bytes)
     return fit_allocation(table, choice, target_bytes, stages=stages, state_steps=state_steps,
                           reconstruct_iters=reconstruct_iters, on_progress=on_progress, on_note=on_note)
