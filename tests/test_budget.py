@@ -97,7 +97,7 @@ def test_budgeted_conversion_file_fits_and_reads_back(tmp_path):
     assert path.stat().st_size <= 0.1 * original_bytes
     assert conv.budget["calibration"] == "images"
     kinds = {row["kind"] for row in conv.budget["layers"]}
-    assert "dyn" in kinds and kinds & {"int4", "int8"}, kinds  # below int4 everywhere: states must be used
+    assert "dyn" in kinds and kinds & {"int3", "int4", "int5", "int6", "int8"}, kinds  # below int4 everywhere: states must be used
     loaded = dynconvert.load(path, model=bn_net(seed=5))
     x = images(8, seed=9)[0]
     with torch.no_grad():

@@ -9,7 +9,8 @@ from helpers import one_line_error
 
 from dynconvert.budget.augment import augment, held_apart, with_synthetic
 from dynconvert.budget.quant import fake_quant
-from dynconvert.budget.reconstruct import ReconOptions, find_blocks, reconstruct
+from dynconvert.budget.blocks import find_blocks
+from dynconvert.budget.reconstruct import ReconOptions, reconstruct
 from dynconvert.errors import DynError
 
 

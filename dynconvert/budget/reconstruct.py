@@ -1,12 +1,9 @@
 """Block-wise reconstruction: after the sequential per-layer fit, each block of the compressed
 network is tuned to reproduce the *original* block's output (BRECQ, Li et al. 2021).
 
-**Blocks.** Walking down from the root, a child of an ``nn.Sequential``/``nn.ModuleList`` that
-holds a compressed layer is a block (a residual/MBConv block, a transformer encoder layer), and
-the walk does not descend into it; a container inside a container (torchvision's stages) is
-walked through. A compressed layer outside every block (a stem conv, a head conv, a classifier)
-is a block by itself. Blocks are visited in execution order; a block called other than exactly
-once per forward pass is left alone.
+**Blocks** (blocks.py): the residual/MBConv blocks, transformer encoder layers and lone stem or
+head layers holding compressed layers, visited in execution order; a block called other than
+exactly once per forward pass is left alone.
 
 **What is tuned**, inside one block at a time, on its inputs in the network compressed so far:
 
@@ -43,13 +40,13 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as P
 
 from .augment import augment, held_apart
+from .blocks import block_io, find_blocks, rel_error, run_block, trace
 from ..errors import DynError
 from . import quant
 from .quant import fake_quant
 
 GAMMA, ZETA = -0.1, 1.1
 """AdaRound's stretch of the sigmoid, so that h reaches exactly 0 and 1."""
-CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
 @dataclass
@@ -65,28 +62,6 @@ class ReconOptions:
     """Share of the steps without the rounding regularizer."""
     qdrop: float = 0.5
     seed: int = 0
-
-
-def find_blocks(model: nn.Module, layers) -> list[str]:
-    """The blocks holding the named ``layers`` (see the module doc), in module order."""
-    layers = set(layers)
-    blocks: list[str] = []
-
-    def holds(name: str) -> bool:
-        return any(n == name or n.startswith(name + ".") for n in layers)
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if not holds(full):
-                continue
-            if full in layers or (isinstance(module, CONTAINERS) and not isinstance(child, CONTAINERS)):
-                blocks.append(full)
-            else:
-                walk(full, child)
-
-    walk("", model)
-    return blocks
 
 
 def grid(weight: torch.Tensor, entry: dict) -> tuple[torch.Tensor, int, int]:
@@ -133,71 +108,6 @@ class _STE(nn.Module):
 
     def forward(self, t):
         return t + (fake_quant(t.detach(), self.bits, self.keep) - t.detach())
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _trace(model: nn.Module, names: list[str], x: torch.Tensor):
-    """Per block: (called exactly once with one tensor, its input is the tensor the previous block
-    returned, its keyword arguments)."""
-    modules = dict(model.named_modules())
-    calls: dict[int, list] = {}
-    last: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, n in enumerate(names):
-        def pre(mod, args, kwargs, i=i):
-            plain = len(args) == 1 and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
-            calls.setdefault(i, []).append((plain, plain and i > 0 and args[0] is last.get(i - 1), dict(kwargs)))
-
-        def post(mod, args, kwargs, out, i=i):
-            last[i] = out
-        hooks += [modules[n].register_forward_pre_hook(pre, with_kwargs=True),
-                  modules[n].register_forward_hook(post, with_kwargs=True)]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [calls[i][0] if len(calls.get(i, [])) == 1 else (False, False, {}) for i in range(len(names))]
-
-
-@torch.no_grad()
-def _block_io(model: nn.Module, block: nn.Module, images: torch.Tensor, batch: int = 32):
-    """The block's inputs and outputs over ``images`` (each forward pass stops after the block)."""
-    ins, outs = [], []
-    for x in images.split(batch):
-        got = {}
-
-        def pre(mod, args, kwargs):
-            got["in"] = args[0]
-
-        def post(mod, args, kwargs, out):
-            got["out"] = out
-            raise _Stop
-
-        hooks = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
-        try:
-            model(x)
-        except _Stop:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        ins.append(got["in"])
-        outs.append(got["out"])
-    return torch.cat(ins), torch.cat(outs)
-
-
-@torch.no_grad()
-def _run(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int = 32) -> torch.Tensor:
-    return torch.cat([block(b, **kwargs) for b in x.split(batch)])
-
-
-def _rel(y: torch.Tensor, target: torch.Tensor) -> float | None:
-    return float((y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)) if len(y) else None
 
 
 def _tunables(block: nn.Module, prefix: str, original: dict, quantized: dict):
@@ -255,7 +165,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: torch.Tensor, qua
     original_weights = {k: v for k, v in original.state_dict().items() if k in quantized}
     pool = torch.cat([images, held])
     n_fit = len(images)
-    traced = _trace(original, names, images[:1])
+    traced = trace(original, names, images[:1])
     rows, start = [], time.perf_counter()
     y_orig = y_comp = None
     for i, name in enumerate(names):
@@ -267,13 +177,13 @@ def reconstruct(model: nn.Module, original: nn.Module, images: torch.Tensor, qua
             continue
         if chained and y_orig is not None:
             x_orig, x_comp = y_orig, y_comp
-            y_orig = _run(reference, x_orig, kwargs)
+            y_orig = run_block(reference, x_orig, kwargs)
         else:
-            x_orig, y_orig = _block_io(original, reference, pool)
-            x_comp, _ = _block_io(model, block, pool)
-        before = _run(block, x_comp, kwargs)
+            x_orig, y_orig = block_io(original, reference, pool)
+            x_comp, _ = block_io(model, block, pool)
+        before = run_block(block, x_comp, kwargs)
         saved = {k: v.clone() for k, v in block.state_dict().items()}
-        err_before = (_rel(before[:n_fit], y_orig[:n_fit]), _rel(before[n_fit:], y_orig[n_fit:]))
+        err_before = (rel_error(before[:n_fit], y_orig[:n_fit]), rel_error(before[n_fit:], y_orig[n_fit:]))
         rounders, registered, floats = _tunables(block, name, original_weights, quantized)
         groups = [{"params": [r.v for r in rounders], "lr": opts.lr}] if rounders else []
         groups += [{"params": [p], "lr": opts.state_lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in floats]
@@ -287,8 +197,8 @@ def reconstruct(model: nn.Module, original: nn.Module, images: torch.Tensor, qua
                 P.remove_parametrizations(module, attr, leave_parametrized=True)
             for p in block.parameters():
                 p.requires_grad_(False)
-        after = _run(block, x_comp, kwargs)
-        err_after = (_rel(after[:n_fit], y_orig[:n_fit]), _rel(after[n_fit:], y_orig[n_fit:]))
+        after = run_block(block, x_comp, kwargs)
+        err_after = (rel_error(after[:n_fit], y_orig[:n_fit]), rel_error(after[n_fit:], y_orig[n_fit:]))
         judged = 1 if len(held) else 0
         kept = not err_after[judged] > err_before[judged]
         if not kept:  # worse where it is judged: put the block back as the sequential fit left it

@@ -3,7 +3,7 @@
 Measuring a candidate (pipeline.measure_candidates) changes one layer and runs the network on
 the same images again; everything upstream of that layer's block computes exactly what the
 reference pass computed. ``Suffix`` records, on the reference pass, the output of every block
-(reconstruct.find_blocks: a residual/MBConv block, a transformer layer, a lone stem or head
+(blocks.find_blocks: a residual/MBConv block, a transformer layer, a lone stem or head
 layer) called exactly once, and while ``Suffix.from_layer(name)`` is active each block that ran
 before the named layer's block returns a copy of its recorded output instead of computing it.
 The outputs are the same numbers as a full pass, and the upstream compute is skipped: half of
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .reconstruct import find_blocks
+from .blocks import find_blocks
 
 
 class Suffix:

@@ -165,8 +165,7 @@ def export_onnx(
     outputs = ["output"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
     axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
     described = {k: v for k, v in (meta.get("quantized") or {}).items() if v.get("bits") in (*GROUP_BITS, 16)}
-    # built in a private folder beside `out`: torch's exporter writes one file per tensor beside a
-    # graph over 2 GB, and the external data must sit beside the graph while it is checked
+    # in a private folder beside `out`: a graph over 2 GB gets its tensors beside it, also while checked
     with private_dir(out) as work:
         raw = work / "export" / out.name
         raw.parent.mkdir()
