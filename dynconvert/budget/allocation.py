@@ -14,7 +14,7 @@ from ..errors import DynError
 
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # "fp32" | "fp16" | "int8" | "int4" | "int3" | "int2" | "dyn" | "int4+dyn" | "int3+dyn" | "int2+dyn"
+    kind: str  # "fp32" | "fp16" | "int8" | "int6" ... "int2" | "dyn" | "int4+dyn" | "int3+dyn" | "int2+dyn"
     bytes: int
     spec: DynSpec | None = None
     group: int | None = None  # group-wise kinds: inputs per fp16 scale (0: one scale per output channel)
