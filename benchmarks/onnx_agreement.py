@@ -14,7 +14,6 @@ import argparse
 import os
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 
@@ -26,29 +25,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import onnxruntime as ort
-
     import dynconvert
-    from benchmarks.real_families import efficientnet_lite2
+    from benchmarks.baselines import ort_predictor
+    from benchmarks.real_families import efficientnet_lite2, predict_all, torch_predictor
+    from benchmarks.real_measure import agreement
 
     family = efficientnet_lite2(SimpleNamespace(calib=1, eval=args.eval, seed=args.seed))
     x = family.eval_x
-    with torch.no_grad():
-        reference = torch.cat([family.original(b) for b in x.split(32)]).argmax(1)
+    reference = predict_all(torch_predictor(family.original), x, 32)
     for path in args.files:
-        net = dynconvert.load(path, model=family.fresh()).eval()
-        with torch.no_grad():
-            in_torch = torch.cat([net(b) for b in x.split(32)]).argmax(1)
+        in_torch = predict_all(torch_predictor(dynconvert.load(path, model=family.fresh())), x, 32)
         out = os.path.splitext(path)[0] + ".onnx"
         res = dynconvert.export_onnx(path, out, model=family.fresh(), force=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(out, opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        in_ort = torch.from_numpy(np.concatenate([session.run(None, {name: b.numpy()})[0] for b in x.split(32)])).argmax(1)
+        in_ort = predict_all(ort_predictor(out, args.threads), x, 32)
         print(f"{path}: .dyn {os.path.getsize(path):,} B, ONNX {res.bytes:,} B; top-1 agreement with the original "
-              f"PyTorch {float((in_torch == reference).float().mean()):.4f}, ONNX Runtime "
-              f"{float((in_ort == reference).float().mean()):.4f} ({len(x)} crops)", flush=True)
+              f"PyTorch {agreement(in_torch, reference)[0]:.4f}, ONNX Runtime {agreement(in_ort, reference)[0]:.4f} "
+              f"({len(x)} crops)", flush=True)
 
 
 if __name__ == "__main__":
