@@ -244,7 +244,7 @@ def test_an_fp16_layer_stays_fp16_in_the_file_and_in_the_onnx_graph(tmp_path, mo
     # the exporter folds the BatchNorm after it into the weight: the fp16 values stay fp16, times a
     # per-channel factor, instead of a float tensor of twice the bytes
     result = dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3))
-    assert not result.grew and result.weight_bytes <= result.budget_bytes and result.max_abs_diff <= result.tolerance
+    assert not result.grew and result.bytes <= result.budget_bytes and result.max_abs_diff <= result.tolerance
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     assert any(i.data_type == onnx.TensorProto.FLOAT16 and int(np.prod(i.dims)) == 128 * 32 for i in graph.initializer)
 
@@ -258,8 +258,14 @@ def test_budgeted_file_exports_to_onnx_with_int8_initializers(tmp_path):
     # (a scale per state vector) staying integers in the thin layers' weights
     result = dynconvert.export_onnx(path, tmp_path / "d.onnx", model=bn_net(seed=3))
     assert "14" in result.layouts and set(result.layouts.values()) == {"factorized"}, result.layouts
-    assert result.weight_bytes <= result.budget_bytes and not result.grew
+    assert result.bytes <= result.budget_bytes and not result.grew
     assert len(result.quantized) >= 2 + 2 and result.max_abs_diff <= result.tolerance
+    # the budget holds for the bytes on disk, graph structure included, not only for the weights
+    conv.budget["target_bytes"] = (result.weight_bytes + result.bytes) // 2
+    dynconvert.save(conv, tmp_path / "tight.dyn")
+    with pytest.raises(DynError, match=r"would be [\d,]+ bytes on disk \([\d,]+ of weights\), over the file's budget"):
+        dynconvert.export_onnx(tmp_path / "tight.dyn", tmp_path / "t.onnx", model=bn_net(seed=3))
+    assert not (tmp_path / "t.onnx").exists()
     # the materialized layout cannot: the export measures its own bytes against the budget, names what grew
     with pytest.raises(DynError, match=r"over the file's budget of [\d,]+; grew: 14: [\d,]+ B in the .dyn"):
         dynconvert.export_onnx(path, tmp_path / "m.onnx", model=bn_net(seed=3), layout_name="materialized")

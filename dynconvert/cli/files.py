@@ -69,7 +69,7 @@ def export(
     activations: str = typer.Option("float", "--activations", help="With --onnx: int8 = ONNX Runtime's static QDQ quantization (int8 activations and weights), calibrated on --calib."),
     calib: Optional[str] = typer.Option(None, help="With --activations int8: the images to calibrate on (an image folder, 'digits', 'fake'; the ones the file was converted on)."),
     calib_images: int = typer.Option(256, help="How many --calib images to use."),
-    allow_larger: bool = typer.Option(False, "--allow-larger", help="With --onnx: write the graph even when its weights exceed the file's byte budget."),
+    allow_larger: bool = typer.Option(False, "--allow-larger", help="With --onnx: write the graph even when its bytes on disk exceed the file's byte budget."),
     external_data: bool = typer.Option(False, "--external-data", help="With --onnx: the weights in one file beside the graph, OUT.onnx.data (automatic above 1.8 GiB of weights: one ONNX file holds at most 2 GiB)."),
     pth_path: Optional[Path] = typer.Option(None, "--pth", help="Write a plain state dict the original architecture loads."),
     st_path: Optional[Path] = typer.Option(None, "--safetensors", help="Write a compact .dyn with the states at --dtype."),

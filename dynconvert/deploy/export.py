@@ -125,8 +125,9 @@ def export_onnx(
     ONNX Runtime folds at session load; ``keep_qdq``: as ``DequantizeLinear`` instead (for runtimes
     with integer kernels; int4 and group-wise grids then need opset 21), checked with float
     activations and the default session's difference reported (``FLOAT_MATMULNBITS``). The graph's
-    weight bytes are compared with the file's: a file converted to a byte budget is refused (DynError, no file)
-    when the graph exceeds it, naming the tensors that grew, unless ``allow_larger``.
+    bytes on disk (graph and external data together) are held to the file's: a file converted to a byte
+    budget is refused (DynError, no file) when the export exceeds it, naming the tensors that grew,
+    unless ``allow_larger``.
 
     ``activations="int8"``: ONNX Runtime's static QDQ quantization (int8 activations and weights),
     calibrated on ``calib``; its outputs are not held to ``rel_tolerance`` (the result reports them).
@@ -197,12 +198,14 @@ def export_onnx(
             done += quantize_factor_tables(graph, factor_tables(net, got, stored))[0]
         shutil.rmtree(raw.parent)  # the graph is in memory: a large model is not kept on disk twice
         weight_bytes, grew = budget_check(graph, dense, stored, meta)
-        if budget is not None and weight_bytes > budget and not allow_larger and activations == "float":
-            raise DynError(f"the ONNX graph holds {weight_bytes:,} bytes of weights, over the file's budget of "
-                           f"{budget:,}; grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose another --layout, "
-                           "or pass --allow-larger; no file written")
         tmp = work / out.name  # the final name: the graph names its data file after it
         external = onnx_files.save(graph, tmp, external_data or onnx_files.over_one_file(weight_bytes))
+        moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
+        nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files: the budget holds for them
+        if budget is not None and nbytes > budget and not allow_larger and activations == "float":
+            raise DynError(f"the ONNX file would be {nbytes:,} bytes on disk ({weight_bytes:,} of weights), over the "
+                           f"file's budget of {budget:,}; grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose "
+                           "another --layout, or pass --allow-larger; no file written")
         try:  # from the path: the checker then reads the external data too
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
@@ -216,8 +219,6 @@ def export_onnx(
                 f"{scale:.3g} = {tol:.3g}; no file written"
             )
         default_diff = _compare(session_outputs(tmp, x.numpy()), want)[0] if keep_qdq else None
-        moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
-        nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files
         move_into_place(moves)
     if not external and data.is_file():
         data.unlink()  # an earlier export's weights: no graph points to them now

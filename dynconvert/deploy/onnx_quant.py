@@ -158,22 +158,37 @@ class Rewritten:
 
 
 class _Builder:
-    def __init__(self, graph, prefix: str):
-        self.graph, self.prefix, self.nodes, self.bytes = graph, prefix, [], 0
+    """Nodes and initializers of one rewritten tensor, named ``<prefix>_<suffix>``: a short prefix
+    per tensor, because the names are bytes of the file the user ships. Small constants that many
+    tensors use (moduli, shifts, shapes) are written once per graph (``shared``)."""
 
-    def const(self, suffix: str, value: np.ndarray, count: bool = True) -> str:
+    def __init__(self, graph, prefix: str, shared: dict):
+        self.graph, self.prefix, self.shared, self.nodes, self.bytes = graph, prefix, shared, [], 0
+
+    def const(self, suffix: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        name = f"{self.prefix}__{suffix}"
+        name = f"{self.prefix}_{suffix}"
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        self.bytes += value.nbytes if count else 0
+        self.bytes += value.nbytes
         return name
+
+    def common(self, value: np.ndarray) -> str:
+        """A small constant shared by every tensor that needs the same value."""
+        from onnx import numpy_helper
+
+        value = np.ascontiguousarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.shared:
+            self.shared[key] = f"dq_c{len(self.shared)}"
+            self.graph.initializer.append(numpy_helper.from_array(value, self.shared[key]))
+        return self.shared[key]
 
     def node(self, op: str, inputs: list[str], suffix: str, out: str | None = None, **attrs) -> str:
         from onnx import helper
 
-        out = out or f"{self.prefix}__{suffix}_out"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{self.prefix}__{suffix}", **attrs))
+        out = out or f"{self.prefix}_{suffix}"
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
 
@@ -220,17 +235,17 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
             deq = b.node("DequantizeLinear", [ints, b.const("scale", scale)], "dequantize", final, axis=0)
         else:  # opset 21: INT4 (int2/int3 values fit; int5/int6 go as INT8), one scale per group of a row
             if src.bits <= 4:
-                t = helper.make_tensor(f"{b.prefix}__int4", TensorProto.INT4, q.shape, q.reshape(-1).tolist())
+                t = helper.make_tensor(f"{b.prefix}_int4", TensorProto.INT4, q.shape, q.reshape(-1).tolist())
                 b.graph.initializer.append(t)
                 b.bytes += (q.size + 1) // 2
             else:
-                t = numpy_helper.from_array(q.astype(np.int8), f"{b.prefix}__int8")
+                t = numpy_helper.from_array(q.astype(np.int8), f"{b.prefix}_int8")
                 b.graph.initializer.append(t)
                 b.bytes += q.size
             scale = (s * a[:, None]).astype(np.float32)
             attrs = {"axis": 1, "block_size": g} if not per_row else {"axis": 0}
             deq = b.node("DequantizeLinear", [t.name, b.const("scale", scale if not per_row else scale[:, 0])], "dequantize", **attrs)
-            deq = b.node("Reshape", [deq, b.const("shape", np.array(flat_shape if not transposed else (r, n), np.int64), False)], "reshape", final)
+            deq = b.node("Reshape", [deq, b.common(np.array(flat_shape if not transposed else (r, n), np.int64))], "reshape", final)
     else:
         if src.bits == 8 and per_row and not transposed:  # the integers in the weight's own shape: no Reshape
             vals = b.node("Cast", [b.const("int8", q.reshape(shape))], "cast", to=TensorProto.FLOAT)
@@ -243,28 +258,26 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
             unsigned = (q.reshape(-1).astype(np.int16) + (1 << (src.bits - 1))).astype(np.uint8)
             total = None
             for slot, shift in planes(src.bits):
-                tag = f"{slot}_{shift}"
-                p = b.const(f"packed{tag}", pack_unsigned((unsigned >> shift) & ((1 << slot) - 1), slot))
-                modulus = b.const(f"modulus{tag}", np.array([1 << slot], np.uint8), False)
-                parts = []
-                for j in range(8 // slot):  # part j: bits [slot j, slot (j + 1)) of every byte
-                    shifted = b.node("BitShift", [p, b.const(f"shift{tag}_{j}", np.array([slot * j], np.uint8), False)],
-                                     f"shifted{tag}_{j}", direction="RIGHT") if j else p
-                    parts.append(b.node("Mod", [shifted, modulus], f"part{tag}_{j}"))
-                u = b.node("Concat", parts, f"parts{tag}", axis=0)
-                if q.size % (8 // slot):
-                    u = b.node("Slice", [u, b.const(f"start{tag}", np.array([0], np.int64), False),
-                                         b.const(f"end{tag}", np.array([q.size], np.int64), False)], f"trim{tag}")
-                f = b.node("Cast", [u], f"cast{tag}", to=TensorProto.FLOAT)
+                tag, k = f"{slot}_{shift}", 8 // slot
+                p = b.const(f"p{tag}", pack_unsigned((unsigned >> shift) & ((1 << slot) - 1), slot)[None])
+                # row j of (k, L): bits [slot j, slot (j + 1)) of every byte, i.e. elements j L ..
+                shifts = b.common(np.arange(0, 8, slot, dtype=np.uint8)[:, None])
+                parts = b.node("BitShift", [p, shifts], f"s{tag}", direction="RIGHT")
+                parts = b.node("Mod", [parts, b.common(np.array([1 << slot], np.uint8))], f"m{tag}")
+                u = b.node("Reshape", [parts, b.common(np.array([-1], np.int64))], f"f{tag}")
+                if q.size % k:
+                    u = b.node("Slice", [u, b.common(np.array([0], np.int64)),
+                                         b.common(np.array([q.size], np.int64))], f"t{tag}")
+                f = b.node("Cast", [u], f"c{tag}", to=TensorProto.FLOAT)
                 if shift:
-                    f = b.node("Mul", [f, b.const(f"weight{tag}", np.array([1 << shift], np.float32), False)], f"high{tag}")
-                total = f if total is None else b.node("Add", [total, f], f"sum{tag}")
-            vals = b.node("Sub", [total, b.const("zero", np.array([1 << (src.bits - 1)], np.float32), False)], "centre")
+                    f = b.node("Mul", [f, b.common(np.array([1 << shift], np.float32))], f"h{tag}")
+                total = f if total is None else b.node("Add", [total, f], f"a{tag}")
+            vals = b.node("Sub", [total, b.common(np.array([1 << (src.bits - 1)], np.float32))], "centre")
         if per_row:
-            vals = b.node("Reshape", [vals, b.const("rows", np.array([r, n], np.int64), False)], "rows") if src.bits != 8 else vals
+            vals = b.node("Reshape", [vals, b.common(np.array([r, n], np.int64))], "rows") if src.bits != 8 else vals
             deq = b.node("Mul", [vals, b.const("scale", (s[:, :1] * a[:, None]).astype(np.float32))], "scaled")
         else:
-            vals = b.node("Reshape", [vals, b.const("groups", np.array([r, n // g, g], np.int64), False)], "groups")
+            vals = b.node("Reshape", [vals, b.common(np.array([r, n // g, g], np.int64))], "groups")
             s16 = s.astype(np.float16)
             exact = np.array_equal(s16.astype(np.float32), s)
             sc = b.node("Cast", [b.const("scale16", s16[:, :, None])], "scale", to=TensorProto.FLOAT) if exact \
@@ -272,7 +285,7 @@ def _emit(b: _Builder, src: Source, o: int, shape: tuple, transposed: bool, a: n
             deq = b.node("Mul", [vals, sc], "scaled")
             if not ones:
                 deq = b.node("Mul", [deq, b.const("rowfactor", a[:, None, None])], "rowscaled")
-        deq = b.node("Reshape", [deq, b.const("shape", np.array((r, n) if transposed else shape, np.int64), False)], "reshape", final)
+        deq = b.node("Reshape", [deq, b.common(np.array((r, n) if transposed else shape, np.int64))], "reshape", final)
     if transposed:
         b.node("Transpose", [deq], "transpose", out, perm=[1, 0])
 
@@ -322,8 +335,8 @@ def quantize_graph(model, sources: list[Source], keep_qdq: bool = False) -> Rewr
 
     graph = model.graph
     dedupe_initializers(graph)
-    index, res, nodes = Index(sources), Rewritten(), []
-    for init in list(graph.initializer):
+    index, res, nodes, shared = Index(sources), Rewritten(), [], {}
+    for i, init in enumerate(list(graph.initializer)):
         if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < QUANT_MIN_NUMEL:
             continue
         x = numpy_helper.to_array(init)
@@ -331,7 +344,7 @@ def quantize_graph(model, sources: list[Source], keep_qdq: bool = False) -> Rewr
         if found is None:
             continue
         src, o, transposed, a = found
-        b = _Builder(graph, init.name)
+        b = _Builder(graph, f"dq{i}", shared)
         if src.bits == 16:
             _emit_fp16(b, src, o, tuple(x.shape), transposed, a, init.name)
         else:
