@@ -220,6 +220,32 @@ def test_a_byte_budget_measures_no_candidate_far_below_its_share(monkeypatch):
     assert {n: len(rows) for n, rows in tight.notes.items()} == {n: len(rows) for n, rows in every.notes.items()}
 
 
+def test_saved_measurements_resume_by_label_whatever_the_floor_offers_now():
+    """A resumed unit's saved candidates are read by label, not by index into today's list: a retry's
+    reserve can switch the floor's fallback, and the list offered then is another one."""
+    from dynconvert.budget import pipeline
+
+    class Saved:  # dynfile.resume.BudgetCheckpoint's two calls, in memory
+        def __init__(self):
+            self.records = {}
+
+        def measured(self, unit):
+            return self.records.get(unit)
+
+        def save_measured(self, index, unit, record):
+            self.records[unit] = record
+
+    saved = Saved()
+    setup = pipeline.prepare(bn_net(), min_params=2000)
+    every = pipeline.measure(setup, images(), calibration="images", saved=saved)  # no floor: every candidate
+    setup = pipeline.prepare(bn_net(), min_params=2000)
+    resumed = pipeline.measure(setup, images(), calibration="images", saved=saved,
+                               target_bytes=int(0.25 * setup.original_bytes))  # a floor: fewer offered now
+    assert {n: [(c.label, e) for c, e in o] for n, o in resumed.options.items()} == \
+        {n: [(c.label, e) for c, e in o] for n, o in every.options.items()}
+    assert any(c.bytes < 0.125 * 4 * u.numel for u in setup.units for c, _ in resumed.options[u.name])
+
+
 def test_an_fp16_layer_stays_fp16_in_the_file_and_in_the_onnx_graph(tmp_path, monkeypatch):
     import numpy as np
     import onnx

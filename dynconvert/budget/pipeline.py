@@ -182,8 +182,12 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     for i, u in enumerate(units):
         record = saved.measured(u.name) if saved is not None else None
         if record is not None:
-            cands = offered(u, min_params, group, gptq, share)
-            options[u.name] = [(cands[k], err) for k, err in record["run"]]
+            # by label from the saved rows: a retry's reserve can move the floor, and with it the list offered now
+            by_label = {c.label: c for c in u.candidates(min_params, group)}
+            if any(row["choice"] not in by_label for row in record["rows"]):
+                raise DynError(f"saved measurements of layer {u.name!r} name candidates this version does not "
+                               "have; delete the .partial folder to start over")
+            options[u.name] = [(by_label[record["rows"][k]["choice"]], err) for k, err in record["run"]]
             if record["sensitivity"] is not None:
                 sensitivity[u.name] = record["sensitivity"]
             if notes is not None:
