@@ -14,6 +14,7 @@ from dynconvert.budget.quant import GROUP_BITS
 from dynconvert.dynamics.attention import ConvertedMultiheadAttention, WeightFreeAttention
 from dynconvert.dynfile.format import read_dyn
 from dynconvert.dynamics.weightfree import to_weight_free
+from dynconvert.errors import DynError
 from _tiny import VIT
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -111,7 +112,7 @@ def test_vit_budget_conversion_compresses_projections(tmp_path):
     """q, k, v and out_proj are budgeted like Linear layers (their inputs taken through the MHA):
     at 1/10 of the bytes, below int4 everywhere, the packed q/k/v goes below 4 bits (states or
     group-wise int3/int2); the file fits, reads back to the same model and exports to ONNX
-    (checked in ONNX Runtime)."""
+    (checked in ONNX Runtime) once the user accepts a graph over the budget."""
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(2)]
     conv = dynconvert.convert(_wide_vit(), size=1 / 10, calib=calib, input_size=(3, 32, 32), min_params=500)
@@ -131,8 +132,12 @@ def test_vit_budget_conversion_compresses_projections(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(dynconvert.load(path, model=_wide_vit())(x), conv.model(x), atol=1e-5)
-    result = dynconvert.export_onnx(path, tmp_path / "v.onnx", model=_wide_vit())
-    assert f"{attn}.out_proj.weight" in result.quantized
+    # a one-block ViT's graph structure does not fit beside its weights in 1/10 of its bytes: said, not written
+    with pytest.raises(DynError, match=r"the weights fit, the graph's structure \([\d,]+ B of nodes and names\) does not"):
+        dynconvert.export_onnx(path, tmp_path / "v.onnx", model=_wide_vit())
+    assert not (tmp_path / "v.onnx").exists()
+    result = dynconvert.export_onnx(path, tmp_path / "v.onnx", model=_wide_vit(), allow_larger=True)
+    assert f"{attn}.out_proj.weight" in result.quantized and result.weight_bytes <= result.budget_bytes < result.bytes
 
 
 def test_vit_budget_stores_packed_projections_quantized():

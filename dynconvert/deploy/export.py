@@ -26,7 +26,7 @@ from ..errors import DynError, first_line
 from ..io.data import check_input_size, probe_forward
 from ..io.fileio import atomic_path, check_output_path, move_into_place, private_dir
 from . import layout, onnx_files
-from .onnx_bytes import budget_check, initializer_bytes
+from .onnx_bytes import budget_check, initializer_bytes, over_budget
 from .onnx_quant import quantize_graph, sources_of
 from .onnx_states import factor_tables, quantize_factor_tables, quantize_state_tables, weight_free_state_ints
 from ..dynfile.rebuild import materialized, open_converted, open_dyn
@@ -203,9 +203,7 @@ def export_onnx(
         moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
         nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files: the budget holds for them
         if budget is not None and nbytes > budget and not allow_larger and activations == "float":
-            raise DynError(f"the ONNX file would be {nbytes:,} bytes on disk ({weight_bytes:,} of weights), over the "
-                           f"file's budget of {budget:,}; grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose "
-                           "another --layout, or pass --allow-larger; no file written")
+            raise over_budget(nbytes, weight_bytes, budget, grew)
         try:  # from the path: the checker then reads the external data too
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:

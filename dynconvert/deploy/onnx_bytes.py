@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DynError
 from .onnx_quant import QUANT_MIN_NUMEL, Index, Source
 
 
@@ -60,3 +61,16 @@ def budget_check(model, dense, stored: dict, meta: dict) -> tuple[int, list[str]
         if o in in_dyn and n > 1.1 * in_dyn[o] + 1024 and o not in float_left:
             grew.append(f"{o}: {in_dyn[o]:,} B in the .dyn, {n:,} B of float in the graph")
     return total, grew
+
+
+def over_budget(nbytes: int, weight_bytes: int, budget: int, grew: list[str]):
+    """The one-line refusal of an export whose bytes on disk exceed the file's budget: what grew,
+    or, when the weights fit, that the graph's own structure (nodes, names) does not fit beside them
+    (a small network's graph can outweigh what its compression saves)."""
+    if grew or weight_bytes > budget:
+        why = f"grew: {'; '.join(grew[:6]) or 'no single tensor'}. Choose another --layout, or pass --allow-larger"
+    else:
+        why = (f"the weights fit, the graph's structure ({nbytes - weight_bytes:,} B of nodes and names) does not. "
+               "Pass --allow-larger to write it anyway")
+    return DynError(f"the ONNX file would be {nbytes:,} bytes on disk ({weight_bytes:,} of weights), over the file's "
+                    f"budget of {budget:,}; {why}; no file written")

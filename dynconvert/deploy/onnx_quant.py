@@ -23,9 +23,6 @@ import torch
 
 from ..budget import quant
 
-grid_of = getattr(quant, "grid_of", None)
-"""The interface's group-wise grid view (helper "sub4"); absent before it lands."""
-
 QUANT_MIN_NUMEL = 64
 """Smaller initializers stay float: their scales and nodes would cost more than they save."""
 SIGN_PREFIX = 32
@@ -42,18 +39,6 @@ class Source:
     s: np.ndarray | None = None
     group: int = 0
     dyn_bytes: int = 0
-
-
-def _grid(weight: torch.Tensor, entry: dict, scales: torch.Tensor):
-    """(scale_expanded, qmin, qmax) of the interface's ``budget.quant.grid_of``; this fallback
-    covers one scale per row (per channel) or per group of G elements of a row."""
-    if grid_of is not None:
-        return grid_of(weight, entry, scales)
-    q, m = 2 ** (int(entry["bits"]) - 1) - 1, weight.shape[0]
-    if scales.numel() == 1:
-        return scales.float().reshape(()).expand(weight.shape), -q - 1, q
-    s = scales.float().reshape(m, -1).repeat_interleave(int(entry.get("group") or weight[0].numel()) if scales.numel() > m else weight[0].numel(), 1)
-    return s.reshape(weight.shape), -q - 1, q
 
 
 def sources_of(state: dict, stored: dict, described: dict) -> list[Source]:
@@ -75,7 +60,7 @@ def sources_of(state: dict, stored: dict, described: dict) -> list[Source]:
         keep = entry.get("keep", [0])
         if entry.get("group") is None and list(keep) not in ([0], []):
             continue  # e.g. states (H, m, d) with a scale per state vector: never a weight in a graph
-        scale_exp, _, _ = _grid(w.detach().float(), entry, scales)
+        scale_exp, _, _ = quant.grid_of(w.detach().float(), entry, scales)
         s_full = scale_exp.expand(w.shape).reshape(m, -1)
         n = s_full.shape[1]
         group = int(entry.get("group") or n)
