@@ -150,23 +150,21 @@ class _Builder:
     def __init__(self, graph, prefix: str, shared: dict):
         self.graph, self.prefix, self.shared, self.nodes, self.bytes = graph, prefix, shared, [], 0
 
-    def const(self, suffix: str, value: np.ndarray) -> str:
+    def _add(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        name = f"{self.prefix}_{suffix}"
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        self.bytes += value.nbytes
         return name
+
+    def const(self, suffix: str, value: np.ndarray) -> str:
+        self.bytes += value.nbytes
+        return self._add(f"{self.prefix}_{suffix}", value)
 
     def common(self, value: np.ndarray) -> str:
         """A small constant shared by every tensor that needs the same value."""
-        from onnx import numpy_helper
-
-        value = np.ascontiguousarray(value)
         key = (value.dtype.str, value.shape, value.tobytes())
         if key not in self.shared:
-            self.shared[key] = f"dq_c{len(self.shared)}"
-            self.graph.initializer.append(numpy_helper.from_array(value, self.shared[key]))
+            self.shared[key] = self._add(f"dq_c{len(self.shared)}", value)
         return self.shared[key]
 
     def node(self, op: str, inputs: list[str], suffix: str, out: str | None = None, **attrs) -> str:
