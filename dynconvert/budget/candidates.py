@@ -26,8 +26,8 @@ from .allocation import Candidate
 from ..dynamics.conversion import LayerStats
 from ..dynamics.corrected import CorrectedConv2d, CorrectedLinear
 from ..dynamics.fit import svd_rel_error
-from ..dynamics.layers import dense_kind, dense_target, make_dynamic
-from ..dynamics.modules import DynSpec, dense_matrix, set_submodule, sql2_lowrank
+from ..dynamics.layers import dense_kind, make_dynamic
+from ..dynamics.modules import DynSpec, set_submodule, sql2_lowrank
 from .outputs import STATE_KEEP, corrected_target, fit_states, gptq_quantize, row_scales
 from .quant import dequantize, fake_quant_grouped, grouped_bytes, pick_group, quantize, stored_bytes
 
@@ -121,27 +121,37 @@ class Fitted:
         return low if self.weight is None else self.weight + low
 
 
-def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor, state_steps: int, gptq: bool = True) -> Fitted:
+def fit_candidate(cand: Candidate, target: torch.Tensor, c: torch.Tensor | None, state_steps: int,
+                  gptq: bool = True) -> Fitted:
+    """``cand`` fitted to ``target`` (m x n) for inputs of second moment ``c`` (GPTQ's rounding and
+    the states' fit use it); ``gptq`` False: grids rounded to nearest, which ``c`` does not steer."""
     if cand.kind == "fp32":
         return Fitted(weight=target)
-    if cand.kind == "fp16":
-        return Fitted(weight=target.half().to(target.dtype))
     if cand.kind == "dyn":
         return Fitted(states=fit_states(target, c, cand.spec, bits=8, steps=state_steps))
-    bits = bits_of(cand)
-    if cand.kind == "int8":
-        if gptq:
-            w, scale = gptq_quantize(target, c, 8)
-        else:  # nearest rounding: what synthetic inputs cannot mislead
-            scale = row_scales(target, 8)
-            w = dequantize(*quantize(target, 8, (0,), scale))
-        return Fitted(weight=w, scale=scale)
-    g = group_for(target.shape[1], cand.group or target.shape[1])
-    if gptq:
-        w, scale = gptq_quantize(target, c, bits, group=g)
+    if cand.kind == "fp16" or not gptq:  # nearest rounding: what synthetic inputs cannot mislead
+        fitted = rounded(cand, target)
+    elif cand.kind == "int8":
+        return Fitted(*gptq_quantize(target, c, 8))
     else:
-        w, scale = fake_quant_grouped(target, bits, g)
-    fitted = Fitted(weight=w, scale=scale, group=g)
+        g = group_for(target.shape[1], cand.group or target.shape[1])
+        fitted = Fitted(*gptq_quantize(target, c, bits_of(cand), group=g), group=g)
+    if cand.kind.endswith("+dyn"):  # states hold what the rounding lost, weighted by the inputs
+        fitted.states = fit_states(target - fitted.weight, c, cand.spec, bits=8, steps=state_steps)
+    return fitted
+
+
+def rounded(cand: Candidate, target: torch.Tensor, scale: torch.Tensor | None = None) -> Fitted:
+    """``cand``'s grid (fp16, int8 per channel, a group-wise grid) rounded to nearest; with ``scale``
+    (a fit's own), those scales instead of searching them again (a trial's re-rounding, table.py)."""
+    if cand.kind == "fp16":
+        return Fitted(weight=target.half().to(target.dtype))
+    if cand.kind == "int8":
+        scale = row_scales(target, 8) if scale is None else scale
+        return Fitted(weight=dequantize(*quantize(target, 8, (0,), scale)), scale=scale)
+    g = group_for(target.shape[1], cand.group or target.shape[1])
+    w, scale = fake_quant_grouped(target, bits_of(cand), g, scale)
+    return Fitted(weight=w, scale=scale, group=g)
     if cand.kind.endswith("+dyn"):  # states hold what the rounding lost, weighted by the inputs
         fitted.states = fit_states(target - w, c, cand.spec, bits=8, steps=state_steps)
     return fitted
@@ -174,17 +184,17 @@ def worth_measuring(costs: list[tuple[int, float]], margin: float = HULL_MARGIN)
 # ---------------------------------------------------------------- the chosen candidate, in place
 
 
-def install(model: nn.Module, original: nn.Module, unit, cand: Candidate, paired: dict, *, trusted: bool,
+def install(model: nn.Module, originals, unit, cand: Candidate, paired: dict, *, trusted: bool,
             state_steps: int, calibration: str, quantized: dict) -> list[LayerStats]:
     """Fit ``cand`` for every part of ``unit`` on its moments ``paired`` (inputs of the network
     compressed so far), put it in ``model`` and record how its tensors are stored in ``quantized``;
     returns the statistics of the layers that became converted (states) layers."""
     layers, scales, groups = [], [], []
     for p in unit.parts:
-        mom = paired[p.name]
-        w = dense_matrix(dense_target(original, p.name))
+        mom = paired.get(p.name)  # absent for a grid rounded to nearest (not trusted), which needs none
+        w = originals.matrix(p.name)
         target = corrected_target(w, mom) if trusted else w
-        fitted = fit_candidate(cand, target, mom.own, state_steps, gptq=trusted)
+        fitted = fit_candidate(cand, target, None if mom is None else mom.own, state_steps, gptq=trusted)
         if fitted.states is not None:
             spec, f = cand.spec, fitted.states
             if fitted.weight is None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DynError
+from ..io.allocator import release_freed
 from .pipeline import (BudgetResult, Table, find_units, fit_allocation, measure, prepare, reconstruct_fitted,
                        round_to_fp16)
 from .probe import HELD_APART, SYNTHETIC, Probe, affordable_steps, synthetic_probe
@@ -174,12 +175,16 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
     note = on_note or (lambda text: None)
     clock = time.perf_counter
     start = clock()
-    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, group=group)
+    # no images and no reconstruction: nothing runs the original forward, and a large one's weights
+    # go to a file (originals.py)
+    setup = prepare(model, include=include, exclude=exclude, min_params=min_params, group=group,
+                    spill=calib is None and not reconstruct_iters)
+    original = setup.original if setup.original is not None else model  # the same, until measure changes it
     if calib is not None:
         images = torch.cat(calib)
         fitting, held = split_probe(images)
         if held is None:
-            probe = synthetic_probe(setup.original, input_size, on_progress=on_progress)
+            probe = synthetic_probe(original, input_size, on_progress=on_progress)
             note(f"{len(images)} calibration images are too few to hold {MIN_PROBE} apart for the probe (that needs "
                  f"{4 * MIN_PROBE}): the target is checked on {probe.kind} inputs instead")
         else:
@@ -189,7 +194,7 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
             note(f"{len(fitting)} calibration images for fitting, {len(held)} held apart to check the target on{finer}")
         batches, mode = list(fitting.split(64)), "images"
     else:
-        probe = synthetic_probe(setup.original, input_size, on_progress=on_progress)
+        probe = synthetic_probe(original, input_size, on_progress=on_progress)
         if probe.kind == SYNTHETIC:
             note("no calibration images: synthesizing inputs from the model's BatchNorm statistics (data-free); "
                  "the target is checked on synthetic inputs, not on real images (--calib DIR checks it on yours)")
@@ -203,9 +208,10 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
                  "standard-normal inputs, a rough guide only; pass --calib DIR for a target checked on real images")
             gen = torch.Generator().manual_seed(0)
             batches, mode = [torch.randn((synthetic_images, *input_size), generator=gen)], NORMAL_CALIBRATION
-    probe.start(setup.original)
+    probe.start(original)
     inputs_s = clock() - start
     table = measure(setup, batches, calibration=mode, on_progress=on_progress, keep_fits=True)
+    release_freed()  # the measurement's moments and candidates: the trials allocate other sizes
     measured = clock()
     budget, trials, aim = search(table, probe, keep, on_trial=on_trial)
     searched = clock()
@@ -214,6 +220,7 @@ def convert_to_keep(model: nn.Module, keep: float, calib: list[torch.Tensor] | N
              f"{aim:.3f} (fp16 norms and biases can flip a probe image), so the target is that: the smallest file "
              "that reaches it")
     table.fits = None  # the trials' fits are not needed any more
+    release_freed()
     missed, close = [], None
     while True:  # the reconstruction comes once, after the last fit: it is most of a fit's time
         result = fit_allocation(table, table.allocation(budget), budget, on_progress=on_progress, on_note=on_note)
@@ -266,7 +273,11 @@ def restored(table: Table, model: nn.Module, include, exclude) -> Table:
     """``table`` for a fresh fit: ``model``'s submodules put back as they were before the first fit
     (copies of the original's, norms and biases rounded to fp16 as ``measure`` left them; the
     object the caller holds stays the same) and the units found again on them. Copied only when a
-    refit needs it: no second copy of the network on every run."""
+    refit needs it: no second copy of the network on every run. Spilled weights (no images: every
+    layer was rounded in place, none replaced) are read back into the same layers."""
+    if table.original is None:
+        table.originals.restore(model)
+        return table
     for name, child in table.original.named_children():
         setattr(model, name, copy.deepcopy(child))
     round_to_fp16(model.state_dict(), table.halves)

@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from ..dynamics.calibration import (  # noqa: F401 (input_vectors, shrunk, execution_order: their old place)
-    Moments, collect_moments, damped, execution_order, input_vectors, keep_last, output_error, shrunk, whitener,
+from ..dynamics.calibration import (  # noqa: F401 (input_vectors, execution_order: their old place)
+    Moments, collect_moments, damped, execution_order, input_vectors, keep_last, output_error, whitener,
 )
 from ..dynamics.modules import DynSpec, sql2_factors, sql2_lowrank
 from ..dynamics.fit import FitResult, fit_outputs

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .affordable import ChunkedMoments, plan
 from .allocation import Candidate, allocate, why
 from ..dynamics.attention import QKV, packed, proj_targets
-from ..dynamics.calibration import Moments, collect_moments, execution_order, output_error
+from ..dynamics.calibration import Moments, collect_moments, output_error, used_in_order
 from .candidates import (  # noqa: F401 (STATE_DIM, DYN_CANDIDATES, Fitted, state_bytes: public names of the stage)
     DYN_CANDIDATES, STATE_DIM, Fitted, fit_candidate, install, state_bytes, unit_candidates, worth_measuring,
 )
@@ -39,9 +40,11 @@ from ..dynamics.conversion import LayerStats, Skipped, matches, uncovered_skips
 from ..dynamics.layers import find_targets
 from ..dynamics.modules import DynConv2d, dense_matrix
 from ..errors import DynError
+from .originals import keep_originals
+from .probe import forward_macs
 from .reconstruct import reconstruct_after_fit
 from .suffix import Suffix
-from .table import Setup, Table, kept_fit
+from .table import Setup, Table, kept_fit, unkept
 
 SENSITIVITY_IMAGES = 16
 """Images the network error of each candidate is measured on (held apart from the fitting ones
@@ -154,10 +157,10 @@ def model_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments], images: torch.Tensor,
+def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, Moments] | None, images: torch.Tensor,
                        min_params: int, on_progress=None, gptq: bool = True, group: int | None = None,
                        notes: dict | None = None, fits: dict | None = None, saved=None, share: float = 0.0,
-                       ) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
+                       predict: bool = False) -> tuple[dict[str, list[tuple[Candidate, float]]], dict[str, float]]:
     """Every candidate of every layer, fitted to that layer's outputs and put in place *alone*;
     the network runs on ``images`` (from the layer's block on: suffix.py) and its output error
     (mean squared change of the outputs over their mean square) is that candidate's cost.
@@ -172,13 +175,24 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
     ``saved`` (dynfile.resume.BudgetCheckpoint, optional): each unit's measurement is saved as it
     finishes, and a unit an interrupted run measured is read back instead of measured again (each
     unit is measured alone on the original network, so the result is the same). ``share``: candidates
-    costing less than this fraction of their unit's fp32 bytes are not offered (``CHEAPEST_SHARE``)."""
+    costing less than this fraction of their unit's fp32 bytes are not offered (``CHEAPEST_SHARE``).
+    ``predict`` (affordable.py): only the int4 and states candidates run in the network, the other
+    grids' network errors are the int4's sensitivity times their layer errors (rows say ``predicted``);
+    ``moments`` None: collected on ``images`` a few layers at a time (``affordable.ChunkedMoments``)."""
     if saved is not None and fits is not None:
         raise ValueError("saved measurements keep no fits: a --keep search cannot resume")
     suffix = Suffix(model, [p.name for u in units for p in u.parts], images)  # runs the reference pass
     reference = suffix.reference
     scale = reference.pow(2).mean().clamp_min(1e-30)
+    if moments is None:  # the predicted measurement's: collected on these images, a chunk at a time
+        moments = ChunkedMoments(model, units, images, suffix)
     options, sensitivity = {}, {}
+
+    def network_error(weights, dense, names) -> float:
+        for w, d in zip(weights, dense):
+            w.data.copy_(d.reshape(w.shape))
+        with suffix.from_layer(names):  # the blocks upstream are unchanged
+            return float((model(images) - reference).pow(2).mean() / scale)
     for i, u in enumerate(units):
         record = saved.measured(u.name) if saved is not None else None
         if record is not None:
@@ -201,30 +215,41 @@ def measure_candidates(model: nn.Module, units: list[Unit], moments: dict[str, M
         cs = [moments[p.name].own for p in u.parts]
         layer_scale = max(sum(output_error(w, torch.zeros_like(w), c) for w, c in zip(matrices, cs)), 1e-30)
         cands = offered(u, min_params, group, gptq, share)
-        fitted = [[None if c.kind == "fp32" else fit_candidate(c, w, m, 0, gptq) for w, m in zip(matrices, cs)]
-                  for c in cands]
-        dense = [[w if f is None else f.dense() for w, f in zip(matrices, fs)] for fs in fitted]
-        layer_errs = [sum(output_error(w, d, m) for w, d, m in zip(matrices, ds, cs)) / layer_scale for ds in dense]
+        kept, layer_errs = [], []  # one candidate's dense weight at a time: ViT-L/16's fc2 is 16 MB a candidate
+        for c in cands:
+            fs = [None if c.kind == "fp32" else fit_candidate(c, w, m, 0, gptq) for w, m in zip(matrices, cs)]
+            ds = [w if f is None else f.dense() for w, f in zip(matrices, fs)]
+            layer_errs.append(sum(output_error(w, d, m) for w, d, m in zip(matrices, ds, cs)) / layer_scale)
+            kept.append([None if f is None else kept_fit(f, d, gptq) for f, d in zip(fs, ds)])
+        del cs  # a chunk's moments go with the chunk (affordable.ChunkedMoments)
         keep = worth_measuring([(c.bytes, e) for c, e in zip(cands, layer_errs)])
+
+        def dense(k):
+            return [w if f is None else unkept(f, cands[k], w) for w, f in zip(matrices, kept[k])]
+        names = [p.name for p in u.parts]
+        first_int4 = next((k for k, c in enumerate(cands) if c.kind == "int4"), None)
+        guess = predict and first_int4 is not None  # a floor above int4's bytes: every candidate is measured
         measured, rows, run_at = [], [], []
         try:
-            for k, (cand, fs, ds, layer_err, run) in enumerate(zip(cands, fitted, dense, layer_errs, keep)):
-                err = None
+            if guess:  # the int4 candidate first: its sensitivity predicts the other grids
+                sensitivity[u.name] = network_error(weights, dense(first_int4), names) / max(layer_errs[first_int4], 1e-30)
+            for k, (cand, layer_err, run) in enumerate(zip(cands, layer_errs, keep)):
+                err, guessed = None, False
                 if cand.kind == "fp32":
                     err = 0.0
+                elif (run or k == first_int4) and guess and cand.spec is None:  # the int4's is measured
+                    err, guessed = sensitivity[u.name] * layer_err, k != first_int4
                 elif run:
-                    for w, d in zip(weights, ds):
-                        w.data.copy_(d.reshape(w.shape))
-                    with suffix.from_layer([p.name for p in u.parts]):  # the blocks upstream are unchanged
-                        err = float((model(images) - reference).pow(2).mean() / scale)
+                    err = network_error(weights, dense(k), names)
                     if cand.kind == "int4" and u.name not in sensitivity:
                         sensitivity[u.name] = err / max(layer_err, 1e-30)
                 if err is not None:
                     if fits is not None and cand.kind != "fp32":
-                        fits.setdefault(u.name, {})[len(measured)] = [kept_fit(f, d) for f, d in zip(fs, ds)]
+                        fits.setdefault(u.name, {})[len(measured)] = kept[k]
                     measured.append((cand, err))
                     run_at.append([k, err])
-                rows.append(dict(choice=cand.label, kind=cand.kind, bytes=cand.bytes, layer_error=layer_err, network_error=err))
+                rows.append(dict(choice=cand.label, kind=cand.kind, bytes=cand.bytes, layer_error=layer_err, network_error=err,
+                                 **({"predicted": True} if guessed else {})))
         finally:
             for w, o in zip(weights, originals):
                 w.data.copy_(o)
@@ -263,18 +288,18 @@ class BudgetResult:
 
 
 def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_000, reserve: int = 0,
-            group: int | None = None) -> Setup:
+            group: int | None = None, spill: bool = False) -> Setup:
     """The units of ``model`` and the bytes outside them; the model is not changed yet. ``reserve``:
     bytes kept free beyond the header estimate (a retry after a file came out over the budget);
-    ``group``: inputs per scale of the group-wise grids (None: ``quant.pick_group`` per layer)."""
+    ``group``: inputs per scale of the group-wise grids (None: ``quant.pick_group`` per layer);
+    ``spill``: nothing will run the original forward (no images), so a large network's original
+    weights may go to a temporary file instead of a second copy in memory (originals.py)."""
     if group is not None and (type(group) is not int or group <= 0):
         raise DynError(f"--quant-group {group!r} must be a positive number of inputs per scale (e.g. 64)")
-    import copy
-
     model.eval()
     original_bytes = model_bytes(model)
     units, skipped = find_units(model, include, exclude)
-    original = copy.deepcopy(model).eval()
+    originals = keep_originals(model, [p.name for u in units for p in u.parts], spill)
     # everything that is not a budgeted weight (norms, biases) is stored as fp16: at 1/8 of an
     # EfficientNet-Lite2 it would otherwise take 15% of the budget
     weights = {k for u in units for k in u.stored}
@@ -284,7 +309,8 @@ def prepare(model: nn.Module, *, include=(), exclude=(), min_params: int = 10_00
     fixed = (sum(t.numel() * (2 if k in halves else t.element_size()) for k, t in small.items())
              + HEADER_BYTES_PER_TENSOR * (len(small) + 2 * count) + HEADER_BYTES_PER_LAYER * count + 4096
              + long_names(list(small), units, min_params) + reserve)
-    return Setup(model, original, units, skipped, small, halves, fixed, original_bytes, min_params, group)
+    return Setup(model, originals.network, units, skipped, small, halves, fixed, original_bytes, min_params, group,
+                 originals)
 
 
 def round_to_fp16(tensors: dict[str, torch.Tensor], keys) -> None:
@@ -306,17 +332,12 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
     model, units, skipped = setup.model, setup.units, list(setup.skipped)
     round_to_fp16(setup.small, setup.halves)  # the model is only changed once the budget is known to be reachable
     batches = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
-    by_first = {u.parts[0].name: u for u in units}
-    units = [by_first[n] for n in execution_order(model, list(by_first), batches[0][:1])]
-    everything = torch.cat(list(batches))
-    held_apart = len(everything) >= 3 * SENSITIVITY_IMAGES  # measure on images the fits did not see
-    images = everything[-SENSITIVITY_IMAGES:] if held_apart else everything[:SENSITIVITY_IMAGES]
-    fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
-    moments = collect_moments([p.name for u in units for p in u.parts], fitting.split(32), model)
+    at = {n: i for i, n in enumerate(used_in_order(model, [p.name for u in units for p in u.parts], batches[0][:1]))}
+    units = sorted(units, key=lambda u: at.get(u.parts[0].name, len(at)))  # execution order, unreached last
     # a layer whose owner reads its .weight instead of calling it (Swin's qkv; an MHA's
     # projections are tapped through the MHA, see attention.input_taps) shows no inputs: it stays
     # fp32 and is listed; its bytes come out of the room
-    unreached = [u for u in units if any(p.name not in moments for p in u.parts)]
+    unreached = [u for u in units if any(p.name not in at for p in u.parts)]
     for u in unreached:
         skipped.append(Skipped(u.name, "never called as a module (its owner reads .weight), so its outputs cannot "
                                        "be measured: left fp32"))
@@ -332,11 +353,20 @@ def measure(setup: Setup, calibration_inputs, *, calibration: str, on_progress=N
         room = target_bytes - setup.fixed - sum(4 * u.numel for u in unreached)
         if sum(min(c.bytes for c in offered(u, setup.min_params, setup.group, trusted, share)) for u in units) > room:
             share = 0.0  # the budget needs the cheapest candidates somewhere: every one is measured
+    everything = torch.cat(list(batches))
+    held_apart = len(everything) >= 3 * SENSITIVITY_IMAGES  # measure on images the fits did not see
+    how = plan(forward_macs(model, tuple(everything.shape[1:])), len(units), SENSITIVITY_IMAGES,
+               sum(len(offered(u, setup.min_params, setup.group, trusted, share)) - 1 for u in units))
+    images = everything[-how.images:] if held_apart else everything[:how.images]
+    moments = None  # predicted: collected on the images, a few layers at a time (affordable.ChunkedMoments)
+    if not how.predicted:
+        fitting = everything[:-SENSITIVITY_IMAGES] if held_apart else everything
+        moments = collect_moments([p.name for u in units for p in u.parts], fitting.split(32), model)
     options, sensitivity = measure_candidates(model, units, moments, images, setup.min_params, on_progress,
                                               gptq=trusted, group=setup.group, notes=notes, fits=fits,
-                                              saved=saved, share=share)
+                                              saved=saved, share=share, predict=how.predicted)
     return Table(model, setup.original, units, skipped, options, sensitivity, setup.fixed, unreached, setup.halves,
-                 batches, calibration, setup.original_bytes, fits, notes, setup.group)
+                 batches, calibration, setup.original_bytes, fits, notes, setup.group, how.entry(), setup.originals)
 
 
 def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, stages: int = 8, state_steps: int = 60,
@@ -355,10 +385,12 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
     done = 0
     for s in range(0, len(todo), per_stage):
         stage = todo[s:s + per_stage]
-        paired = collect_moments([p.name for u in stage for p in u.parts], table.batches, model, original,
-                                 stop_after=stage[-1].parts[-1].name)
+        paired = {}  # rounding to nearest (synthetic or random inputs) needs no inputs: the pass is skipped
+        if trusted or any(chosen[u.name].spec is not None for u in stage):
+            paired = collect_moments([p.name for u in stage for p in u.parts], table.batches, model, original,
+                                     stop_after=stage[-1].parts[-1].name)
         for u in stage:
-            layers += install(model, original, u, chosen[u.name], paired, trusted=trusted, state_steps=state_steps,
+            layers += install(model, table.originals, u, chosen[u.name], paired, trusted=trusted, state_steps=state_steps,
                               calibration=table.calibration, quantized=quantized)
             done += 1
             progress("fitting", done, len(todo))
@@ -378,7 +410,7 @@ def fit_allocation(table: Table, choice: dict[str, int], target_bytes: int, *, s
         planned_bytes=table.fixed + sum(r["bytes"] for r in rows), calibration=table.calibration,
         calibration_images=int(sum(len(b) for b in table.batches)), predicted_error=predicted_total,
         stages=math.ceil(len(todo) / per_stage) if todo else 0, layers=rows, kinds=kind_counts(rows),
-        reconstruction=None,
+        reconstruction=None, measurement=table.measurement,
     )
     if table.group is not None:  # the stated fallback: rows that group does not divide keep one scale per channel
         summary["per_channel_fallback"] = [u.name for u in table.units if any(p.n % table.group for p in u.parts)]

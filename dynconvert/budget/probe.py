@@ -34,6 +34,9 @@ PROBE_SEED = 1
 """Not the fitting set's seed (0): a probe is never the inputs the fit saw."""
 LOW = 0.5
 """Below this agreement the conversion prints a warning: the network's predictions are lost."""
+BATCH, BATCH_MACS = 32, 5e11
+"""Probe images per forward pass: ``BATCH``, fewer where a pass of that many would cost over
+``BATCH_MACS`` multiply-accumulates (ViT-L/16: 8 a pass; 32 held 0.73 GB of activations)."""
 
 HELD_APART = "calibration images held apart from the fit"
 SEEN = "calibration images (also used by the fit)"
@@ -46,12 +49,14 @@ class Probe:
     inputs: torch.Tensor
     kind: str
     reference: torch.Tensor | None = None  # the original's top-1 on ``inputs``
+    batch: int = BATCH
 
     def start(self, original: nn.Module) -> "Probe":
         """Record the original's answers (before it is converted in place); a one-line error when
         the network does not run on the probe inputs."""
         try:
-            self.reference = top1(original, self.inputs)
+            self.batch = max(1, min(BATCH, int(BATCH_MACS // max(forward_macs(original, self.inputs.shape[1:]), 1))))
+            self.reference = top1(original, self.inputs, self.batch)
         except Exception as e:  # a shape mismatch deep in a user's forward: say what to change
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             shape = "x".join(str(n) for n in self.inputs.shape[1:])
@@ -60,7 +65,7 @@ class Probe:
         return self
 
     def agreement(self, model: nn.Module) -> float:
-        return float((top1(model, self.inputs) == self.reference).float().mean())
+        return float((top1(model, self.inputs, self.batch) == self.reference).float().mean())
 
     def entry(self, agreement: float) -> dict:
         """What the .dyn metadata and ``report --json`` carry as ``network``."""
@@ -68,7 +73,7 @@ class Probe:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+def top1(model: nn.Module, x: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
     """The argmax over dim 1 of every output (per position for dense outputs), in batches."""
     was = model.training
     model.eval()
@@ -94,10 +99,14 @@ def forward_macs(model: nn.Module, input_size) -> int:
     total = [0]
 
     def count(m, args, out):
+        if isinstance(m, nn.MultiheadAttention):  # its projections are not called as modules: q, k, v and out
+            total[0] += out[0].numel() * 4 * m.embed_dim
+            return
         per = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
         total[0] += out.numel() * per
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]
     was = model.training
     try:
         model.eval()(torch.zeros(1, *input_size))

@@ -109,6 +109,10 @@ def check_group(n: int, group: int) -> int:
     return group
 
 
+SEARCH_ELEMENTS = 2**20
+"""Elements (levels x rows x inputs) of one step of the scale search: a few MB, cache-sized."""
+
+
 def fp16_values(t: torch.Tensor) -> torch.Tensor:
     """``t`` rounded to fp16, held as float32, never zero (a tiny scale keeps its sign)."""
     tiny = torch.where(t < 0, -6e-8, 6e-8)
@@ -117,20 +121,21 @@ def fp16_values(t: torch.Tensor) -> torch.Tensor:
 
 def group_scales(w: torch.Tensor, bits: int, group: int, search: bool = True, grid: int = 20, lowest: float = 0.3) -> torch.Tensor:
     """(m, n // group) fp16 scales of ``w`` (m, n) minimizing each group's squared rounding
-    error over clipping levels (1 down to ``lowest`` of the largest |w|) and both signs."""
+    error over clipping levels (1 down to ``lowest`` of the largest |w|) and both signs; the first
+    level tried wins a tie. Every level at once on a few rows at a time (``SEARCH_ELEMENTS``): one
+    level at a time over the whole matrix took 4-10x longer (ViT-L/16's 1024 x 4096: 2.2 s a grid)."""
     qmin, qmax = group_range(bits)
     wg = w.detach().float().reshape(w.shape[0], -1, group)
     amax = wg.abs().amax(-1).clamp_min(1e-12) / -qmin
-    best, best_err = None, None
-    for frac in (torch.linspace(1.0, lowest, grid) if search else [1.0]):
-        for sign in (1.0, -1.0):
-            s = fp16_values(amax * float(frac) * sign)
-            err = (torch.round(wg / s[..., None]).clamp(qmin, qmax) * s[..., None] - wg).pow(2).sum(-1)
-            if best is None:
-                best, best_err = s, err
-            else:
-                better = err < best_err
-                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    fracs = torch.linspace(1.0, lowest, grid).tolist() if search else [1.0]
+    levels = torch.tensor([f * sign for f in fracs for sign in (1.0, -1.0)]).view(-1, 1, 1)
+    best = torch.empty_like(amax)
+    rows = max(1, SEARCH_ELEMENTS // (len(levels) * wg.shape[1] * group))
+    for i in range(0, wg.shape[0], rows):
+        part = wg[i:i + rows]
+        s = fp16_values(amax[i:i + rows] * levels)  # (levels, rows, groups)
+        err = (torch.round(part / s[..., None]).clamp(qmin, qmax) * s[..., None] - part).pow(2).sum(-1)
+        best[i:i + rows] = s.gather(0, err.argmin(0, keepdim=True))[0]
     return best
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..dynamics.conversion import Skipped
 from ..errors import DynError
 from .allocation import Candidate, allocate
+from .candidates import rounded
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Table:
     measured fits in place to try it."""
 
     model: nn.Module  # compressed in place by fit_allocation; norms and biases already on fp16
-    original: nn.Module  # the untouched original
+    original: nn.Module | None  # the untouched original; None when its weights are spilled (originals.py)
     units: list  # pipeline.Unit, in execution order
     skipped: list[Skipped]
     options: dict[str, list[tuple[Candidate, float]]]
@@ -37,6 +38,8 @@ class Table:
     fits: dict[str, dict[int, list]] | None = None  # unit -> candidate index -> kept fits, for trials
     notes: dict[str, list[dict]] | None = None  # unit -> every candidate's bytes and errors (report)
     group: int | None = None  # inputs per scale of the group-wise grids (None: picked per layer)
+    measurement: dict | None = None  # how the candidates were measured (affordable.Plan.entry)
+    originals: object = None  # originals.InMemory or originals.Spilled: the original's weights
 
     @property
     def trusted(self) -> bool:
@@ -66,40 +69,66 @@ class Table:
     @contextmanager
     def trial(self, choice: dict[str, int]):
         """The network with ``choice``'s measured fits in place (fitted on the original's inputs,
-        not refitted in sequence), restored afterwards. Needs ``measure(..., keep_fits=True)``."""
-        saved = []
+        not refitted in sequence), put back to the original's weights afterwards (trials come
+        before the fit, while the model's weights are the original's). Needs
+        ``measure(..., keep_fits=True)``."""
+        changed = []
         try:
             with torch.no_grad():
                 for u in self.units:
                     i = choice[u.name]
-                    if self.options[u.name][i][0].kind == "fp32":
+                    cand = self.options[u.name][i][0]
+                    if cand.kind == "fp32":
                         continue
                     for p, kept in zip(u.parts, self.fits[u.name][i]):
                         w = p.layer.weight
-                        saved.append((w, w.detach().clone()))
-                        w.data.copy_(_unkept(kept).reshape(w.shape))
+                        changed.append((w, p.name))
+                        w.data.copy_(unkept(kept, cand, self._original_matrix(p.name)).reshape(w.shape))
             yield self.model
         finally:
             with torch.no_grad():
-                for w, o in reversed(saved):
-                    w.data.copy_(o)
+                for w, name in changed:
+                    w.data.copy_(self._original_matrix(name).reshape(w.shape))
+
+    def _original_matrix(self, name: str) -> torch.Tensor:
+        return self.originals.matrix(name)
 
 
-def kept_fit(fitted, dense: torch.Tensor):
-    """What a trial needs of one fit, small: states as they are, a per-row integer grid as int8."""
-    if getattr(fitted, "states", None) is not None:  # pipeline.Fitted of states
+@dataclass
+class Rounded:
+    """A grid rounded to nearest, kept for a trial as its scales alone (None for fp16)."""
+
+    scale: torch.Tensor | None
+
+
+def kept_fit(fitted, dense: torch.Tensor, trusted: bool = True):
+    """What a trial needs of one fit, small: states as they are, an integer grid as int8 codes and
+    its scales, fp16 as fp16; a grid rounded to nearest (not ``trusted``: no GPTQ) as its scales
+    (``Rounded``): a trial rounds the original weight again (a ViT-L/16 conversion that kept them
+    in float32 held 8.74 GB, 7.2x its fp32 bytes, before it had measured them all)."""
+    if getattr(fitted, "states", None) is not None:  # candidates.Fitted of states
         return fitted
-    if fitted.scale is not None and tuple(fitted.scale.shape) == (dense.shape[0], 1):
-        return torch.round(dense / fitted.scale).to(torch.int8), fitted.scale
+    if not trusted:
+        return Rounded(fitted.scale)
+    if fitted.scale is not None:  # (m, 1) per channel, (m, n / G) in groups of G
+        scale = fitted.scale.repeat_interleave(dense.shape[1] // fitted.scale.shape[1], dim=1)
+        return torch.round(dense / scale).to(torch.int8), fitted.scale
+    if dense.dtype == torch.float32 and torch.equal(dense.half().float(), dense):
+        return dense.half()
     return dense.clone()
 
 
-def _unkept(kept) -> torch.Tensor:
-    if hasattr(kept, "dense"):  # pipeline.Fitted
+def unkept(kept, cand: Candidate, original: torch.Tensor) -> torch.Tensor:
+    """The dense weight a kept fit of ``cand`` stands for; ``original``: the weight it was fitted to
+    (a ``Rounded`` fit rounds it again on its own scales)."""
+    if isinstance(kept, Rounded):
+        return rounded(cand, original, kept.scale).weight
+    if hasattr(kept, "dense"):  # candidates.Fitted
         return kept.dense()
     if isinstance(kept, tuple):
-        return kept[0].float() * kept[1]
-    return kept
+        codes, scale = kept
+        return codes.float() * scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+    return kept.float()
 
 
 @dataclass
@@ -107,7 +136,7 @@ class Setup:
     """What is known before any input is seen: the units, the fixed bytes, the original."""
 
     model: nn.Module
-    original: nn.Module
+    original: nn.Module | None  # None when its weights are spilled (originals.py)
     units: list  # pipeline.Unit, in execution order
     skipped: list[Skipped]
     small: dict[str, torch.Tensor]
@@ -116,6 +145,7 @@ class Setup:
     original_bytes: int
     min_params: int
     group: int | None = None
+    originals: object = None  # originals.InMemory or originals.Spilled
 
     @property
     def smallest(self) -> int:

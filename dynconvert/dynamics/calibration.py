@@ -101,6 +101,7 @@ def collect_moments(
     stop_after: str | None = None,
     limit: int | None = 2048,
     shrink: bool = True,
+    wide: bool = True,
 ) -> dict[str, Moments]:
     """Moments of every layer named in ``units`` (names in ``current``; MHA projections too, see
     ``attention.input_taps``) over ``batches`` (input tensors, or (input, label) pairs), the
@@ -112,7 +113,9 @@ def collect_moments(
     ``limit``: vectors per layer and batch (``input_vectors``); ``shrink``: C pulled towards a
     multiple of I (``shrunk``). A budget samples 2048 and shrinks (few vectors per dimension, and a
     fit exact on them is wrong elsewhere); a ratio conversion's ``--calib`` (``input_moments``)
-    takes every vector, in float64, unshrunk, as its files have always been made.
+    takes every vector, in float64, unshrunk, as its files have always been made. ``wide`` False:
+    sampled products summed in float32 (one batch of a few images: nothing to sum over, and a
+    4096-wide float64 sum is 128 MB; budget/affordable.py).
     """
     if not units:  # nothing to calibrate: no pass
         return {}
@@ -133,11 +136,15 @@ def collect_moments(
                     v, refs = v.double(), [r if r is None else r.double() for r in refs]
                     own = v.T @ v
                 else:
-                    own = (v.T @ v).double()  # float32 products (half the time), summed over batches in float64
+                    own = v.T @ v  # float32 products (half the time), summed over batches in float64
+                    own = own.double() if wide else own
                 a = acc.setdefault(tuple(names), [0, 0, 0])
-                a[0] = a[0] + own
+                if isinstance(a[0], torch.Tensor):  # summed in place: a 4096-wide sum is 128 MB
+                    a[0] += own
+                else:
+                    a[0] = own
                 if original is not None:  # without one, cross is own: not summed twice
-                    a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).double())
+                    a[1] = a[1] + (own if refs[0] is None else (refs[0].T @ v).to(own.dtype))
                 a[2] += v.shape[0]
             if stop_after in names:
                 raise _Stop
@@ -155,15 +162,16 @@ def collect_moments(
                 except _Stop:
                     pass
     out = {}
-    for names in list(acc):  # each float64 sum freed as soon as its moments are made
+    for names in list(acc):  # each float64 sum freed as soon as its moments are made, in place
         own, cross, count = acc.pop(names)  # cross: 0 without an original (own stands for it)
+        own = own.div_(count)
         if not shrink:
-            own_s = (own / count).float()
+            own_s = own.float()
             moments = Moments(own_s, (cross / count).float() if original is not None else own_s, count)
         else:
-            level = float((own / count).diagonal().mean())
-            own_s = shrunk(own / count, count, level).float()
-            moments = Moments(own_s, shrunk(cross / count, count, level).float() if original is not None else own_s,
+            level = float(own.diagonal().mean())
+            own_s = shrink_(own, count, level).float()
+            moments = Moments(own_s, shrink_(cross / count, count, level).float() if original is not None else own_s,
                               count)
         out.update((n, moments) for n in names)
     return out
@@ -186,22 +194,29 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> di
     return {name: m.own for name, m in moments.items()}
 
 
-def shrunk(c: torch.Tensor, count: int, level: float) -> torch.Tensor:
-    """C pulled towards ``level`` x I by n / (n + samples): a classifier sees one vector per image,
-    and a fit to a few hundred samples of a 1280-dimensional input would otherwise be exact on them
-    and wrong on everything else. The cross moment is shrunk alike, so that W* stays W where the
-    compressed upstream changed nothing."""
+def shrink_(c: torch.Tensor, count: int, level: float) -> torch.Tensor:
+    """C pulled towards ``level`` x I by n / (n + samples), in place: a classifier sees one vector
+    per image, and a fit to a few hundred samples of a 1280-dimensional input would otherwise be
+    exact on them and wrong on everything else. The cross moment is shrunk alike, so that W* stays
+    W where the compressed upstream changed nothing."""
     n = c.shape[0]
     alpha = n / (n + count)
-    return (1 - alpha) * c + alpha * level * torch.eye(n, dtype=c.dtype)
+    c.mul_(1 - alpha).diagonal().add_(alpha * level)
+    return c
 
 
 def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
     """``names`` in the order a forward pass first uses them (unreached layers last)."""
+    order = used_in_order(model, names, example)
+    return order + [n for n in names if n not in order]
+
+
+def used_in_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    """The ``names`` a forward pass on ``example`` uses, in the order it first uses them."""
     order: list[str] = []
     with torch.no_grad(), input_taps(model, names, lambda used, layer, x: order.extend(n for n in used if n not in order)):
         model(example)
-    return order + [n for n in names if n not in order]
+    return order
 
 
 # ---------------------------------------------------------------- whitening and the output error
@@ -260,16 +275,17 @@ def output_error(target: torch.Tensor, approx: torch.Tensor, c: torch.Tensor | N
     """How far ``approx`` in place of ``target`` (m x n) moves the layer's outputs on inputs of
     second moment C, E = approx - target.
 
-    With ``c``: tr(E C E'), the mean squared output error summed over channels, in float64 (a
-    budget adds it over a unit's parts and compares it across candidates). With ``whitener`` L
+    With ``c``: tr(E C E'), the mean squared output error summed over channels: E C in float32
+    (ViT-L/16's 97 layers x 9 candidates: about 10 TFLOP, twice as long in float64), summed in
+    float64 (a budget adds it over a unit's parts and compares it across candidates). With ``whitener`` L
     (L L' ~= C): ||E L|| / ||target L||, relative (a ratio conversion's per-layer figure, measured
     with the L its fit used).
     """
     if whitener is not None:
         goal = target @ whitener
         return float((goal - approx @ whitener).norm() / goal.norm().clamp_min(1e-30))
-    e = (approx - target).double()
-    return float(((e @ c.double()) * e).sum().clamp_min(0))
+    e = (approx - target).float()
+    return float(((e @ c.float()) * e).double().sum().clamp_min(0))
 
 
 def output_rel_error(target: torch.Tensor, approx: torch.Tensor, whitener: torch.Tensor) -> float:

@@ -33,3 +33,12 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         _done = False
     return _done
+
+
+def release_freed() -> None:
+    """Hand the freed pages in the middle of the heap back to the kernel (glibc's ``malloc_trim``),
+    when ``keep_freed_memory`` holds them: between the phases of a large network's conversion,
+    whose passes free hundreds of MB of moments and candidates that the next phase, of other
+    sizes, does not reuse (ViT-L/16: 0.3 GB). 50 ms for a 2 GB heap."""
+    if _done:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

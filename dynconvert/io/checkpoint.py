@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DynError, first_line
+from .allocator import release_freed
 from .factories import TIMM, cwd_importable, import_factory
 from .fileio import sniff
 from .safetensors_io import read_safetensors
@@ -303,6 +304,13 @@ def load_model(
     path: str | Path, *, arch: str | None = None, model: str | None = None, trust_pickle: bool = False
 ) -> Loaded:
     """Load a checkpoint into a ready nn.Module (eval mode), recording how to rebuild it."""
+    try:
+        return _load_model(path, arch=arch, model=model, trust_pickle=trust_pickle)
+    finally:
+        release_freed()  # the checkpoint's tensors, copied into the model: a second copy of the weights otherwise
+
+
+def _load_model(path, *, arch, model, trust_pickle) -> Loaded:
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, torch.jit.ScriptModule):
         # compiled code has no nn.Linear/Conv2d to replace: convert its weights in an eager twin

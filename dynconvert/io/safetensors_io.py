@@ -102,8 +102,18 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
                       max_bytes: int | None = None) -> None:
     """Write atomically. Keep ``metadata`` to one key: the library orders several keys at random.
 
-    ``max_bytes``: the written file is measured before it replaces ``path``; over this, OverBudget."""
-    blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+    ``max_bytes``: the written file is measured before it replaces ``path``; over this, OverBudget.
+    Only a tensor viewing a larger or shared storage is copied first (safetensors refuses those):
+    copying every tensor held the file's bytes twice while it was built (ViT-L/16 at 1/4: 0.3 GB)."""
+    seen: set[int] = set()
+    own = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        shared = ptr in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size()
+        seen.add(ptr)
+        own[k] = v.clone() if shared and v.numel() else v
+    blob = st_save(own, metadata=metadata)
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
         size = tmp.stat().st_size
