@@ -4,8 +4,6 @@ few layers at a time; and the trials' fits held small (budget/table.py)."""
 
 import pytest
 import torch
-import torch.nn as nn
-import torchvision
 
 import dynconvert
 from dynconvert.budget import affordable, keep as kp, originals, pipeline
@@ -16,16 +14,9 @@ from dynconvert.budget.suffix import Suffix
 from dynconvert.budget.table import Rounded, kept_fit, unkept
 from dynconvert.dynamics.calibration import collect_moments
 from test_budget import bn_net, images
+from test_transformer import _vit
 
 SYNTHETIC = "synthetic (BatchNorm statistics)"
-
-
-def tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=32, mlp_dim=64, num_classes=10)
-    nn.init.normal_(net.heads.head.weight, std=0.2)
-    return net.eval()
 
 
 def test_plan_measures_small_networks_in_full_and_predicts_large_ones():
@@ -38,13 +29,13 @@ def test_plan_measures_small_networks_in_full_and_predicts_large_ones():
 
 
 def test_forward_macs_counts_the_attention_projections():
-    net = tiny_vit()
+    net = _vit()
     tokens, d, mlp, layers = 17, 32, 64, 2  # 16 patches of 8 x 8 and the class token
     expected = 16 * d * 3 * 8 * 8 + layers * tokens * (4 * d * d + 2 * d * mlp) + d * 10
     assert forward_macs(net, (3, 32, 32)) == expected
 
 
-@pytest.mark.parametrize("make, size", [(bn_net, 16), (tiny_vit, 32)])
+@pytest.mark.parametrize("make, size", [(bn_net, 16), (_vit, 32)])
 def test_chunked_moments_are_the_one_pass_moments(make, size):
     net = make()
     units, _ = pipeline.find_units(net)
