@@ -152,9 +152,6 @@ def rounded(cand: Candidate, target: torch.Tensor, scale: torch.Tensor | None = 
     g = group_for(target.shape[1], cand.group or target.shape[1])
     w, scale = fake_quant_grouped(target, bits_of(cand), g, scale)
     return Fitted(weight=w, scale=scale, group=g)
-    if cand.kind.endswith("+dyn"):  # states hold what the rounding lost, weighted by the inputs
-        fitted.states = fit_states(target - w, c, cand.spec, bits=8, steps=state_steps)
-    return fitted
 
 
 def worth_measuring(costs: list[tuple[int, float]], margin: float = HULL_MARGIN) -> list[bool]:

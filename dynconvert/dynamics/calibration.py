@@ -111,7 +111,7 @@ def collect_moments(
     inputs with the current ones at the same sampled positions; without it ``cross = own``.
     ``stop_after``: a layer once whose input is taken the forward passes stop (nothing later is needed).
     ``limit``: vectors per layer and batch (``input_vectors``); ``shrink``: C pulled towards a
-    multiple of I (``shrunk``). A budget samples 2048 and shrinks (few vectors per dimension, and a
+    multiple of I (``shrink_``). A budget samples 2048 and shrinks (few vectors per dimension, and a
     fit exact on them is wrong elsewhere); a ratio conversion's ``--calib`` (``input_moments``)
     takes every vector, in float64, unshrunk, as its files have always been made. ``wide`` False:
     sampled products summed in float32 (one batch of a few images: nothing to sum over, and a
