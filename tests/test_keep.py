@@ -311,3 +311,13 @@ def test_a_target_just_above_the_ceiling_aims_at_it_through_the_fit(monkeypatch)
     assert k["ceiling"] == 0.98 and not k["met"] and not k["refits"], k
     assert k["fraction"] < 0.5, k  # not the fp32-sized file the target alone would have given
     assert any("no budget reaches 0.99" in n and "reached 0.980" in n for n in notes), notes
+
+
+def test_a_keep_file_exports_though_its_graph_outgrows_the_budget_the_search_chose(tmp_path):
+    """--keep chose its budget itself (api.save does not hold the .dyn to it either): the export is
+    written, not refused as a --size file over the user's budget is (test_budget)."""
+    conv = dynconvert.convert(bn_net(), keep=0.9, calib=images(128), min_params=2000, input_size=(3, 16, 16))
+    path = tmp_path / "k.dyn"
+    dynconvert.save(conv, path)
+    result = dynconvert.export_onnx(path, tmp_path / "k.onnx", model=bn_net(seed=3))
+    assert result.bytes > conv.budget["target_bytes"] and (tmp_path / "k.onnx").exists()

@@ -127,7 +127,7 @@ def export_onnx(
     activations and the default session's difference reported (``FLOAT_MATMULNBITS``). The graph's
     bytes on disk (graph and external data together) are held to the file's: a file converted to a byte
     budget is refused (DynError, no file) when the export exceeds it, naming the tensors that grew,
-    unless ``allow_larger``.
+    unless ``allow_larger``; a ``--keep`` file's budget is the search's choice, and is not held.
 
     ``activations="int8"``: ONNX Runtime's static QDQ quantization (int8 activations and weights),
     calibrated on ``calib``; its outputs are not held to ``rel_tolerance`` (the result reports them).
@@ -202,7 +202,8 @@ def export_onnx(
         external = onnx_files.save(graph, tmp, external_data or onnx_files.over_one_file(weight_bytes))
         moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
         nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files: the budget holds for them
-        if budget is not None and nbytes > budget and not allow_larger and activations == "float":
+        promised = budget is not None and not meta.get("keep")  # --keep chose its budget itself (as api.save)
+        if promised and nbytes > budget and not allow_larger and activations == "float":
             raise over_budget(nbytes, weight_bytes, budget, grew)
         try:  # from the path: the checker then reads the external data too
             onnx.checker.check_model(str(tmp), full_check=True)
