@@ -24,6 +24,7 @@ from ..dynamics.modules import DynamicsLayer, DynSpec, materialize
 from ..dynfile.format import STATE_SUFFIXES, write_dyn
 from ..errors import DynError, first_line
 from ..io.data import check_input_size, probe_forward
+from ..io.allocator import release_freed
 from ..io.fileio import atomic_path, check_output_path, move_into_place, private_dir
 from . import layout, onnx_files
 from .onnx_bytes import budget_check, initializer_bytes, over_budget
@@ -205,6 +206,9 @@ def export_onnx(
         promised = budget is not None and not meta.get("keep")  # --keep chose its budget itself (as api.save)
         if promised and nbytes > budget and not allow_larger and activations == "float":
             raise over_budget(nbytes, weight_bytes, budget, grew)
+        opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+        graph = dense = net = stored = sources = rewritten = states = None  # the checks read the files
+        release_freed()  # ORT's session took 4.6 GB beside those copies (ViT-L/16: 6.5 GB held then)
         try:  # from the path: the checker then reads the external data too
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
@@ -213,15 +217,12 @@ def export_onnx(
         diff, scale = _compare(session_outputs(tmp, x.numpy(), [FLOAT_MATMULNBITS] if keep_qdq else []), want)
         tol = rel_tolerance * scale
         if not diff <= tol and activations == "float":  # also catches NaN
-            raise DynError(
-                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max |output| "
-                f"{scale:.3g} = {tol:.3g}; no file written"
-            )
+            raise DynError(f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {rel_tolerance:g} x max "
+                           f"|output| {scale:.3g} = {tol:.3g}; no file written")
         default_diff = _compare(session_outputs(tmp, x.numpy()), want)[0] if keep_qdq else None
         move_into_place(moves)
     if not external and data.is_file():
         data.unlink()  # an earlier export's weights: no graph points to them now
-    opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
     return OnnxResult(out, diff, scale, tol, time.perf_counter() - start, opset, kept, nbytes, done, got,
                       weight_bytes, budget, grew, activations, default_diff, data if external else None)
 
@@ -250,7 +251,6 @@ def static_int8(path: Path, calib: list[torch.Tensor], external: bool = False) -
     activations (MinMax ranges over ``calib``) and per-channel int8 weights. ``external``: the
     float graph passes protobuf's 2 GiB, so the quantizer's graphs keep their weights in files too."""
     import logging
-
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -280,9 +280,8 @@ def static_int8(path: Path, calib: list[torch.Tensor], external: bool = False) -
 def _compare(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
     """(max abs difference, max |reference|) over all outputs."""
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
-        raise DynError(
-            f"ONNX Runtime returned shapes {[g.shape for g in got]} but PyTorch {[w.shape for w in want]}; no file written"
-        )
+        raise DynError(f"ONNX Runtime returned shapes {[g.shape for g in got]} but PyTorch "
+                       f"{[w.shape for w in want]}; no file written")
     diff = max(float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0 for g, w in zip(got, want))
     scale = max(float(np.max(np.abs(w))) if w.size else 0.0 for w in want)
     return diff, scale
