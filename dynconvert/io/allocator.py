@@ -19,17 +19,19 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
 TRIM_ABOVE = 2**30
 _done = False
+_libc = None  # the handle keep_freed_memory opened: find_library runs ldconfig in a subprocess each call
 
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc not to mmap and not to trim; True when it took the settings. Once per process."""
-    global _done
+    global _done, _libc
     if _done or not sys.platform.startswith("linux") or os.environ.get("DYNCONVERT_SYSTEM_MALLOC") == "1":
         return _done
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # glibc only: musl has no mallopt settings of this kind
         _done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE) == 1
+        _libc = libc if _done else None
     except (OSError, AttributeError):
         _done = False
     return _done
@@ -40,5 +42,5 @@ def release_freed() -> None:
     when ``keep_freed_memory`` holds them: between the phases of a large network's conversion,
     whose passes free hundreds of MB of moments and candidates that the next phase, of other
     sizes, does not reuse (ViT-L/16: 0.3 GB). 50 ms for a 2 GB heap."""
-    if _done:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
