@@ -23,8 +23,9 @@ and top-5 containment (the original's top-1 within the row's top-5):
     distill     dynconvert at 1/8 and SVD+int8 at 1/8, both after dynconvert.distill with the same
                 time budget (SVD factors re-quantized to int8 and saved again); these rows call the
                 dynconvert API, so `--skip dynconvert` skips them too
-    distill_aug dynconvert at 1/8 after dynconvert.distill(augment=True): fresh augmented crops each
-                step, a held-apart slice and early stopping on it (same time budget)
+    distill_aug dynconvert at 1/8 after dynconvert.distill(augment=True, features=1): fresh augmented
+                crops each step, every block's output matched to the original's beside the KL, a
+                held-apart slice and early stopping on it (same time budget)
 
 A row that fails records its error text; the run goes on.
 

@@ -181,11 +181,12 @@ def build_dynconvert_data_free(bench: Bench, stem: Path) -> Built:
 def distill(bench: Bench, student, augment: bool = False) -> dict:
     """The one distillation call the distilled rows share (same data, same time budget). A
     dynconvert ``Conversion`` keeps its quantized tensors on their grid while it trains.
-    ``augment``: fresh augmented crops each step, a held-apart slice and early stopping on it."""
+    ``augment``: fresh augmented crops each step, a held-apart slice and early stopping on it,
+    and every block's output matched to the original's beside the KL (``features=1``)."""
     import dynconvert
 
     return dynconvert.distill(student, bench.teacher(), bench.calib_batches(), seconds=bench.args.distill_seconds,
-                              augment=augment, on_log=print)
+                              augment=augment, features=1.0 if augment else 0.0, on_log=print)
 
 
 def build_dynconvert_distilled(bench: Bench, stem: Path) -> Built:
@@ -250,7 +251,7 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
                          build_dynconvert_distilled, dyn),
                  RowSpec(f"SVD+int8 @ {label(DISTILL_SIZE)} + distill", "distill", "SVD+int8 + distill",
                          build_svd_int8_distilled, dyn),
-                 RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill (augmented, held-apart stop)", "distill_aug",
+                 RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill (augmented, blocks matched, held-apart stop)", "distill_aug",
                          "dynconvert + distill", build_dynconvert_distilled_augmented, dyn)]
     return rows
 

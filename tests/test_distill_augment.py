@@ -26,3 +26,26 @@ def test_augmented_distillation_keeps_the_best_on_held_apart_images():
             p.add_(0.3 * torch.randn_like(p))
     plain = distill(again, teacher, [x], seconds=None, steps=3)
     assert "held_apart" not in plain
+
+
+def test_block_output_matching_pulls_the_blocks_toward_the_teachers():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+                            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    noisy = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(32, 3, 8, 8)
+
+    def first_block_error(student):
+        with torch.no_grad():
+            return float(((student[0](x) - teacher[0](x)) ** 2).mean() / (teacher[0](x) ** 2).mean())
+
+    kl_only, matched = copy.deepcopy(noisy), copy.deepcopy(noisy)
+    distill(kl_only, teacher, [x], seconds=None, steps=40, lr=1e-2)
+    distill(matched, teacher, [x], seconds=None, steps=40, lr=1e-2, features=1.0)
+    assert first_block_error(matched) < 0.5 * first_block_error(noisy)
+    assert first_block_error(matched) < first_block_error(kl_only)
+    assert not any(m._forward_hooks for net in (teacher, matched) for m in net.modules())  # the taps are gone

@@ -12,6 +12,12 @@ teacher labels them on the fly, so a few hundred crops are not memorized; a slic
 held apart, the loss on it is measured every ``check_every`` steps, and the weights that scored
 best there are the ones kept (early stopping).
 
+With ``features > 0`` every block's output (the blocks of the block-wise reconstruction,
+``budget/blocks.find_blocks``) is matched to the teacher's as well, a relative squared error
+averaged over the blocks and weighted by ``features`` beside the KL: many numbers per image
+instead of one distribution, the same signal the reconstruction fits block by block, here end
+to end, so that the errors the blocks pass on are corrected where they add up.
+
 Quantized tensors stay quantized while they train: each is rounded to its grid on the forward
 pass and passes gradients straight through (STE), with the scales the conversion chose; so
 after distillation the file holds exactly what was trained, at the same bytes.
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 from ..budget.augment import augment as augmented, held_apart
+from ..budget.blocks import find_blocks
 from ..errors import DynError
 from ..budget.quant import dequantize, grid_of, quantize
 
@@ -59,6 +66,39 @@ class _OnGrid(nn.Module):
         return t + (on_grid - t).detach()
 
 
+class _Taps:
+    """The outputs of the named modules in the last forward pass (for block-output matching)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.out: dict[str, torch.Tensor] = {}
+        self.hooks = [model.get_submodule(n).register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                self.out[name] = out
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _matched_blocks(model: nn.Module, teacher: nn.Module, quantized: dict) -> list[str]:
+    """The blocks of the compressed layers (every Conv2d/Linear of a plain student) that the
+    teacher has under the same name."""
+    layers = [_split(n)[0] for n in quantized] or [n for n, m in model.named_modules()
+                                                    if isinstance(m, (nn.Conv2d, nn.Linear))]
+    in_teacher = dict(teacher.named_modules())
+    return [n for n in find_blocks(model, layers) if n in in_teacher]
+
+
+def _feature_loss(student: _Taps, teacher: _Taps) -> torch.Tensor:
+    """Relative squared error of each block's output against the teacher's, averaged over blocks."""
+    pairs = [(s, teacher.out[n]) for n, s in student.out.items() if n in teacher.out and s.shape == teacher.out[n].shape]
+    return sum(((s - t) ** 2).mean() / ((t ** 2).mean() + 1e-12) for s, t in pairs) / max(1, len(pairs))
+
+
 def _split(name: str) -> tuple[str, str]:
     module, _, attr = name.rpartition(".")
     return module, attr
@@ -77,6 +117,7 @@ def distill(
     seed: int = 0,
     augment: bool = False,
     check_every: int = 50,
+    features: float = 0.0,
     on_log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``student`` (an nn.Module, or a ``Conversion`` whose quantized tensors then stay on
@@ -84,6 +125,7 @@ def distill(
     ``steps`` steps, whichever ends first. ``augment``: fresh augmented batches and a held-apart
     slice (see the module doc). Returns {"steps", "seconds", "first_loss", "last_loss"}, with
     ``augment`` also "held_apart" (images), "held_first" and "held_best" (their loss).
+    ``features``: the weight of block-output matching beside the KL (see the module doc; 0: off).
     """
     quantized = getattr(student, "quantized", None) or {}
     model: nn.Module = getattr(student, "model", student)
@@ -119,6 +161,10 @@ def distill(
     params = [p for p in model.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
+    taps = None
+    if features > 0:
+        blocks = _matched_blocks(model, teacher, quantized)
+        taps = (_Taps(model, blocks), _Taps(teacher, blocks))
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.eval()
@@ -146,7 +192,12 @@ def distill(
             else:
                 idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
                 x, target = inputs[idx], targets[idx]
+                if taps:  # the teacher's block outputs for this batch
+                    with torch.no_grad():
+                        teacher(x)
             loss = kl(model(x), target)
+            if taps:
+                loss = loss + features * _feature_loss(*taps)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise DynError(f"distillation diverged (loss {value} at step {step}); try a smaller lr")
@@ -169,6 +220,8 @@ def distill(
                 for p, b in zip(params, best):
                     p.copy_(b)
     finally:
+        for tap in taps or ():
+            tap.remove()
         for module, attr in registered:  # keep the rounded values: what the file will hold
             P.remove_parametrizations(module, attr, leave_parametrized=True)
         for p in model.parameters():
