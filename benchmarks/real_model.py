@@ -20,10 +20,10 @@ and top-5 containment (the original's top-1 within the row's top-5):
     svd_int8    the same with int8 per-row factors, at each byte budget
     dynconvert  dynconvert at each byte budget with calibration crops (block reconstruction on by
                 default), and data-free at 1/6
-    distill     dynconvert at 1/8 and SVD+int8 at 1/8, both after dynconvert.distill with the same
+    distill     dynconvert and SVD+int8 at --distill-size (1/8), both after dynconvert.distill with the same
                 time budget (SVD factors re-quantized to int8 and saved again); these rows call the
                 dynconvert API, so `--skip dynconvert` skips them too
-    distill_aug dynconvert at 1/8 after dynconvert.distill(augment=True, features=1): fresh augmented
+    distill_aug dynconvert at --distill-size after dynconvert.distill(augment=True, features=1): fresh augmented
                 crops each step, every block's output matched to the original's beside the KL, a
                 held-apart slice and early stopping on it (same time budget)
 
@@ -77,6 +77,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval", type=int, help="evaluation crops (default 512; --quick 64)")
     ap.add_argument("--budgets", help="byte budgets as fractions of the fp32 file (default 1/4,1/8,1/16; --quick 1/8)")
     ap.add_argument("--distill-seconds", type=float, default=600.0)
+    ap.add_argument("--distill-size", default="1/8", help="the byte budget the distill rows start from (default 1/8)")
     ap.add_argument("--only", help=f"comma-separated row kinds to run ({', '.join(KINDS)})")
     ap.add_argument("--skip", help="comma-separated row kinds to leave out (`dynconvert` also skips the distill rows)")
     ap.add_argument("--threads", type=int, default=2)
@@ -95,6 +96,7 @@ def parse_args(argv=None):
     args.digits_epochs = args.digits_epochs or (6 if quick else 20)
     args.budgets = [Fraction(b) for b in (args.budgets or ("1/8" if quick else "1/4,1/8,1/16")).split(",")]
     args.only, args.skip = parse_kinds(args.only), parse_kinds(args.skip)
+    args.distill_size = Fraction(args.distill_size)
     return args
 
 
@@ -135,7 +137,7 @@ def main(argv=None) -> dict:
           f"{len(family.eval_x)} evaluation inputs (the original's top-1 takes {distinct} distinct classes), "
           f"set-up {setup_s:.1f} s")
 
-    specs = [s for s in row_specs(args.budgets, not args.quick) if s.selected(args.only, args.skip)]
+    specs = [s for s in row_specs(args.budgets, not args.quick, args.distill_size) if s.selected(args.only, args.skip)]
     if not specs:
         print("no rows selected (--quick has no distill rows)")
     rows = []
@@ -156,6 +158,7 @@ def main(argv=None) -> dict:
     result = dict(
         model=family.name, input_size=list(family.input_size), fp32_bytes=bench.fp32_bytes,
         budgets=[label(b) for b in args.budgets], distill_seconds=None if args.quick else args.distill_seconds,
+        distill_size=None if args.quick else label(args.distill_size),
         reference_distinct_top1=distinct, data=family.info, rows=rows,
         machine=machine_info(args), timing=dict(setup_s=round(setup_s, 2), total_s=round(time.perf_counter() - t0, 2)),
         args=dict(quick=args.quick, only=sorted(args.only), skip=sorted(args.skip), calib=args.calib, eval=args.eval,

@@ -189,45 +189,43 @@ def distill(bench: Bench, student, augment: bool = False) -> dict:
                               augment=augment, features=1.0 if augment else 0.0, on_log=print)
 
 
-def build_dynconvert_distilled(bench: Bench, stem: Path) -> Built:
-    start = "reused" if ("dynconvert", DISTILL_SIZE) in bench.cache else "converted here"
-    conv = copy.deepcopy(dyn_calibrated(bench, DISTILL_SIZE))
-    distill(bench, conv)
-    built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
-    built.extra.update(start=start, distill_seconds=bench.args.distill_seconds)
-    return built
+def build_dynconvert_distilled(size: Fraction, augment: bool = False):
+    def build(bench: Bench, stem: Path) -> Built:
+        start = "reused" if ("dynconvert", size) in bench.cache else "converted here"
+        conv = copy.deepcopy(dyn_calibrated(bench, size))
+        log = distill(bench, conv, augment=augment)
+        built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
+        built.extra.update(start=start, distill_seconds=bench.args.distill_seconds)
+        if augment:
+            built.extra.update({k: log[k] for k in ("steps", "held_apart", "held_first", "held_best")})
+        return built
+
+    return build
 
 
-def build_dynconvert_distilled_augmented(bench: Bench, stem: Path) -> Built:
-    start = "reused" if ("dynconvert", DISTILL_SIZE) in bench.cache else "converted here"
-    conv = copy.deepcopy(dyn_calibrated(bench, DISTILL_SIZE))
-    log = distill(bench, conv, augment=True)
-    built = dyn_read_back(bench, conv, stem.with_suffix(".dyn"))
-    built.extra.update(start=start, distill_seconds=bench.args.distill_seconds,
-                       **{k: log[k] for k in ("steps", "held_apart", "held_first", "held_best")})
-    return built
+def build_svd_int8_distilled(size: Fraction):
+    def build(bench: Bench, stem: Path) -> Built:
+        path = stem.with_suffix(".safetensors")
+        key = ("svd", size, True)
+        start = "reused" if key in bench.cache else "factorized here"
+        if key not in bench.cache:
+            build_svd(size, True)(bench, stem.with_name(stem.name + "_start"))
+        start_model, ranks = bench.cache[key]
+        student = copy.deepcopy(start_model)
+        distill(bench, student)
+        B.save_svd(path, student, ranks, int8=True)   # re-quantized (attention matrices re-truncated): the bytes stay
+        model = B.load_svd(path, bench.family.fresh())
+        return Built(path, torch_predictor(model),
+                     dict(svd_extra(bench, ranks, size), start=start, distill_seconds=bench.args.distill_seconds))
 
-
-def build_svd_int8_distilled(bench: Bench, stem: Path) -> Built:
-    path = stem.with_suffix(".safetensors")
-    key = ("svd", DISTILL_SIZE, True)
-    start = "reused" if key in bench.cache else "factorized here"
-    if key not in bench.cache:
-        build_svd(DISTILL_SIZE, True)(bench, stem.with_name(stem.name + "_start"))
-    start_model, ranks = bench.cache[key]
-    student = copy.deepcopy(start_model)
-    distill(bench, student)
-    B.save_svd(path, student, ranks, int8=True)   # re-quantized (attention matrices re-truncated): the bytes stay
-    model = B.load_svd(path, bench.family.fresh())
-    return Built(path, torch_predictor(model),
-                 dict(svd_extra(bench, ranks, DISTILL_SIZE), start=start, distill_seconds=bench.args.distill_seconds))
+    return build
 
 
 def label(size: Fraction) -> str:
     return f"{size.numerator}/{size.denominator}"
 
 
-def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
+def row_specs(budgets: list[Fraction], distill_rows: bool, distill_size: Fraction = DISTILL_SIZE) -> list[RowSpec]:
     rows = [
         RowSpec("fp32 original", "fp32", "fp32", build_fp32),
         RowSpec("int8 per-channel RTN", "int8", "int8 RTN", build_int8),
@@ -247,12 +245,13 @@ def row_specs(budgets: list[Fraction], distill_rows: bool) -> list[RowSpec]:
                         build_dynconvert_data_free, frozenset({"dynconvert"})))
     if distill_rows:
         dyn = frozenset({"dynconvert"})
-        rows += [RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill", "distill", "dynconvert + distill",
-                         build_dynconvert_distilled, dyn),
-                 RowSpec(f"SVD+int8 @ {label(DISTILL_SIZE)} + distill", "distill", "SVD+int8 + distill",
-                         build_svd_int8_distilled, dyn),
-                 RowSpec(f"dynconvert @ {label(DISTILL_SIZE)} + distill (augmented, blocks matched, held-apart stop)", "distill_aug",
-                         "dynconvert + distill", build_dynconvert_distilled_augmented, dyn)]
+        at = label(distill_size)
+        rows += [RowSpec(f"dynconvert @ {at} + distill", "distill", "dynconvert + distill",
+                         build_dynconvert_distilled(distill_size), dyn),
+                 RowSpec(f"SVD+int8 @ {at} + distill", "distill", "SVD+int8 + distill",
+                         build_svd_int8_distilled(distill_size), dyn),
+                 RowSpec(f"dynconvert @ {at} + distill (augmented, blocks matched, held-apart stop)", "distill_aug",
+                         "dynconvert + distill", build_dynconvert_distilled(distill_size, augment=True), dyn)]
     return rows
 
 
