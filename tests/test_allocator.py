@@ -36,8 +36,12 @@ def test_forward_passes_reuse_freed_pages():
     took, kept = faults()
     off, plain = faults(DYNCONVERT_SYSTEM_MALLOC="1")
     assert (took, off) == ("True", "False")
-    # measured: 36,768 page faults in three passes with the system's settings, 4,096 with these
-    assert plain > 20_000 and kept * 4 < plain, (plain, kept)
+    # Three passes that faulted their activations in afresh would take about 36,900 faults (9 tensors
+    # of 16.8 MB), as the system's settings did on one machine here (36,768); with these settings
+    # the passes reuse the first pass's pages: 4,096 to 12,288 measured (whole 16 MB tensors, run to
+    # run). On another machine the system's settings reuse them too (8,178), so the bound is on the
+    # kept count: fewer than half the pages faulted afresh, on any machine.
+    assert kept < 18_000, (plain, kept)
 
 
 TRIM = """

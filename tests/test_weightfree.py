@@ -57,7 +57,10 @@ def test_l1_in_place_and_out_of_place_agree():
     a = l1_matvec(v, e, core.lam, core.m, core.n, core.g, reuse=False)
     b = l1_matvec(v, e, core.lam, core.m, core.n, core.g, reuse=True)
     c = l1_matvec(v[:2], e, core.lam, core.m, core.n, core.g, reuse=True)  # a smaller call reuses the buffer
-    assert torch.equal(a, b) and torch.equal(a[:2], c)
+    d = l1_matvec(v[:2], e, core.lam, core.m, core.n, core.g, reuse=False)
+    # Equal bit for bit at the same batch size; across batch sizes only to rounding (on some CPUs the
+    # kernels sum in another order for 2 rows than for 7).
+    assert torch.equal(a, b) and torch.equal(c, d) and torch.allclose(a[:2], c, rtol=1e-6, atol=1e-6)
     clear_workspace()
     x = torch.randn(2, 6, 5, 5, generator=gen, requires_grad=True)  # autograd takes the out-of-place path
     WeightFreeConv2d(conv)(x).sum().backward()
