@@ -1,6 +1,11 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+
+from dynconvert.__main__ import DEMO_CPU_PATHS
 
 
 def test_demo_json_reports_every_figure(cli, tmp_path):
@@ -21,13 +26,16 @@ def test_demo_json_reports_every_figure(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_demo_meets_its_claims(cli, tmp_path):
+def test_full_demo_meets_its_claims(tmp_path):
     """The demo's own claims, at its real settings (about 30 s of CPU): fine-tuning recovers the
     original's accuracy to within a point and beats truncated SVD given the same budget and the
-    same fine-tuning."""
-    code, stdout, stderr = cli("demo", "--json", "--out-dir", tmp_path)
-    assert code == 0, stderr
-    r = json.loads(stdout.strip().splitlines()[-1])
+    same fine-tuning. Run as `dynconvert demo` runs (a new process): the CPU code paths it pins
+    apply only before torch is loaded, and in this process torch already is; unpinned, on an
+    AVX-512 machine here the fine-tuned model scored 0.9644 against SVD's 0.9667."""
+    done = subprocess.run([sys.executable, "-m", "dynconvert", "demo", "--json", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k not in DEMO_CPU_PATHS})
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["original_accuracy"] > 0.95
     assert r["finetuned_accuracy"] >= r["original_accuracy"] - 0.01
     assert r["finetuned_accuracy"] > r["svd_finetuned_accuracy"]
