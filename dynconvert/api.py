@@ -23,7 +23,7 @@ from .budget.pipeline import convert_to_budget, model_bytes
 from .io.checkpoint import Source, load_model, source_of
 from .dynamics.conversion import ConvertCallbacks, ConvertOptions, LayerStats, Skipped, convert_model, matches, plan
 from .io.data import calibration_batches, check_input_size, probe_forward
-from .dynfile.format import write_dyn
+from .dynfile.format import promised_bytes, write_dyn
 from .errors import DynError
 from .deploy.export import export_onnx, export_pth, export_safetensors
 from .io.safetensors_io import OverBudget
@@ -249,9 +249,8 @@ def dyn_metadata(conv: Conversion) -> dict:
 def save(conv: Conversion, path: str | Path) -> None:
     """Write the conversion as a .dyn file (atomically). A budgeted one is measured once written and
     refused (OverBudget, nothing written) when over its budget."""
-    # (a --keep search's budget is its own choice, not the user's promise: no limit there)
-    limit = conv.budget["target_bytes"] if conv.budget and conv.keep is None else None
-    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized, max_bytes=limit)
+    write_dyn(path, conv.model.state_dict(), dyn_metadata(conv), quantized=conv.quantized,
+              max_bytes=promised_bytes(conv.budget, conv.keep))
 
 
 def convert_checkpoint(

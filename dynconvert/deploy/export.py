@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..budget.quant import GROUP_BITS
 from ..dynamics.modules import DynamicsLayer, DynSpec, materialize
-from ..dynfile.format import STATE_SUFFIXES, write_dyn
+from ..dynfile.format import STATE_SUFFIXES, promised_bytes, write_dyn
 from ..errors import DynError, first_line
 from ..io.data import check_input_size, probe_forward
 from ..io.allocator import release_freed
@@ -203,8 +203,8 @@ def export_onnx(
         external = onnx_files.save(graph, tmp, external_data or onnx_files.over_one_file(weight_bytes))
         moves = ([(work / data.name, data)] if external else []) + [(tmp, out)]  # the data first, the graph last
         nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files: the budget holds for them
-        promised = budget is not None and not meta.get("keep")  # --keep chose its budget itself (as api.save)
-        if promised and nbytes > budget and not allow_larger and activations == "float":
+        promised = promised_bytes(meta.get("budget"), meta.get("keep"))
+        if promised is not None and nbytes > promised and not allow_larger and activations == "float":
             raise over_budget(nbytes, weight_bytes, budget, grew)
         opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
         graph = dense = net = stored = sources = rewritten = states = None  # the checks read the files

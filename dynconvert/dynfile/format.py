@@ -55,6 +55,13 @@ QUANT_SEP = ":"  # never in a PyTorch state-dict key: "NAME:q" and "NAME:scale" 
 MAX_NDIM = 16
 
 
+def promised_bytes(budget: dict | None, keep) -> int | None:
+    """The bytes a file (the .dyn and its ONNX export) is held to: the budget the user gave
+    (``--size``/``--target-bytes``); None without one, and for ``--keep``, whose budget the
+    search chose itself and is no promise."""
+    return budget["target_bytes"] if budget and keep is None else None
+
+
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()

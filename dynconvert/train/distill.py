@@ -187,14 +187,14 @@ def distill(
         while step < total and (seconds is None or time.perf_counter() - start < seconds):
             if augment:
                 x = augmented(inputs, min(batch_size, len(inputs)), gen=gen)
+            else:
+                idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
+                x = inputs[idx]
+            if augment or taps:  # the teacher labels this batch (and records its block outputs)
                 with torch.no_grad():
                     target = teacher(x)
             else:
-                idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
-                x, target = inputs[idx], targets[idx]
-                if taps:  # the teacher's block outputs for this batch
-                    with torch.no_grad():
-                        teacher(x)
+                target = targets[idx]
             loss = kl(model(x), target)
             if taps:
                 loss = loss + features * _feature_loss(*taps)
