@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from helpers import one_line_error
 
-from dynconvert.budget.augment import augment, held_apart, with_synthetic
+from dynconvert.budget.augment import augment, held_apart
 from dynconvert.budget.quant import fake_quant
 from dynconvert.budget.blocks import find_blocks
 from dynconvert.budget.reconstruct import ReconOptions, reconstruct
@@ -176,7 +176,6 @@ def test_held_apart_and_augmentation():
     a, b = augment(x[:4], 12, seed=5), augment(x[:4], 12, seed=5)
     assert a.shape == (12, 3, 10, 10) and torch.equal(a, b)
     assert not torch.equal(a, augment(x[:4], 12, seed=6))
-    assert with_synthetic(x[:4], torch.randn(2, 3, 5, 5)).shape == (6, 3, 10, 10)
     with pytest.raises(DynError):
         augment(x[:0], 3)
 

@@ -10,8 +10,8 @@ those crops. Two defences, both on tensors already preprocessed the network's wa
   (per image, applied in the normalized space: a scale and a per-channel shift), and pasting a
   rectangle of another image (CutMix), so that no two images carry the same content.
 
-Images synthesized from BatchNorm statistics (``synth.bn_synthetic_batches``) can join the real
-ones: ``with_synthetic`` resizes them to the real images' size and appends them.
+BatchNorm-synthesized images joining the photos did not help distillation on other photos
+(docs/budget.md, Distillation), so nothing here mixes them in.
 """
 
 from __future__ import annotations
@@ -79,14 +79,6 @@ def augment(images: torch.Tensor, count: int, *, seed: int = 0, gen: torch.Gener
             x[:, t2:t2 + ph, l2:l2 + pw] = images[_index(gen, n), :, t2:t2 + ph, l2:l2 + pw]
         out[i] = x.to(images.dtype)
     return out
-
-
-def with_synthetic(images: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
-    """``images`` followed by ``synthetic`` ones (BatchNorm-synthesized, maybe at a smaller size:
-    resized to the real images' size)."""
-    if synthetic.shape[-2:] != images.shape[-2:]:
-        synthetic = F.interpolate(synthetic.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-    return torch.cat([images, synthetic.to(images.dtype)])
 
 
 FEW_IMAGES = 16
