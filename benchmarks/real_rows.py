@@ -135,14 +135,16 @@ def dyn_calibrated(bench: Bench, size: Fraction):
 @contextlib.contextmanager
 def measured_once(bench: Bench):
     """The candidates' measured network errors depend on the model and the calibration crops, not
-    on the budget: the first budget of the run measures them, the others reuse that table (what a
-    search over budgets does; the first conversion's time is the one a user waits for)."""
+    on the budget, but which candidates are measured does: a budget leaves out those far below its
+    share (``share``, pipeline.CHEAPEST_SHARE). So budgets with the same share reuse one table (what
+    a search over budgets does), and each other budget measures its own, as its conversion alone
+    would (a 1/8 run that reused the table of 1/4 lacked the candidates it needs, and failed)."""
     from dynconvert.budget import pipeline
 
     real = pipeline.measure_candidates
 
     def once(model, units, *args, notes=None, **kwargs):
-        key = ("measured", tuple(u.name for u in units))
+        key = ("measured", tuple(u.name for u in units), kwargs.get("share", 0.0))
         if key not in bench.cache:
             table = {}
             bench.cache[key] = (real(model, units, *args, notes=table, **kwargs), table)
