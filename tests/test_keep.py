@@ -34,6 +34,16 @@ def test_split_then_size_is_the_same_conversion():
         assert ka == kb and torch.equal(ta, tb)
 
 
+def test_an_allocation_below_every_layer_at_its_cheapest_says_so():
+    setup = pipeline.prepare(bn_net(), min_params=2000)
+    table = pipeline.measure(setup, images(), calibration="images")
+    assert not table.unreached   # so the message names no fp32 layers
+    table.allocation(table.smallest)   # fits exactly
+    with pytest.raises(DynError, match=f"cannot hold every layer at its cheapest measured choice "
+                                       f"\\({table.smallest:,} bytes\\); ask for a larger --size"):
+        table.allocation(table.smallest - 1)
+
+
 def test_a_trial_puts_the_measured_fits_in_place_and_restores_the_weights():
     net = bn_net()
     setup = pipeline.prepare(net, min_params=2000)
