@@ -55,13 +55,12 @@ class Table:
 
     def allocation(self, target_bytes: int) -> dict[str, int]:
         """Step 2: the candidate index of every unit for ``target_bytes`` (allocation.allocate)."""
-        room = target_bytes - self.fixed - sum(4 * u.numel for u in self.unreached)
-        if room < sum(min(c.bytes for c, _ in self.options[u.name]) for u in self.units):
+        if target_bytes < self.smallest:
             held = (f"the layers that must stay fp32 ({', '.join(u.name for u in self.unreached[:3])}...) and "
                     if self.unreached else "")
             raise DynError(f"the budget {target_bytes:,} bytes cannot hold {held}every layer at its cheapest measured "
                            f"choice ({self.smallest:,} bytes); ask for a larger --size")
-        choice = allocate(self.options, room)
+        choice = allocate(self.options, target_bytes - self.fixed - sum(4 * u.numel for u in self.unreached))
         assert choice is not None  # the cheapest choice of every layer fits (checked above)
         return choice
 

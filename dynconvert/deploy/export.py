@@ -205,7 +205,7 @@ def export_onnx(
         nbytes = sum(t.stat().st_size for t, _ in moves)  # users ship both files: the budget holds for them
         promised = promised_bytes(meta.get("budget"), meta.get("keep"))
         if promised is not None and nbytes > promised and not allow_larger and activations == "float":
-            raise over_budget(nbytes, weight_bytes, budget, grew)
+            raise over_budget(nbytes, weight_bytes, promised, grew)
         opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
         graph = dense = net = stored = sources = rewritten = states = None  # the checks read the files
         release_freed()  # ORT's session took 4.6 GB beside those copies (ViT-L/16: 6.5 GB held then)

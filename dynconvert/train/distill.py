@@ -138,8 +138,11 @@ def distill(
     held = inputs[:0]
     if augment:
         inputs, held = held_apart(inputs)
+    # with augmentation or block matching the teacher labels each batch as it is drawn (and records
+    # its block outputs); only plain distillation labels the inputs once, up front
+    each_batch = augment or features > 0
     with torch.no_grad():
-        targets = torch.cat([teacher(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+        targets = None if each_batch else torch.cat([teacher(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
         held_targets = torch.cat([teacher(held[i:i + 64]) for i in range(0, len(held), 64)]) if len(held) else None
     registered = []
     for name, spec in quantized.items():
@@ -190,7 +193,7 @@ def distill(
             else:
                 idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=gen)
                 x = inputs[idx]
-            if augment or taps:  # the teacher labels this batch (and records its block outputs)
+            if each_batch:
                 with torch.no_grad():
                     target = teacher(x)
             else:
